@@ -1,0 +1,150 @@
+"""The app manifest: what a model needs and how to use it.
+
+Lenient with third-party manifests (unknown keys are kept and reported as
+warnings, older ``schema_version`` values are migrated), strict about what we
+rely on (name, semver, tensors, processing options).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PackageError
+
+SEMVER_RE = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
+)
+MANIFEST_SCHEMA_VERSION = 1
+
+#: ONNX element type names we accept in tensor specs (numpy dtype names).
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool", "string")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TensorSpec(_Lenient):
+    name: str = Field(min_length=1)
+    dtype: str = "float32"
+    #: dims: int for fixed, str/None for symbolic (batch)
+    shape: list[int | str | None] = Field(default_factory=list)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"unsupported dtype {v!r}; one of {', '.join(DTYPES)}")
+        return v
+
+
+class ModelSpec(_Lenient):
+    file: str = "model.onnx"
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+
+
+class Preprocess(_Lenient):
+    """How an image becomes the model's input tensor."""
+
+    input: str | None = Field(default=None, description="input tensor; default the first")
+    color: Literal["rgb", "bgr", "gray"] = "rgb"
+    resize: tuple[int, int] | None = Field(default=None, description="(height, width)")
+    layout: Literal["NCHW", "NHWC", "flat"] = "NCHW"
+    scale: float = Field(default=1.0 / 255.0, description="pixel * scale, before mean/std")
+    mean: list[float] = Field(default_factory=lambda: [0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0])
+    invert: bool = Field(default=False, description="255 - pixel (dark ink on light paper)")
+
+
+class Postprocess(_Lenient):
+    """How the output tensor becomes an answer."""
+
+    output: str | None = Field(default=None, description="output tensor; default the first")
+    softmax: bool = Field(default=False, description="apply softmax to the scores")
+    top_k: int = Field(default=5, ge=1, le=1000)
+    labels_file: str | None = "labels.txt"
+
+
+class Resources(_Lenient):
+    card_fraction: float = Field(default=0.5, gt=0, le=1)
+    memory_mb: int = Field(default=256, ge=16)
+
+
+class HardExamplePolicy(_Lenient):
+    policy: Literal["confidence", "margin", "entropy", "none"] = "confidence"
+    threshold: float = Field(default=0.6, ge=0)
+
+
+class Learning(_Lenient):
+    head: str | None = Field(default=None, description="the fine-tunable head node")
+    hard_examples: HardExamplePolicy = Field(default_factory=HardExamplePolicy)
+
+
+class Manifest(_Lenient):
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    version: str
+    task: Literal["classification", "detection", "embedding", "generic"] = "generic"
+    description: str = ""
+    publisher: str = ""
+    model: ModelSpec
+    preprocess: Preprocess | None = None
+    postprocess: Postprocess | None = None
+    resources: Resources = Field(default_factory=Resources)
+    learning: Learning = Field(default_factory=Learning)
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, v: str) -> str:
+        if not SEMVER_RE.match(v):
+            raise ValueError(f"version {v!r} is not semver (MAJOR.MINOR.PATCH)")
+        return v
+
+    def unknown_keys(self) -> list[str]:
+        """Dotted paths of keys we do not know (kept, reported as warnings)."""
+        out: list[str] = []
+
+        def walk(m: BaseModel, path: str) -> None:
+            for k in (m.model_extra or {}):
+                out.append(f"{path}{k}")
+            for name in type(m).model_fields:
+                val = getattr(m, name)
+                if isinstance(val, BaseModel):
+                    walk(val, f"{path}{name}.")
+                elif isinstance(val, list):
+                    for i, item in enumerate(val):
+                        if isinstance(item, BaseModel):
+                            walk(item, f"{path}{name}[{i}].")
+
+        walk(self, "")
+        return out
+
+
+def migrate(raw: dict) -> dict:
+    """Bring an older manifest dict to the current schema (none older exist yet)."""
+    raw = dict(raw)
+    raw.setdefault("schema_version", MANIFEST_SCHEMA_VERSION)
+    if raw["schema_version"] > MANIFEST_SCHEMA_VERSION:
+        raise PackageError(
+            "bad_manifest",
+            f"schema_version {raw['schema_version']} is newer than this software "
+            f"({MANIFEST_SCHEMA_VERSION}); upgrade the node",
+        )
+    return raw
+
+
+def load_manifest(raw: dict) -> Manifest:
+    """Validate a manifest dict; :class:`PackageError` (``bad_manifest``) says where."""
+    if not isinstance(raw, dict):
+        raise PackageError("bad_manifest", "manifest.json is not a JSON object")
+    try:
+        return Manifest.model_validate(migrate(raw))
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        raise PackageError("bad_manifest", f"{loc}: {first.get('msg')}") from err

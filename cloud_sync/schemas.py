@@ -1,0 +1,241 @@
+"""Versioned message schemas for every topic, validated on receipt.
+
+Every JSON message carries ``"v": 1``. A receiver calls :func:`parse` with the
+schema class; anything that is too big, not JSON, of another version or of the
+wrong shape raises :class:`~cloud_sync.errors.MessageRejected` with a stable
+reason code, which the receiver counts and logs -- never a crash.
+
+Blob chunks are binary frames (a JSON header plus raw bytes), see
+:func:`encode_chunk` / :func:`decode_chunk`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import MessageRejected
+
+#: the largest JSON message we accept (feedback samples carry small images).
+MAX_MESSAGE_BYTES = 1 << 20
+#: largest data part of one blob chunk.
+MAX_CHUNK_BYTES = 1 << 20
+SHA256_RE = r"^[0-9a-f]{64}$"
+NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+
+
+def new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return time.time()
+
+
+class Message(BaseModel):
+    """Base of every message: strict (unknown keys rejected), version 1."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+    v: Literal[1] = 1
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+
+# -- availability & device twin ------------------------------------------
+
+
+class Availability(Message):
+    status: Literal["online", "offline"]
+    ts: float = Field(default_factory=now)
+    agent_version: str = ""
+
+
+class AppRef(BaseModel):
+    """One app version the cloud wants on a node (desired state entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_RE)
+    version: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=SHA256_RE)
+    size: int = Field(ge=1)
+
+
+class DesiredState(Message):
+    """Retained on ``state/desired``: what the cloud wants the node to run."""
+
+    node_id: str
+    revision: int = Field(ge=0, description="monotonic; the node ignores older ones")
+    ts: float = Field(default_factory=now)
+    apps: list[AppRef] = Field(default_factory=list)
+
+
+AppStatus = Literal["pending", "fetching", "verifying", "loading", "ready", "failed"]
+
+
+class AppReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str
+    sha256: str
+    status: AppStatus
+    error: str | None = None
+    progress: float | None = Field(default=None, ge=0, le=1)
+
+
+class ReportedState(Message):
+    """Retained on ``state/reported``: what the node actually runs."""
+
+    node_id: str
+    ts: float = Field(default_factory=now)
+    agent_version: str = ""
+    desired_revision: int = -1
+    apps: list[AppReport] = Field(default_factory=list)
+    #: rejected inbound messages / packages by reason code -> count
+    rejected: dict[str, int] = Field(default_factory=dict)
+    #: where the node serves the v2 inference API (for operators)
+    http_url: str | None = None
+    outbox_pending: int = 0
+
+
+# -- durable uplink (outbox) -----------------------------------------------
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str
+    index: int
+    score: float
+
+
+class FeedbackSample(BaseModel):
+    """A hard example: the input the model saw and what it said."""
+
+    model_config = ConfigDict(extra="forbid")
+    sample_id: str = Field(min_length=8, max_length=64)
+    app: str = Field(pattern=NAME_RE)
+    version: str
+    created_at: float
+    reason: str = Field(description="why it was kept, e.g. 'confidence<0.6'")
+    input_type: Literal["image/png", "tensor/npy"]
+    input_b64: str = Field(max_length=MAX_MESSAGE_BYTES)
+    prediction: Prediction
+    scores: list[float] = Field(default_factory=list, max_length=10000)
+    label: str | None = Field(default=None, description="confirmed label, if any")
+    source: str | None = Field(default=None, description="stream or 'api'")
+
+
+class FeedbackMessage(Message):
+    msg_id: str = Field(min_length=8, max_length=64)
+    ts: float = Field(default_factory=now)
+    sample: FeedbackSample
+
+
+class EventMessage(Message):
+    msg_id: str = Field(min_length=8, max_length=64)
+    ts: float = Field(default_factory=now)
+    type: str = Field(min_length=1, max_length=64)
+    severity: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    app: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class AckItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    msg_id: str
+    ok: bool = True
+    reason: str | None = None
+
+
+class Ack(Message):
+    """Cloud -> node on ``ack``: these outbox messages are stored (or refused for
+    good, with a reason) and must not be sent again."""
+
+    acks: list[AckItem] = Field(min_length=1, max_length=1000)
+
+
+# -- blob transfer --------------------------------------------------------
+
+
+class BlobRequest(Message):
+    """Node -> cloud on ``blob/request``: send me ``length`` bytes from ``offset``."""
+
+    msg_id: str = Field(default_factory=new_msg_id, min_length=8, max_length=64)
+    sha256: str = Field(pattern=SHA256_RE)
+    offset: int = Field(ge=0)
+    length: int = Field(ge=1, le=64 * MAX_CHUNK_BYTES)
+    chunk_size: int = Field(ge=1024, le=MAX_CHUNK_BYTES)
+
+
+class ChunkHeader(Message):
+    """Header of one binary chunk frame on ``blob/chunk``."""
+
+    sha256: str = Field(pattern=SHA256_RE)
+    offset: int = Field(ge=0)
+    size: int = Field(ge=0, description="total size of the blob")
+    length: int = Field(ge=0, description="bytes of data in this frame")
+    error: str | None = Field(default=None, description="e.g. 'unknown_blob'")
+
+
+_FRAME_MAGIC = b"AIDC"
+_FRAME_HEAD = struct.Struct(">4sI")  # magic, header length
+
+
+def encode_chunk(header: ChunkHeader, data: bytes) -> bytes:
+    """``AIDC`` + u32 header length + JSON header + raw data."""
+    if header.length != len(data):
+        raise ValueError("header.length must equal len(data)")
+    h = header.to_bytes()
+    return _FRAME_HEAD.pack(_FRAME_MAGIC, len(h)) + h + data
+
+
+def decode_chunk(payload: bytes) -> tuple[ChunkHeader, bytes]:
+    if len(payload) > MAX_CHUNK_BYTES + 4096:
+        raise MessageRejected("oversized", f"chunk frame of {len(payload)} bytes")
+    if len(payload) < _FRAME_HEAD.size:
+        raise MessageRejected("bad_frame", "shorter than the frame header")
+    magic, hlen = _FRAME_HEAD.unpack_from(payload)
+    if magic != _FRAME_MAGIC or hlen > 4096 or _FRAME_HEAD.size + hlen > len(payload):
+        raise MessageRejected("bad_frame", "bad magic or header length")
+    start = _FRAME_HEAD.size
+    header = parse(ChunkHeader, payload[start:start + hlen])
+    data = payload[start + hlen:]
+    if len(data) != header.length:
+        raise MessageRejected(
+            "bad_frame", f"header says {header.length} bytes, frame has {len(data)}"
+        )
+    return header, data
+
+
+# -- parsing --------------------------------------------------------------
+
+M = TypeVar("M", bound=Message)
+
+
+def parse(cls: type[M], payload: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Validate ``payload`` as ``cls``; raise :class:`MessageRejected` with a reason."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if len(payload) > max_bytes:
+        raise MessageRejected("oversized", f"{len(payload)} bytes > {max_bytes}")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MessageRejected("not_json", str(err)[:200]) from err
+    if not isinstance(obj, dict):
+        raise MessageRejected("bad_schema", "message is not a JSON object")
+    if obj.get("v") != 1:
+        raise MessageRejected("unsupported_version", f"v={obj.get('v')!r}")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        raise MessageRejected(
+            "bad_schema", f"{cls.__name__}: {loc}: {first.get('msg')}"
+        ) from err
