@@ -1,0 +1,153 @@
+"""The edge agent: wires the node's parts, starts them in order, stops them in reverse.
+
+Nothing here does work of its own; each part owns one job:
+
+- :class:`~edge_node.store.NodeStore` -- local SQLite (results, samples, twin)
+- :class:`~cloud_sync.connection.MqttConnection` -- the link to the cloud
+- :class:`~cloud_sync.outbox.Outbox` -- durable uplink, resent until acked
+- :class:`~cloud_sync.blobs.BlobFetcher` -- packages in chunks over MQTT
+- :class:`~edge_node.worker.supervisor.WorkerSupervisor` -- model processes
+- :class:`~edge_node.reconciler.Reconciler` -- follows the desired state
+- :class:`~edge_node.capture.Capture` -- results and hard examples
+- :class:`~edge_node.reporter.Reporter` -- the retained reported state
+- Flask + werkzeug -- v2 inference protocol and the local API
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from flask import Flask
+from werkzeug.serving import make_server
+
+from cloud_sync import schemas
+from cloud_sync.blobs import BlobFetcher
+from cloud_sync.connection import MqttConnection, Will
+from cloud_sync.outbox import Outbox
+from cloud_sync.topics import Topics
+
+from . import __version__
+from .api import make_local_blueprint
+from .capture import Capture
+from .config import NodeConfig
+from .keys import trusted_keys
+from .reconciler import Reconciler
+from .reporter import Reporter
+from .serving.registry import AppRegistry, ServedApp
+from .serving.v2 import make_v2_blueprint
+from .store import NodeStore
+from .worker.supervisor import WorkerSupervisor
+
+logger = logging.getLogger(__name__)
+
+
+class NodeAgent:
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        d = cfg.data_dir
+        self.topics = Topics(cfg.mqtt.topic_prefix)
+        self.store = NodeStore(d / "node.db")
+        avail = self.topics.availability(cfg.node_id)
+        self.conn = MqttConnection(
+            f"edge-{cfg.node_id}", cfg.mqtt.host, cfg.mqtt.port,
+            will=Will(avail, schemas.Availability(status="offline").to_bytes()),
+            online=Will(avail, schemas.Availability(status="online",
+                                                    agent_version=__version__).to_bytes()),
+            keepalive=cfg.mqtt.keepalive, username=cfg.mqtt.username, password=cfg.mqtt.password,
+        )
+        self.conn.set_offline_payload(schemas.Availability(status="offline").to_bytes())
+        self.outbox = Outbox(d / "node.db", self.conn, self.topics.ack(cfg.node_id))
+        self.fetcher = BlobFetcher(self.conn, self.topics, cfg.node_id, d / "blobs",
+                                   chunk_size=cfg.blob.chunk_size, window=cfg.blob.window,
+                                   chunk_timeout=cfg.blob.chunk_timeout)
+        # Unix socket paths must stay short (108 bytes): keep them out of data_dir.
+        self._run_dir = Path(tempfile.mkdtemp(prefix="aidc-w-"))
+        self.supervisor = WorkerSupervisor(self._run_dir)
+        self.registry = AppRegistry()
+        self.capture = Capture(self.store, self.outbox, self.topics.feedback(cfg.node_id),
+                               d / "samples", cfg.feedback)
+        self.registry.on_result = self._on_result
+        self.reporter = Reporter(self.conn, self.topics.reported(cfg.node_id), self.reported_state)
+        self.reconciler = Reconciler(
+            node_id=cfg.node_id, store=self.store, fetcher=self.fetcher,
+            supervisor=self.supervisor, registry=self.registry,
+            trusted_keys=lambda: trusted_keys(cfg.trusted_keys, d / "trusted_keys"),
+            blobs_dir=d / "blobs", apps_dir=d / "apps", on_change=self.reporter.changed,
+            worker_threads=cfg.worker_threads,
+        )
+        self.flask = Flask("edge_node")
+        self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
+        self.flask.register_blueprint(make_v2_blueprint(self.registry))
+        self.flask.register_blueprint(make_local_blueprint(self))
+        self._http = None
+        self._http_thread: threading.Thread | None = None
+
+    @property
+    def http_url(self) -> str:
+        port = self._http.server_port if self._http else self.cfg.http.port
+        return f"http://{self.cfg.http.host}:{port}"
+
+    def _on_result(self, app: ServedApp, result: dict, tensor, image, source: str) -> None:
+        he = app.manifest.learning.hard_examples
+        threshold = he.threshold if he.policy == "confidence" else None
+        self.capture.on_result(app.name, app.version, threshold, result, tensor, image, source)
+
+    def reported_state(self) -> schemas.ReportedState:
+        desired = self.reconciler.desired
+        return schemas.ReportedState(
+            node_id=self.cfg.node_id, agent_version=__version__,
+            desired_revision=desired.revision if desired else -1,
+            apps=self.reconciler.reports(), rejected=dict(self.reconciler.rejected),
+            http_url=self.http_url, outbox_pending=self.outbox.pending(),
+        )
+
+    def status(self) -> dict:
+        return {
+            "node_id": self.cfg.node_id,
+            "version": __version__,
+            "connected": self.conn.connected.is_set(),
+            "http_url": self.http_url,
+            "state": self.reported_state().model_dump(),
+            "workers": self.supervisor.status(),
+            "outbox": self.outbox.stats(),
+            "capture": dict(self.capture.stats),
+            "mqtt": dict(self.conn.stats),
+            "fetcher": dict(self.fetcher.stats),
+        }
+
+    def start(self) -> None:
+        for sub in ("blobs", "apps", "samples", "trusted_keys"):
+            (self.cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.outbox.start()
+        self.fetcher.start()
+        self.capture.start()
+        self._http = make_server(self.cfg.http.host, self.cfg.http.port, self.flask,
+                                 threaded=True)
+        self._http_thread = threading.Thread(target=self._http.serve_forever, name="http",
+                                             daemon=True)
+        self._http_thread.start()
+        self.reconciler.start()
+        self.conn.subscribe(self.topics.desired(self.cfg.node_id),
+                            self.reconciler.on_desired_message)
+        self.reporter.start()
+        self.conn.start()
+        logger.info("edge node %s serving on %s, broker %s:%s", self.cfg.node_id,
+                    self.http_url, self.cfg.mqtt.host, self.cfg.mqtt.port)
+
+    def stop(self) -> None:
+        self.conn.stop()
+        self.reporter.stop()
+        if self._http:
+            self._http.shutdown()
+        self.reconciler.stop()
+        self.capture.stop()
+        self.outbox.stop()
+        self.fetcher.stop()
+        self.supervisor.stop_all()
+        self.store.close()
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+        logger.info("edge node %s stopped", self.cfg.node_id)

@@ -1,0 +1,213 @@
+"""Results and hard examples, off the request path.
+
+The serving layer calls :meth:`Capture.on_result` for every classification
+result. That only enqueues (bounded; when full the result is dropped and
+*counted*). A background thread then, in order:
+
+1. writes results to SQLite in batches;
+2. keeps a hard example when the app's policy says so (confidence below the
+   threshold), within a per-app rate limit (excess counted), by writing the
+   input to ``<data_dir>/samples`` and a ``samples`` row, and then
+3. puts a :class:`~cloud_sync.schemas.FeedbackMessage` into the outbox, whose
+   msg_id is the sample id, so a retry is deduplicated by the cloud.
+
+On start, samples that never reached the outbox (a crash between steps 2 and 3)
+are put there again: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cloud_sync import schemas
+from cloud_sync.errors import CloudSyncError
+
+from .config import FeedbackConfig
+from .store import NodeStore
+
+logger = logging.getLogger(__name__)
+
+#: the largest encoded input we upload inside one feedback message
+MAX_UPLOAD_INPUT = 700 * 1024
+
+
+@dataclass
+class Observation:
+    app: str
+    version: str
+    threshold: float | None
+    result: dict
+    tensor: np.ndarray | None
+    image: bytes | None
+    source: str
+    ts: float
+
+
+class RateLimit:
+    """Token bucket: ``per_minute`` events, refilled continuously."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, float(per_minute))
+        self.tokens = self.capacity
+        self.last = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def encode_input(tensor: np.ndarray | None, image: bytes | None) -> tuple[str, bytes]:
+    """The input as (type, bytes): a PNG when we have an image, else .npy."""
+    if image is not None:
+        arr = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_UNCHANGED)
+        if arr is not None:
+            ok, png = cv2.imencode(".png", arr)
+            if ok:
+                return "image/png", png.tobytes()
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(tensor), allow_pickle=False)
+    return "tensor/npy", buf.getvalue()
+
+
+class Capture:
+    def __init__(self, store: NodeStore, outbox: Any, feedback_topic: str,
+                 samples_dir: Path, cfg: FeedbackConfig, maxsize: int = 10000) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.topic = feedback_topic
+        self.dir = samples_dir
+        self.cfg = cfg
+        self.stats: Counter[str] = Counter()
+        self._q: queue.Queue[Observation | None] = queue.Queue(maxsize)
+        self._limits: dict[str, RateLimit] = {}
+        self._thread: threading.Thread | None = None
+
+    # -- called on the request path: never blocks -----------------------
+    def on_result(self, app: str, version: str, threshold: float | None, result: dict,
+                  tensor: np.ndarray | None, image: bytes | None, source: str = "api") -> None:
+        try:
+            self._q.put_nowait(Observation(app, version, threshold, result, tensor, image,
+                                           source, time.time()))
+        except queue.Full:
+            self.stats["observations_dropped"] += 1
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._requeue_unsent()
+        self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread:
+            self._q.put(None)
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            first = self._q.get()
+            batch = [first]
+            while len(batch) < 500:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            obs = [o for o in batch if o is not None]
+            try:
+                self._handle(obs)
+            except Exception:  # noqa: BLE001 - keep capturing; the reason is logged
+                self.stats["capture_errors"] += 1
+                logger.exception("capture: failed to record %d results", len(obs))
+            if stop:
+                return
+
+    def _handle(self, obs: list[Observation]) -> None:
+        self.store.add_results([
+            {"ts": o.ts, "app": o.app, "version": o.version, "label": o.result.get("label"),
+             "score": float(o.result.get("score", 0.0)), "source": o.source}
+            for o in obs
+        ])
+        self.stats["results"] += len(obs)
+        for o in obs:
+            threshold = self.cfg.threshold if self.cfg.threshold is not None else o.threshold
+            if not self.cfg.enabled or threshold is None:
+                continue
+            score = float(o.result.get("score", 1.0))
+            if score >= threshold:
+                continue
+            limit = self._limits.setdefault(o.app, RateLimit(self.cfg.max_per_minute))
+            if not limit.allow():
+                self.stats["samples_rate_limited"] += 1
+                continue
+            self._keep(o, f"confidence<{threshold:g}")
+
+    def _keep(self, o: Observation, reason: str) -> None:
+        sample_id = uuid.uuid4().hex
+        input_type, data = encode_input(o.tensor, o.image)
+        ext = "png" if input_type == "image/png" else "npy"
+        path = self.dir / f"{sample_id}.{ext}"
+        path.write_bytes(data)
+        pred = {"label": str(o.result.get("label")), "index": int(o.result.get("index", -1)),
+                "score": float(o.result.get("score", 0.0))}
+        row = {"sample_id": sample_id, "created_at": o.ts, "app": o.app, "version": o.version,
+               "reason": reason, "input_type": input_type, "input_path": str(path),
+               "prediction": json.dumps(pred),
+               "scores": json.dumps([float(s) for s in o.result.get("scores", [])]),
+               "label": None, "source": o.source, "msg_id": sample_id}
+        self.store.add_sample(row)
+        self.stats["samples_kept"] += 1
+        self._enqueue(row, data)
+
+    def _enqueue(self, row: dict, data: bytes) -> None:
+        if len(data) > MAX_UPLOAD_INPUT:
+            self.stats["samples_too_large_to_upload"] += 1
+            logger.warning("sample %s: input of %d bytes kept locally, too large to upload",
+                           row["sample_id"], len(data))
+            return
+        sample = schemas.FeedbackSample(
+            sample_id=row["sample_id"], app=row["app"], version=row["version"],
+            created_at=row["created_at"], reason=row["reason"], input_type=row["input_type"],
+            input_b64=base64.b64encode(data).decode(),
+            prediction=schemas.Prediction(**json.loads(row["prediction"])),
+            scores=json.loads(row["scores"]), label=row["label"], source=row["source"],
+        )
+        msg = schemas.FeedbackMessage(msg_id=row["msg_id"], sample=sample)
+        try:
+            if self.outbox.put(self.topic, msg.to_bytes(), msg.msg_id, kind="feedback"):
+                self.stats["samples_queued"] += 1
+        except CloudSyncError as err:  # outbox full: kept locally, counted, retried on start
+            self.stats["samples_outbox_full"] += 1
+            logger.warning("sample %s kept locally, not queued: %s", row["sample_id"], err)
+
+    def _requeue_unsent(self) -> None:
+        """Samples written but never queued (crash in between): queue them now."""
+        for row in self.store.samples(limit=100000):
+            if self.outbox.status(row["msg_id"]) is None:
+                try:
+                    data = Path(row["input_path"]).read_bytes()
+                except OSError:
+                    self.stats["samples_input_missing"] += 1
+                    continue
+                self._enqueue(row, data)
+                self.stats["samples_requeued"] += 1

@@ -1,0 +1,104 @@
+"""The node's own config: strict (unknown keys rejected), one validated object.
+
+Loaded from a JSON or TOML file plus explicit overrides; an error names the key
+path, the value and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cloud_sync.topics import validate_node_id
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    topic_prefix: str = ""
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = Field(default=30, ge=5, le=3600)
+
+
+class HttpConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8090, ge=0, le=65535)
+    max_body_mb: int = Field(default=16, ge=1, le=1024)
+
+
+class BlobConfig(_Strict):
+    chunk_size: int = Field(default=256 * 1024, ge=4096, le=1 << 20)
+    window: int = Field(default=8, ge=1, le=64)
+    chunk_timeout: float = Field(default=5.0, gt=0)
+
+
+class FeedbackConfig(_Strict):
+    enabled: bool = True
+    #: hard examples kept per app per minute at most (excess counted, not kept)
+    max_per_minute: int = Field(default=60, ge=0)
+    #: override the manifest's confidence threshold for every app
+    threshold: float | None = Field(default=None, ge=0, le=1)
+
+
+class NodeConfig(_Strict):
+    node_id: str
+    data_dir: Path
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    blob: BlobConfig = Field(default_factory=BlobConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    #: public keys (PEM or raw-32-byte files) of publishers whose apps we run;
+    #: every *.pub in <data_dir>/trusted_keys is trusted as well
+    trusted_keys: list[Path] = Field(default_factory=list)
+    worker_threads: int = Field(default=1, ge=1, le=256)
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        return validate_node_id(v)
+
+
+def _fmt(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ())) or "(root)"
+        lines.append(f"{loc} = {e.get('input')!r}: {e.get('msg')}")
+    return "; ".join(lines)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
+    """Read ``path`` (JSON or TOML) if given, apply ``overrides``, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+            raw = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read config {p}: {err}") from err
+    raw = _merge(raw, {k: v for k, v in overrides.items() if v is not None})
+    try:
+        return NodeConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid node config: {_fmt(err)}") from err

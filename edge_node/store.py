@@ -1,0 +1,131 @@
+"""The node's local SQLite store: installed apps, the twin, results and samples.
+
+The agent is the one writer of these tables (under one lock); the outbox owns
+its own table in the same file. WAL is on so readers (the web UI, the CLI)
+never block the writer. Every fact is written here before it goes anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("edge_node.store")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["kv"].create({"key": str, "value": str}, pk="key")
+    db["installed"].create(
+        {"name": str, "version": str, "sha256": str, "app_dir": str, "installed_at": float},
+        pk="sha256",
+    )
+    db["results"].create(
+        {"id": int, "ts": float, "app": str, "version": str, "label": str,
+         "score": float, "source": str},
+        pk="id",
+    )
+    db["results"].create_index(["app", "ts"])
+    db["samples"].create(
+        {"sample_id": str, "created_at": float, "app": str, "version": str, "reason": str,
+         "input_type": str, "input_path": str, "prediction": str, "scores": str,
+         "label": str, "source": str, "msg_id": str},
+        pk="sample_id",
+    )
+    db["samples"].create_index(["app", "created_at"])
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class NodeStore:
+    """Typed access to the node's tables; thread-safe (one lock, one writer)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite_utils.Database(connect(path))
+        self._lock = threading.Lock()
+        with self._lock:
+            migrations.apply(self._db)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.conn.close()
+
+    # -- key/value (the last desired state, counters) --------------------
+    def get_json(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def put_json(self, key: str, value: Any) -> None:
+        with self._lock, self._db.conn:
+            self._db.execute(
+                "INSERT INTO kv(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [key, json.dumps(value)],
+            )
+
+    # -- installed packages ----------------------------------------------
+    def record_installed(self, name: str, version: str, sha256: str, app_dir: Path) -> None:
+        with self._lock, self._db.conn:
+            self._db["installed"].upsert(
+                {"name": name, "version": version, "sha256": sha256,
+                 "app_dir": str(app_dir), "installed_at": time.time()},
+                pk="sha256",
+            )
+
+    def installed(self, sha256: str) -> dict | None:
+        with self._lock:
+            rows = list(self._db["installed"].rows_where("sha256 = ?", [sha256]))
+        return rows[0] if rows else None
+
+    def forget_installed(self, sha256: str) -> None:
+        with self._lock, self._db.conn:
+            self._db.execute("DELETE FROM installed WHERE sha256 = ?", [sha256])
+
+    def all_installed(self) -> list[dict]:
+        with self._lock:
+            return list(self._db["installed"].rows)
+
+    # -- results & samples -------------------------------------------------
+    def add_results(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        with self._lock, self._db.conn:
+            self._db["results"].insert_all(rows)
+
+    def add_sample(self, row: dict) -> bool:
+        """Insert a sample; False if its id exists already (idempotent)."""
+        with self._lock, self._db.conn:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO samples (sample_id, created_at, app, version, reason, "
+                "input_type, input_path, prediction, scores, label, source, msg_id) "
+                "VALUES (:sample_id, :created_at, :app, :version, :reason, :input_type, "
+                ":input_path, :prediction, :scores, :label, :source, :msg_id)",
+                row,
+            )
+            return cur.rowcount == 1
+
+    def samples(self, app: str | None = None, limit: int = 100) -> list[dict]:
+        where, args = ("app = ?", [app]) if app else (None, [])
+        with self._lock:
+            return list(self._db["samples"].rows_where(
+                where, args, order_by="created_at desc", limit=limit))
+
+    def count(self, table: str) -> int:
+        with self._lock:
+            return self._db[table].count
