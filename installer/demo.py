@@ -1,0 +1,250 @@
+"""``aidc demo``: the whole loop on one machine.
+
+Starts a broker (Mosquitto when installed, else the embedded one), the cloud
+AppStore and one edge node; builds the ``digits`` sample app from real data,
+publishes it, assigns it to the node, waits until the node serves it and
+prints the URLs and a ready-to-paste ``curl``. Ctrl-C stops everything, child
+processes included. ``--check`` runs the loop once, classifies the held-out
+digits over HTTP, waits for the hard examples to reach the AppStore and exits
+(0 when all went right) -- the same path a user takes, for scripts and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+NODE_ID = "demo-node-1"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="all-in-one: broker + AppStore + edge node + sample app")
+    p.add_argument("--data-dir", type=Path, default=Path("var/demo"))
+    p.add_argument("--mqtt-port", type=int, default=0, help="0: 1883 if free, else any")
+    p.add_argument("--store-port", type=int, default=0, help="0: 8080 if free, else any")
+    p.add_argument("--edge-port", type=int, default=0, help="0: 8090 if free, else any")
+    p.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
+    p.add_argument("--check", action="store_true",
+                   help="run the loop once, verify it end to end, exit")
+    p.add_argument("--fresh", action="store_true", help="delete the data dir first")
+    p.set_defaults(func=cmd_demo)
+
+
+def pick_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"broker did not start listening on port {port}")
+
+
+def start_broker(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen, str]:
+    if kind == "auto":
+        kind = "mosquitto" if shutil.which("mosquitto") else "embedded"
+    log = open(workdir / "broker.log", "ab")
+    if kind == "mosquitto":
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        cmd = ["mosquitto", "-c", str(conf)]
+    else:
+        cmd = [sys.executable, "-m", "installer.embedded_broker", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    wait_port(port)
+    return proc, kind
+
+
+def http_json(method: str, url: str, body: bytes | None = None,
+              content_type: str = "application/json", timeout: float = 30) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def digit_png(x8x8) -> bytes:
+    """An 8x8 digits-set image (0..16) as a 32x32 gray PNG, dark background."""
+    import cv2
+    import numpy as np
+
+    img = (np.asarray(x8x8, dtype=np.float32).reshape(8, 8) * (255.0 / 16.0)).round()
+    img = cv2.resize(img.astype(np.uint8), (32, 32), interpolation=cv2.INTER_NEAREST)
+    ok, png = cv2.imencode(".png", img)
+    assert ok
+    return png.tobytes()
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        val = pred()
+        if val:
+            return val
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appstore.config import AppStoreConfig
+    from appstore.publish import build_package
+    from appstore.samples.digits import build_digits_sample
+    from appstore.service import AppStoreService
+    from appstore.signing import SigningKey
+    from edge_node.agent import NodeAgent
+    from edge_node.config import load_config
+
+    data = args.data_dir.resolve()
+    if args.fresh and data.exists():
+        shutil.rmtree(data)
+    data.mkdir(parents=True, exist_ok=True)
+    mqtt_port = args.mqtt_port or pick_port(1883)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    broker, kind = start_broker(args.broker, mqtt_port, data)
+    store = agent = None
+    try:
+        store_cfg = AppStoreConfig(data_dir=data / "cloud", mqtt_port=mqtt_port,
+                                   http_port=args.store_port or pick_port(8080),
+                                   shared_group="appstore" if kind == "mosquitto" else None)
+        store = AppStoreService(store_cfg)
+        store.start()
+        key = SigningKey.load_or_create(store_cfg.signing_key_path)
+        trusted = data / "edge" / "trusted_keys"
+        trusted.mkdir(parents=True, exist_ok=True)
+        (trusted / "appstore.pub").write_bytes(key.public_pem())
+
+        node_cfg = load_config(node_id=NODE_ID, data_dir=data / "edge",
+                               mqtt={"port": mqtt_port},
+                               http={"port": args.edge_port or pick_port(8090)})
+        agent = NodeAgent(node_cfg)
+        agent.start()
+
+        t0 = time.monotonic()
+        sample = build_digits_sample(data / "sample")
+        manifest = json.loads((sample / "manifest.json").read_text())
+        pkg = data / "sample" / "digits-1.0.0.aidc"
+        sha, size = build_package(sample / "model.onnx", manifest, sample / "labels.txt",
+                                  key, pkg)
+        status, body = http_json("POST", f"{store.url}/api/v1/packages", pkg.read_bytes(),
+                                 "application/octet-stream")
+        if status >= 400 and status != 409:
+            raise RuntimeError(f"publish failed: {status} {body}")
+        t_assign = time.monotonic()
+        status, body = http_json("PUT", f"{store.url}/api/v1/nodes/{NODE_ID}/apps/digits",
+                                 json.dumps({"version": "1.0.0"}).encode())
+        if status >= 400:
+            raise RuntimeError(f"assign failed: {status} {body}")
+        edge = agent.http_url
+        wait_until(lambda: http_json("GET", f"{edge}/v2/models/digits/ready")[0] == 200,
+                   180, "the node to serve digits")
+        t_ready = time.monotonic()
+
+        import numpy as np
+        held = np.load(sample / "heldout.npz")
+        examples = data / "examples"
+        examples.mkdir(exist_ok=True)
+        for i in range(10):
+            idx = int(np.flatnonzero(held["y_test"] == i)[0])
+            (examples / f"digit-{i}.png").write_bytes(digit_png(held["X_test"][idx]))
+
+        print(banner(kind, mqtt_port, store.url, edge, examples, sha, size,
+                     t_assign - t0, t_ready - t_assign), flush=True)
+        if args.check:
+            return check(edge, store.url, held)
+        stop.wait()
+        print("\nstopping...", flush=True)
+        return 0
+    finally:
+        if agent:
+            agent.stop()
+        if store:
+            store.stop()
+        broker.terminate()
+        try:
+            broker.wait(5)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+
+
+def banner(kind, mqtt_port, store_url, edge_url, examples, sha, size, t_pub, t_ready) -> str:
+    return f"""
+==========================================================================
+ aidc all-in-one demo is up
+   broker      {kind} on 127.0.0.1:{mqtt_port}
+   AppStore    {store_url}/api/v1/apps   (nodes: {store_url}/api/v1/nodes)
+   edge node   {edge_url}/v2/models/digits  ({NODE_ID})
+   app         digits 1.0.0, package {size} bytes, sha256 {sha[:16]}...
+   timings     build+publish {t_pub:.1f}s, assign -> ready {t_ready:.2f}s
+
+ Classify a handwritten digit (an image file):
+   curl -s --data-binary @{examples}/digit-7.png -H 'Content-Type: image/png' \\
+        {edge_url}/v2/models/digits/classify
+
+ The same through the KServe/Triton v2 protocol (an 8x8 image, values 0..16):
+   curl -s {edge_url}/v2/models/digits/infer -H 'Content-Type: application/json' \\
+        -d '{{"inputs":[{{"name":"input","shape":[1,64],"datatype":"FP32","data":[{",".join(["0"] * 64)}]}}]}}'
+
+ Hard examples the node sent back:  curl -s {store_url}/api/v1/feedback
+ Node status:                       curl -s {edge_url}/api/v1/status
+ Press Ctrl-C to stop everything.
+==========================================================================
+"""
+
+
+def check(edge: str, store_url: str, held) -> int:
+    """Classify every held-out digit as an image over HTTP; wait for feedback."""
+    X, y = held["X_test"], held["y_test"]
+    correct = 0
+    for x, label in zip(X, y):
+        status, body = http_json("POST", f"{edge}/v2/models/digits/classify", digit_png(x),
+                                 "image/png")
+        if status != 200:
+            print(f"classify failed: {status} {body}", file=sys.stderr)
+            return 1
+        correct += int(body["label"] == str(int(label)))
+    acc = correct / len(y)
+    print(f"check: {len(y)} held-out digits classified over HTTP, accuracy {acc:.3f}")
+
+    def kept() -> int:
+        return http_json("GET", f"{edge}/api/v1/status")[1]["capture"].get("samples_kept", 0)
+
+    def arrived() -> int:
+        return len(http_json("GET", f"{store_url}/api/v1/feedback?limit=1000")[1]["feedback"])
+
+    time.sleep(1.0)
+    want = kept()
+    wait_until(lambda: arrived() >= want, 60, f"{want} hard examples at the AppStore")
+    print(f"check: {want} hard examples kept on the node, {arrived()} stored in the AppStore")
+    return 0 if acc >= 0.9 and want > 0 else 1
