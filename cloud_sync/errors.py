@@ -40,3 +40,16 @@ class BlobError(CloudSyncError):
         self.sha256 = sha256
         self.reason = reason
         super().__init__(f"blob {sha256[:12]}: {reason}")
+
+
+class OutboxFull(CloudSyncError):
+    """The durable outbox holds ``max_rows`` unsent messages and refuses more.
+
+    Raised instead of dropping anything: the caller decides what to evict (and
+    counts it), the outbox never drops silently.
+    """
+
+    def __init__(self, pending: int, max_rows: int) -> None:
+        self.pending = pending
+        self.max_rows = max_rows
+        super().__init__(f"outbox full: {pending} unsent messages (limit {max_rows})")
