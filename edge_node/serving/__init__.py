@@ -1,0 +1,1 @@
+"""Edge serving: the Open Inference Protocol v2 HTTP API over model workers."""

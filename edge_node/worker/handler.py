@@ -1,0 +1,117 @@
+"""What a worker does with one request dict; never raises, always answers.
+
+Requests: ``{"op": "ping"}``, ``{"op": "meta"}``,
+``{"op": "infer", "inputs": {name: ndarray}, "outputs": [names] | None}``,
+``{"op": "classify", "image": bytes}``. Replies: ``{"ok": True, ...}`` or
+``{"ok": False, "status": 400 | 500, "error": "..."}`` -- 400 when the request
+is at fault (names, shapes, dtypes, unreadable image), 500 otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import cv2
+import numpy as np
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from cloud_sync.manifest import TensorSpec
+
+from .errors import BadInput, ModelMismatch
+from .loader import LoadedApp
+from .postprocess import classify
+from .preprocess import image_to_tensor
+from .tensors import check_feeds, check_outputs
+
+logger = logging.getLogger(__name__)
+
+
+class Handler:
+    def __init__(self, app: LoadedApp) -> None:
+        self.app = app
+        self.inflight = 0
+        self._lock = threading.Lock()
+        m = app.manifest
+        self.can_classify = m.preprocess is not None and m.postprocess is not None
+        if self.can_classify:
+            name = m.preprocess.input or next(iter(app.inputs))
+            real = app.inputs[name]
+            shape = [d if d >= 0 else None for d in real.shape]
+            self._in = TensorSpec(name=name, dtype=real.dtype, shape=shape)
+            self._out = m.postprocess.output or next(iter(app.outputs))
+            if len(app.inputs) > 1:
+                logger.warning("classify needs a single-input model; %s has %d inputs",
+                               m.name, len(app.inputs))
+                self.can_classify = False
+
+    def handle(self, msg: object) -> dict:
+        with self._lock:
+            self.inflight += 1
+        try:
+            return self._dispatch(msg)
+        except BadInput as err:
+            return {"ok": False, "status": 400, "error": str(err)}
+        except Exception as err:  # the worker never dies on a request
+            logger.exception("request failed")
+            return {"ok": False, "status": 500, "error": f"{type(err).__name__}: {err}"}
+        finally:
+            with self._lock:
+                self.inflight -= 1
+
+    def _dispatch(self, msg: object) -> dict:
+        op = msg.get("op") if isinstance(msg, dict) else None
+        if op == "infer":
+            return {"ok": True, "outputs": self.infer(msg.get("inputs"), msg.get("outputs"))}
+        if op == "classify":
+            result, tensor = self.classify(msg.get("image"))
+            return {"ok": True, "result": result, "input": tensor}
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if op == "meta":
+            return {"ok": True, "meta": self.app.meta()}
+        raise BadInput(f"unknown op {op!r}; one of infer, classify, ping, meta")
+
+    def _run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.app.session.run(names, feeds)
+        except InvalidArgument as err:
+            raise BadInput(f"the model rejected the input: {err}") from err
+
+    def infer(self, inputs: object, outputs: object = None) -> dict[str, np.ndarray]:
+        feeds = check_feeds(inputs, self.app.inputs)
+        names = check_outputs(outputs, self.app.outputs)
+        return dict(zip(names, self._run(names, feeds), strict=True))
+
+    def classify(self, image: object) -> tuple[dict, np.ndarray]:
+        if not self.can_classify:
+            raise BadInput(f"app {self.app.manifest.name!r} has no image pre/postprocessing "
+                           "(or more than one input); use infer")
+        if not isinstance(image, (bytes, bytearray, memoryview)):
+            raise BadInput("image must be bytes (an encoded PNG/JPEG/...)")
+        x = image_to_tensor(bytes(image), self.app.manifest.preprocess, self._in)
+        self.app.inputs[self._in.name].check(x)  # e.g. no resize and an odd-sized image
+        scores = self._run([self._out], {self._in.name: x})[0]
+        return classify(scores, self.app.manifest.postprocess, self.app.labels), x
+
+    def self_check(self) -> None:
+        """One run before serving: proves pre/postprocessing fits, warms the session."""
+        if self.can_classify:
+            pre = self.app.manifest.preprocess
+            h, w = pre.resize or (32, 32)
+            _, png = cv2.imencode(".png", np.zeros((int(h), int(w), 3), np.uint8))
+            try:
+                self.classify(png.tobytes())
+            except Exception as err:
+                raise ModelMismatch(
+                    [f"preprocess/postprocess do not fit the model: {err}"]) from err
+            return
+        feeds = {s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], s.dtype)
+                 for s in self.app.inputs.values() if s.dtype != "string"}
+        if len(feeds) != len(self.app.inputs):
+            return
+        try:
+            self.app.session.run(None, feeds)
+        except Exception as err:  # generic models may need real data; serve anyway
+            logger.warning("warm-up run on zeros failed (%s); serving anyway", err)

@@ -1,0 +1,122 @@
+"""One worker OS process: spawn, wait for READY, forward its stderr, stop it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+
+from .errors import WorkerStartError
+
+logger = logging.getLogger(__name__)
+_LEVELS = {"CRITICAL": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING,
+           "DEBUG": logging.DEBUG}
+
+
+def describe_exit(rc: int | None, tail: str = "") -> str:
+    if rc is None:
+        why = "still running"
+    elif rc < 0:
+        try:
+            why = f"killed by signal {signal.Signals(-rc).name}"
+        except ValueError:
+            why = f"killed by signal {-rc}"
+    else:
+        why = f"exited with code {rc}"
+    last = [ln for ln in tail.splitlines() if ln.startswith(("CRITICAL", "ERROR"))]
+    return f"{why}: {last[-1]}" if last else why
+
+
+class WorkerProc:
+    """A spawned worker and the thread that logs its stderr (keeping a tail)."""
+
+    def __init__(self, key: str, popen: subprocess.Popen) -> None:
+        self.key = key
+        self.popen = popen
+        self.pid = popen.pid
+        self._tail: deque[str] = deque(maxlen=40)
+        self._stderr_done = threading.Event()
+        threading.Thread(target=self._pump_stderr, name=f"stderr-{key}", daemon=True).start()
+
+    @classmethod
+    def spawn(cls, key: str, cmd: list[str], env: dict) -> WorkerProc:
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=env, close_fds=True)
+        return cls(key, popen)
+
+    def _pump_stderr(self) -> None:
+        for raw in self.popen.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if not line:
+                continue
+            self._tail.append(line)
+            level = _LEVELS.get(line.split(" ", 1)[0], logging.INFO)
+            logger.log(level, "[%s %d] %s", self.key, self.pid, line)
+        self.popen.stderr.close()
+        self._stderr_done.set()
+
+    def tail(self, n: int = 15) -> str:
+        return "\n".join(list(self._tail)[-n:])
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def _fail(self, reason: str) -> WorkerStartError:
+        self.stop(2.0)
+        self._stderr_done.wait(2.0)
+        return WorkerStartError(self.key, describe_exit(self.popen.returncode, self.tail())
+                                if reason == "exit" else reason, self.tail())
+
+    def wait_ready(self, timeout: float) -> dict:
+        """Block until the ``READY <json>`` line; :class:`WorkerStartError` otherwise."""
+        fd = self.popen.stdout.fileno()
+        buf = b""
+        deadline = time.monotonic() + timeout
+        try:
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._fail(f"not READY within {timeout:g}s")
+                if not select.select([fd], [], [], min(left, 1.0))[0]:
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise self._fail("exit")
+                buf += chunk
+            line = buf.split(b"\n", 1)[0].decode("utf-8", "replace")
+            if not line.startswith("READY "):
+                raise self._fail(f"unexpected first line on stdout: {line[:200]!r}")
+            try:
+                return json.loads(line[6:])
+            except ValueError as err:
+                raise self._fail(f"bad READY line: {err}") from err
+        finally:
+            self.popen.stdout.close()
+
+    def wait_exit(self) -> int:
+        rc = self.popen.wait()
+        self._stderr_done.wait(2.0)
+        return rc
+
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                self.popen.terminate()
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float) -> int:
+        """SIGTERM, wait ``timeout``, then SIGKILL; returns the exit code."""
+        self.terminate()
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("worker %s (pid %d) ignored SIGTERM; killing it", self.key, self.pid)
+            self.popen.kill()
+            return self.popen.wait()

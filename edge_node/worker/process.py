@@ -1,0 +1,162 @@
+"""The model worker process: one app dir, one ONNX Runtime session, one Unix socket.
+
+``python -m edge_node.worker --app-dir DIR --socket PATH [--threads N] [--cpus 0,1]``
+
+Loads and checks the app (exit 2 with a ``CRITICAL`` line on stderr when the
+model does not match its manifest or cannot be loaded), runs one self-check
+request, then listens with :class:`multiprocessing.connection.Listener` and
+prints ``READY <json meta>`` as its only stdout line. Every connection gets its
+own thread; ONNX Runtime releases the GIL, so requests run concurrently.
+``AIDC_WORKER_AUTHKEY`` (hex) turns on the HMAC handshake; the socket is 0600
+either way. ``AIDC_ORT_SPIN=1`` lets ONNX Runtime's threads busy-wait (off by
+default: an idle spinning pool steals cores from its neighbours).
+SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to 3 s),
+exit 0. Started by the supervisor (``AIDC_WORKER_PARENT_PID`` set), it also
+asks Linux for SIGTERM when its parent dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import pickle
+import signal
+import stat
+import sys
+import threading
+import time
+from multiprocessing.connection import Listener, answer_challenge, deliver_challenge
+from pathlib import Path
+
+from cloud_sync.errors import PackageError
+
+from .client import PROTOCOL
+from .errors import ModelMismatch
+from .handler import Handler
+from .loader import load_app
+
+logger = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by the SIGTERM/SIGINT handler."""
+
+
+def _on_signal(signum, frame) -> None:
+    raise _Stop()
+
+
+def _die_with_parent() -> None:
+    parent = os.environ.get("AIDC_WORKER_PARENT_PID")
+    if not parent:
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        raise _Stop()
+
+
+def _serve_conn(conn, handler: Handler, authkey: bytes | None) -> None:
+    try:
+        if authkey:
+            deliver_challenge(conn, authkey)
+            answer_challenge(conn, authkey)
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except EOFError:
+                return
+            try:
+                msg = pickle.loads(data)
+            except Exception as err:  # framing is intact; say so and go on
+                reply = {"ok": False, "status": 400, "error": f"undecodable request: {err}"}
+            else:
+                reply = handler.handle(msg)
+            try:
+                out = pickle.dumps(reply, protocol=PROTOCOL)
+            except Exception as err:
+                out = pickle.dumps({"ok": False, "status": 500,
+                                    "error": f"unsendable reply: {err}"}, protocol=PROTOCOL)
+            conn.send_bytes(out)
+    except Exception as err:  # peer went away or failed the handshake
+        logger.debug("connection closed: %s", err)
+    finally:
+        conn.close()
+
+
+def _listen(path: Path) -> Listener:
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        path.unlink()
+    old = os.umask(0o077)
+    try:
+        return Listener(str(path), family="AF_UNIX")
+    finally:
+        os.umask(old)
+
+
+def serve(handler: Handler, path: Path, authkey: bytes | None, meta: dict) -> None:
+    listener = _listen(path)
+    print("READY " + json.dumps(meta), flush=True)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stdout is done; keep the pipe quiet
+    logger.info("serving %s %s on %s (pid %d)", meta["name"], meta["version"], path, os.getpid())
+    try:
+        while True:
+            conn = listener.accept()
+            threading.Thread(target=_serve_conn, args=(conn, handler, authkey),
+                             name="conn", daemon=True).start()
+    except _Stop:
+        pass
+    finally:
+        listener.close()
+    deadline = time.monotonic() + 3.0
+    while handler.inflight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    logger.info("stopped")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m edge_node.worker",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--app-dir", required=True, type=Path)
+    p.add_argument("--socket", required=True, type=Path)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. 0,1")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        _die_with_parent()
+        if args.cpus:
+            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+        key = os.environ.get("AIDC_WORKER_AUTHKEY")
+        authkey = bytes.fromhex(key) if key else None
+        app = load_app(args.app_dir, args.threads, spin=os.environ.get("AIDC_ORT_SPIN") == "1")
+        handler = Handler(app)
+        handler.self_check()
+        meta = {**app.meta(), "pid": os.getpid(), "threads": args.threads,
+                "socket": str(args.socket)}
+        serve(handler, args.socket, authkey, meta)
+    except _Stop:
+        logger.info("stopped before serving")
+    except (ModelMismatch, PackageError) as err:
+        logger.critical("%s", err)
+        return 2
+    except Exception as err:
+        logger.critical("cannot serve %s: %s: %s", args.app_dir, type(err).__name__, err)
+        return 2
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)  # daemon connection threads may sit inside ORT; skip interpreter teardown

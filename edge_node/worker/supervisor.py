@@ -1,0 +1,233 @@
+"""Start, watch, restart and stop model worker processes.
+
+One process per app key. A worker that dies unexpectedly is restarted (with a
+short backoff) at most ``restart_budget[0]`` times within ``restart_budget[1]``
+seconds; past that it is marked ``failed`` with the reason and logged at ERROR.
+A stop we asked for is never restarted. Each app key keeps one
+:class:`WorkerClient` (and socket path and auth key) across restarts, so
+holders of the client need not refresh it.
+
+Every worker is spawned from one long-lived thread: Linux delivers the
+worker's parent-death signal (``PR_SET_PDEATHSIG``, set by the worker itself)
+when the *thread* that forked it ends, so forking from a short-lived request
+thread would kill the worker when that thread returns.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+from queue import SimpleQueue
+
+from .client import WorkerClient
+from .errors import WorkerStartError
+from .proc import WorkerProc, describe_exit
+
+logger = logging.getLogger(__name__)
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
+
+
+class _Spawner:
+    """A single long-lived thread that runs every Popen."""
+
+    def __init__(self) -> None:
+        self._q: SimpleQueue = SimpleQueue()
+        threading.Thread(target=self._run, name="worker-spawner", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, fut = self._q.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as err:
+                fut.set_exception(err)
+
+    def call(self, fn):
+        fut: Future = Future()
+        self._q.put((fn, fut))
+        return fut.result()
+
+
+class _Worker:
+    def __init__(self, key: str, app_dir: Path, sock: Path, threads: int, env: dict,
+                 cpus: list[int] | None, ready_timeout: float, old: _Worker | None) -> None:
+        self.key, self.app_dir, self.socket = key, app_dir, sock
+        self.threads, self.env, self.cpus, self.ready_timeout = threads, env, cpus, ready_timeout
+        # a replaced worker hands on its key and client, so holders of the client keep working
+        self.authkey = old.authkey if old is not None else secrets.token_bytes(32)
+        self.client = old.client if old is not None else WorkerClient(sock, self.authkey)
+        self.proc: WorkerProc | None = None
+        self.state = "starting"
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.meta: dict | None = None
+        self.stopping = threading.Event()
+        self.restart_times: deque[float] = deque()
+
+
+class WorkerSupervisor:
+    def __init__(self, run_dir: Path, *, restart_budget: tuple[int, float] = (5, 60.0),
+                 stop_timeout: float = 5.0) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.max_restarts, self.window = restart_budget
+        self.stop_timeout = stop_timeout
+        self._workers: dict[str, _Worker] = {}
+        self._lock = threading.Lock()
+        self._spawner = _Spawner()
+        atexit.register(self.stop_all)
+
+    def _socket_for(self, key: str) -> Path:
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:24]
+        digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+        path = self.run_dir / f"{slug}-{digest}.sock"
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise WorkerStartError(key, f"socket path {path} is too long for AF_UNIX; "
+                                        "use a shorter run dir")
+        return path
+
+    def start(self, app_key: str, app_dir: Path, threads: int = 1, env: dict | None = None,
+              ready_timeout: float = 60, cpus: list[int] | None = None) -> WorkerClient:
+        """Start (or replace) the worker for ``app_key``; return its client once READY.
+
+        Raises :class:`WorkerStartError` (state ``failed``, never retried) when
+        the first start fails; the restart budget applies to later deaths only.
+        Replacing keeps the same client object and socket path.
+        """
+        with self._lock:
+            old = self._workers.get(app_key)
+        if old is not None:
+            logger.info("replacing the worker %s (%s)", app_key, old.state)
+            self.stop(app_key)
+        w = _Worker(app_key, Path(app_dir), self._socket_for(app_key), threads,
+                    dict(env or {}), cpus, ready_timeout, old)
+        with self._lock:
+            self._workers[app_key] = w
+        try:
+            self._launch(w)
+        except WorkerStartError as err:
+            w.state = "stopped" if w.stopping.is_set() else "failed"
+            w.last_error = err.reason
+            raise
+        return w.client
+
+    def _launch(self, w: _Worker) -> None:
+        """Spawn and wait for READY; on success the worker is ``ready`` and watched."""
+        cmd = [sys.executable, "-m", "edge_node.worker", "--app-dir", str(w.app_dir),
+               "--socket", str(w.socket), "--threads", str(w.threads)]
+        if w.cpus:
+            cmd += ["--cpus", ",".join(str(c) for c in w.cpus)]
+        env = {**os.environ, **w.env, "AIDC_WORKER_AUTHKEY": w.authkey.hex(),
+               "AIDC_WORKER_PARENT_PID": str(os.getpid())}
+        with self._lock:
+            if w.stopping.is_set():
+                raise WorkerStartError(w.key, "stopped while starting")
+            w.proc = proc = self._spawner.call(lambda: WorkerProc.spawn(w.key, cmd, env))
+        meta = proc.wait_ready(w.ready_timeout)
+        threading.Thread(target=self._watch, args=(w, proc), name=f"watch-{w.key}",
+                         daemon=True).start()
+        with self._lock:
+            w.meta = meta
+            if not w.stopping.is_set():
+                w.state = "ready"
+        logger.info("worker %s ready (pid %d)", w.key, proc.pid)
+
+    def _watch(self, w: _Worker, proc: WorkerProc) -> None:
+        rc = proc.wait_exit()
+        with self._lock:
+            if w.stopping.is_set() or w.proc is not proc:
+                return
+            w.state, w.last_error = "restarting", describe_exit(rc, proc.tail())
+        logger.warning("worker %s (pid %d) died unexpectedly: %s", w.key, proc.pid, w.last_error)
+        self._restart_loop(w)
+
+    def _restart_loop(self, w: _Worker) -> None:
+        delay = 0.2
+        while True:
+            with self._lock:
+                if w.stopping.is_set():
+                    return
+                now = time.monotonic()
+                while w.restart_times and now - w.restart_times[0] > self.window:
+                    w.restart_times.popleft()
+                if len(w.restart_times) >= self.max_restarts:
+                    w.state = "failed"
+                    logger.error("worker %s FAILED: %d restarts within %gs used up; giving up. "
+                                 "Last error: %s", w.key, self.max_restarts, self.window,
+                                 w.last_error)
+                    return
+                w.restart_times.append(now)
+                w.restarts += 1
+            if w.stopping.wait(delay):
+                return
+            try:
+                self._launch(w)
+                return
+            except WorkerStartError as err:
+                w.last_error = err.reason
+                logger.warning("restart %d of worker %s failed: %s", w.restarts, w.key, err.reason)
+                delay = min(delay * 2, 5.0)
+
+    def stop(self, app_key: str) -> None:
+        """Stop the worker for ``app_key`` (SIGTERM, then SIGKILL); it stays ``stopped``."""
+        self._stop_many([app_key])
+
+    def stop_all(self) -> None:
+        """Stop every worker, in parallel; no worker process is left afterwards."""
+        with self._lock:
+            keys = list(self._workers)
+        self._stop_many(keys)
+
+    def _stop_many(self, keys: list[str]) -> None:
+        procs = []
+        with self._lock:
+            for key in keys:
+                w = self._workers.get(key)
+                if w is None:
+                    continue
+                w.stopping.set()
+                if w.proc is not None:
+                    w.proc.terminate()
+                    procs.append((w, w.proc))
+        deadline = time.monotonic() + self.stop_timeout
+        for _, proc in procs:
+            proc.stop(max(0.1, deadline - time.monotonic()))
+        with self._lock:
+            for key in keys:
+                w = self._workers.get(key)
+                if w is not None:
+                    if w.state != "stopped":
+                        logger.info("worker %s stopped", key)
+                    w.state = "stopped"
+                    w.client.close()
+
+    def status(self) -> dict[str, dict]:
+        with self._lock:
+            return {
+                key: {"state": w.state,
+                      "pid": w.proc.pid if w.proc is not None and w.proc.alive() else None,
+                      "restarts": w.restarts, "last_error": w.last_error}
+                for key, w in self._workers.items()
+            }
+
+    def client(self, app_key: str) -> WorkerClient | None:
+        """The app's client unless its worker is stopped or failed (or unknown)."""
+        with self._lock:
+            w = self._workers.get(app_key)
+            return w.client if w is not None and w.state not in ("stopped", "failed") else None
+
+    def meta(self, app_key: str) -> dict | None:
+        """The worker's READY metadata (inputs/outputs in v2 naming), if it came up."""
+        with self._lock:
+            w = self._workers.get(app_key)
+            return w.meta if w is not None else None
