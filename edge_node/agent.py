@@ -67,10 +67,10 @@ class NodeAgent:
         # Unix socket paths must stay short (108 bytes): keep them out of data_dir.
         self._run_dir = Path(tempfile.mkdtemp(prefix="aidc-w-"))
         self.supervisor = WorkerSupervisor(self._run_dir)
-        self.registry = AppRegistry()
         self.capture = Capture(self.store, self.outbox, self.topics.feedback(cfg.node_id),
                                d / "samples", cfg.feedback)
-        self.registry.on_result = self._on_result
+        # not "loaded" (so /v2/health/ready is 503) until the reconciler's first pass
+        self.registry = AppRegistry(result_callback=self._on_result, loaded=False)
         self.reporter = Reporter(self.conn, self.topics.reported(cfg.node_id), self.reported_state)
         self.reconciler = Reconciler(
             node_id=cfg.node_id, store=self.store, fetcher=self.fetcher,
@@ -145,7 +145,7 @@ class NodeAgent:
             self._http.shutdown()
         self.reconciler.stop()
         self.capture.stop()
-        self.outbox.stop()
+        self.outbox.close()
         self.fetcher.stop()
         self.supervisor.stop_all()
         self.store.close()

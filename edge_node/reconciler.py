@@ -160,6 +160,7 @@ class Reconciler:
         with self._lock:
             desired = self.desired
         if desired is None:
+            self.registry.loaded = True
             return False
         transient = False
         wanted = {a.name: a for a in desired.apps}
@@ -182,6 +183,7 @@ class Reconciler:
             for name in list(self._reports):
                 if name not in wanted:
                     del self._reports[name]
+        self.registry.loaded = True
         self.on_change()
         return transient
 
