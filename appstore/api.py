@@ -1,0 +1,201 @@
+"""The REST API under ``/api/v1`` (JSON), a Flask app factory.
+
+Errors are turned into JSON here and only here: ``{"error": reason, "detail":
+...}`` with the status of the :class:`AppStoreError` subclass; a bad request
+never produces a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, jsonify, request, send_file
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from . import __version__
+from .blobstore import SHA256_RE
+from .catalog import Catalog
+from .config import AppStoreConfig
+from .errors import AppStoreError, BadRequest, NotFound, TooLarge
+from .feedback import FeedbackStore
+from .fleet import Fleet
+from .registry import Registry
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/api/v1"
+
+
+@dataclass
+class ApiContext:
+    """What the handlers use; built by :class:`appstore.service.AppStoreService`."""
+
+    cfg: AppStoreConfig
+    catalog: Catalog
+    registry: Registry
+    feedback: FeedbackStore
+    fleet: Fleet
+    trusted_keys: Any  # () -> {key_id: raw public key}
+
+
+def _error(status: int, reason: str, detail: Any = "") -> Any:
+    resp = jsonify({"error": reason, "detail": detail})
+    resp.status_code = status
+    return resp
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("bad_json", "the body must be a JSON object")
+    return body
+
+
+def _save_upload(ctx: ApiContext) -> str:
+    """Stream the uploaded package (multipart ``file`` or raw body) to a temp file."""
+    ctx.cfg.tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=ctx.cfg.tmp_dir, prefix="upload-", suffix=".zip")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if request.mimetype == "multipart/form-data":
+                f = request.files.get("file")
+                if f is None:
+                    raise BadRequest("no_file", "multipart upload without a 'file' part")
+                f.save(out)
+            else:
+                while chunk := request.stream.read(1 << 20):
+                    out.write(chunk)
+        if os.path.getsize(tmp) == 0:
+            raise BadRequest("empty", "no package in the request body")
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _blueprint(ctx: ApiContext) -> Blueprint:
+    bp = Blueprint("api", __name__, url_prefix=PREFIX)
+
+    @bp.get("/health")
+    def health() -> Any:
+        return jsonify({"ok": True, "version": __version__,
+                        "mqtt_connected": ctx.fleet.conn.connected.is_set()})
+
+    @bp.get("/apps")
+    def apps() -> Any:
+        return jsonify({"apps": ctx.catalog.list_apps()})
+
+    @bp.get("/apps/<name>")
+    def app_versions(name: str) -> Any:
+        return jsonify({"name": name, "versions": ctx.catalog.versions(name)})
+
+    @bp.get("/apps/<name>/versions/<version>")
+    def app_version(name: str, version: str) -> Any:
+        return jsonify(ctx.catalog.get_version(name, version))
+
+    @bp.get("/packages/<sha256>")
+    def package(sha256: str) -> Any:
+        if not SHA256_RE.match(sha256):
+            raise BadRequest("bad_sha256", "a package is addressed by 64 lowercase hex digits")
+        path = ctx.catalog.blob_path(sha256)
+        if path is None:
+            raise NotFound("unknown_package", f"no package {sha256}")
+        return send_file(path, mimetype="application/zip", as_attachment=True,
+                         download_name=f"{sha256}.zip", conditional=True, etag=sha256)
+
+    @bp.post("/packages")
+    def upload() -> Any:
+        tmp = _save_upload(ctx)
+        try:
+            version, created = ctx.catalog.add_package_file(tmp)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return jsonify({**version, "created": created}), 201 if created else 200
+
+    @bp.get("/keys")
+    def keys() -> Any:
+        return jsonify({"keys": {k: v.hex() for k, v in ctx.trusted_keys().items()}})
+
+    @bp.get("/nodes")
+    def nodes() -> Any:
+        return jsonify({"nodes": ctx.registry.list_nodes()})
+
+    @bp.get("/nodes/<node_id>")
+    def node(node_id: str) -> Any:
+        return jsonify(ctx.registry.get_node(node_id))
+
+    @bp.put("/nodes/<node_id>/apps/<name>")
+    def assign(node_id: str, name: str) -> Any:
+        version = _json_body().get("version")
+        if not isinstance(version, str) or not version:
+            raise BadRequest("bad_json", 'expected {"version": "<semver>"}')
+        ds = ctx.fleet.assign(node_id, name, version)
+        return jsonify({"desired": ds.model_dump()})
+
+    @bp.delete("/nodes/<node_id>/apps/<name>")
+    def unassign(node_id: str, name: str) -> Any:
+        return jsonify({"desired": ctx.fleet.unassign(node_id, name).model_dump()})
+
+    @bp.get("/feedback")
+    def feedback() -> Any:
+        a = request.args
+        try:
+            limit = int(a.get("limit", "100"))
+        except ValueError as err:
+            raise BadRequest("bad_limit", "limit must be an integer") from err
+        rows = ctx.feedback.query(app=a.get("app"), node=a.get("node"),
+                                  version=a.get("version"), limit=limit)
+        for r in rows:
+            r["input_url"] = f"{PREFIX}/feedback/{r['msg_id']}/input"
+        return jsonify({"feedback": rows})
+
+    @bp.get("/feedback/<msg_id>/input")
+    def feedback_input(msg_id: str) -> Any:
+        path, ctype = ctx.feedback.input_file(msg_id)
+        return send_file(path, mimetype=ctype, conditional=True)
+
+    @bp.get("/stats")
+    def stats() -> Any:
+        return jsonify({
+            "ingest": ctx.fleet.snapshot(),
+            "rejections": ctx.feedback.rejections(),
+            "counts": {**ctx.catalog.count(), **ctx.registry.counts(), **ctx.feedback.counts()},
+            "mqtt": dict(ctx.fleet.conn.stats),
+        })
+
+    return bp
+
+
+def create_app(ctx: ApiContext) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = ctx.cfg.max_upload_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.register_blueprint(_blueprint(ctx))
+
+    @app.errorhandler(AppStoreError)
+    def on_appstore_error(err: AppStoreError) -> Any:
+        if err.status >= 500:
+            logger.warning("%s %s: %s", request.method, request.path, err)
+        return _error(err.status, err.reason, err.detail)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def on_too_large(err: RequestEntityTooLarge) -> Any:
+        return _error(TooLarge.status, "too_large",
+                      f"request body over the limit of {ctx.cfg.max_upload_mb} MB")
+
+    @app.errorhandler(HTTPException)
+    def on_http(err: HTTPException) -> Any:
+        reason = (err.name or "error").lower().replace(" ", "_")
+        return _error(err.code or 400, reason, err.description)
+
+    @app.errorhandler(Exception)
+    def on_bug(err: Exception) -> Any:
+        logger.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal", "internal error; see the AppStore log")
+
+    return app

@@ -1,0 +1,290 @@
+"""``aidc store ...``: run, publish to and operate the AppStore.
+
+:func:`register` adds the ``store`` command to the one ``aidc`` parser; every
+leaf sets ``func(args) -> int``. Errors become a message on stderr and an exit
+code here, in one place (:func:`_guard`): 1 the operation failed, 2 bad config
+or arguments, 3 the AppStore cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .client import DEFAULT_API, ApiClient
+from .config import AppStoreConfig, load_config
+from .errors import AppStoreError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+Func = Callable[[argparse.Namespace], int]
+
+
+def _guard(fn: Func) -> Func:
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except AppStoreError as err:
+            detail = f"\n{err.detail}" if isinstance(err.detail, str) and "\n" in err.detail \
+                else (f": {err.detail}" if err.detail else "")
+            print(f"error: {err.reason}{detail}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt:
+            return 130
+    return run
+
+
+def _out(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(lines) if lines else "(none)")
+
+
+def _config(args: argparse.Namespace) -> AppStoreConfig:
+    return load_config(
+        getattr(args, "config", None),
+        data_dir=getattr(args, "data_dir", None),
+        mqtt_host=getattr(args, "mqtt_host", None),
+        mqtt_port=getattr(args, "mqtt_port", None),
+        http_host=getattr(args, "http_host", None),
+        http_port=getattr(args, "http_port", None),
+        topic_prefix=getattr(args, "topic_prefix", None),
+    )
+
+
+# -- local commands ----------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import AppStoreService
+
+    cfg = _config(args)
+    if args.no_shared:
+        cfg.shared_group = None
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    svc = AppStoreService(cfg).start()
+    print(f"AppStore serving {svc.url}/api/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        svc.stop()
+    return 0
+
+
+def _key_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "key", None):
+        return Path(args.key)
+    if getattr(args, "config", None) or getattr(args, "data_dir", None):
+        return _config(args).signing_key_path
+    raise ConfigError("no_key", "say which key: --key FILE, --data-dir DIR or --config FILE")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .signing import SigningKey
+
+    path = _key_path(args)
+    if path.exists() and not args.force:
+        key = SigningKey.load(path)
+        print(f"key {key.key_id} already at {path} (--force makes a new one)")
+        return 0
+    key = SigningKey.generate()
+    pub = key.save(path)
+    print(f"key {key.key_id}\nprivate {path}\npublic  {pub}  (give this to nodes/other stores)")
+    return 0
+
+
+def cmd_sample_digits(args: argparse.Namespace) -> int:
+    from .samples.digits import build_digits_sample
+
+    out = build_digits_sample(Path(args.out), version=args.version)
+    print(f"digits sample in {out}: model.onnx manifest.json labels.txt heldout.npz")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import build_package, load_manifest_file
+    from .signing import SigningKey
+
+    if not (args.api or args.config or args.data_dir or args.out):
+        raise ConfigError("nothing_to_do", "give --api URL or --data-dir DIR to publish, "
+                          "or --out FILE to only build the package")
+    key = SigningKey.load(args.key) if args.key else SigningKey.load_or_create(_key_path(args))
+    manifest = load_manifest_file(args.manifest)
+    with tempfile.TemporaryDirectory(prefix="aidc-publish-") as tmp:
+        pkg = Path(tmp) / "package.zip"
+        sha, size = build_package(args.model, manifest, args.labels, key, pkg)
+        if args.out:
+            shutil.copyfile(pkg, args.out)
+            print(f"built {args.out} sha256 {sha} ({size} bytes, key {key.key_id})")
+        if args.api:
+            info = ApiClient(args.api).upload(pkg)
+        elif args.config or args.data_dir:
+            info = _publish_local(_config(args), pkg)
+        else:
+            return 0
+    state = "published" if info.get("created") else "already published"
+    print(f"{state} {info['name']} {info['version']} sha256 {info['sha256']} "
+          f"({info['size']} bytes)")
+    return 0
+
+
+def _publish_local(cfg: AppStoreConfig, pkg: Path) -> dict[str, Any]:
+    """Store the package straight into the data dir (no server needed)."""
+    from .blobstore import ContentStore
+    from .catalog import Catalog
+    from .db import Store
+    from .signing import SigningKey, trusted_keys
+
+    own = SigningKey.load(cfg.signing_key_path) if cfg.signing_key_path.exists() else None
+    store = Store(cfg.db_path)
+    try:
+        catalog = Catalog(store, ContentStore(cfg.blobs_dir),
+                          lambda: trusted_keys(own, cfg.trusted_dir), cfg.max_upload_bytes)
+        version, created = catalog.add_package_file(pkg)
+    finally:
+        store.close()
+    return {**version, "created": created}
+
+
+# -- REST commands -----------------------------------------------------------------
+def cmd_apps(args: argparse.Namespace) -> int:
+    apps = ApiClient(args.api).get("/apps")["apps"]
+    _out(args, apps, [f"{a['name']:<24} {a['version']:<12} {a['task']:<15} "
+                      f"{a['sha256'][:12]}  versions: {', '.join(a['versions'])}" for a in apps])
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    nodes = ApiClient(args.api).get("/nodes")["nodes"]
+    lines = []
+    for n in nodes:
+        apps = ", ".join(f"{a['name']} {a['version']} {a['status']}"
+                         for a in (n["reported"] or {}).get("apps", []))
+        lines.append(f"{n['node_id']:<24} {'online' if n['online'] else 'offline':<8} "
+                     f"rev {n['reported_revision']}/{n['desired_revision']}  {apps}")
+    _out(args, nodes, lines)
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    ds = ApiClient(args.api).assign(args.node, args.app, args.version)["desired"]
+    print(f"node {args.node}: desired revision {ds['revision']}: "
+          + ", ".join(f"{a['name']} {a['version']}" for a in ds["apps"]))
+    return 0
+
+
+def cmd_unassign(args: argparse.Namespace) -> int:
+    ds = ApiClient(args.api).unassign(args.node, args.app)["desired"]
+    print(f"node {args.node}: desired revision {ds['revision']}: "
+          + (", ".join(f"{a['name']} {a['version']}" for a in ds["apps"]) or "no apps"))
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    rows = ApiClient(args.api).get("/feedback", app=args.app, node=args.node,
+                                   version=args.version, limit=args.limit)["feedback"]
+    _out(args, rows, [f"{r['msg_id'][:12]} {r['node_id']:<16} {r['app']} {r['version']} "
+                      f"pred={r['prediction']['label']}@{r['prediction']['score']:.2f} "
+                      f"label={r['label'] or '-'} {r['reason']}" for r in rows])
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------
+def _local_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="AppStore config file (.json or .toml)")
+    p.add_argument("--data-dir", help="AppStore data directory")
+
+
+def _api_opt(p: argparse.ArgumentParser, json_out: bool = False) -> None:
+    p.add_argument("--api", default=DEFAULT_API, help=f"AppStore URL (default {DEFAULT_API})")
+    if json_out:
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    store = subparsers.add_parser("store", help="the cloud AppStore: serve, publish, operate")
+    sub = store.add_subparsers(dest="store_cmd", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the AppStore (MQTT + REST API)")
+    _local_opts(p)
+    p.add_argument("--mqtt-host")
+    p.add_argument("--mqtt-port", type=int)
+    p.add_argument("--http-host")
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--topic-prefix")
+    p.add_argument("--no-shared", action="store_true", help="broker without $share subscriptions")
+    p.set_defaults(func=_guard(cmd_serve))
+
+    p = sub.add_parser("keygen", help="create the publisher's Ed25519 signing key")
+    _local_opts(p)
+    p.add_argument("--key", help="key file (default DATA_DIR/keys/publisher.pem)")
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+    p.set_defaults(func=_guard(cmd_keygen))
+
+    p = sub.add_parser("sample-digits", help="build the digits sample app from real data")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--version", default="1.0.0")
+    p.set_defaults(func=_guard(cmd_sample_digits))
+
+    p = sub.add_parser("publish", help="build, sign and publish an app package")
+    p.add_argument("--model", required=True, help="the ONNX model")
+    p.add_argument("--manifest", required=True, help="manifest.json")
+    p.add_argument("--labels", help="labels file, one label a line")
+    _local_opts(p)
+    p.add_argument("--key", help="signing key (default DATA_DIR/keys/publisher.pem)")
+    p.add_argument("--api", help="upload to this AppStore instead of the data dir")
+    p.add_argument("--out", help="also keep the package file here")
+    p.set_defaults(func=_guard(cmd_publish))
+
+    for name, fn, hlp in (("apps", cmd_apps, "list the catalog"),
+                          ("nodes", cmd_nodes, "list the fleet")):
+        p = sub.add_parser(name, help=hlp)
+        _api_opt(p, json_out=True)
+        p.set_defaults(func=_guard(fn))
+
+    p = sub.add_parser("assign", help="want APP VERSION on NODE")
+    p.add_argument("node")
+    p.add_argument("app")
+    p.add_argument("version")
+    _api_opt(p)
+    p.set_defaults(func=_guard(cmd_assign))
+
+    p = sub.add_parser("unassign", help="remove APP from NODE")
+    p.add_argument("node")
+    p.add_argument("app")
+    _api_opt(p)
+    p.set_defaults(func=_guard(cmd_unassign))
+
+    p = sub.add_parser("feedback", help="list hard examples uploaded by the fleet")
+    p.add_argument("--app")
+    p.add_argument("--node")
+    p.add_argument("--version")
+    p.add_argument("--limit", type=int, default=50)
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_feedback))
+    return store
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m appstore store ...`` (the same commands as ``aidc store ...``)."""
+    parser = argparse.ArgumentParser(prog="aidc")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,133 @@
+"""The AppStore's SQLite database: schema (migrations), WAL, writer and readers.
+
+The store owns its schema through :class:`sqlite_utils.migrations.Migrations`.
+One writer connection, serialized by a lock, takes every write (the ingest
+thread and the REST handlers share it); every read opens a connection of its
+own, which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+logger = logging.getLogger(__name__)
+
+migrations = Migrations("appstore")
+BUSY_TIMEOUT_MS = 10000
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db["app_versions"].create(
+        {
+            "id": int, "name": str, "version": str, "sha256": str, "size": int,
+            "task": str, "manifest": str, "key_id": str, "published_at": float,
+        },
+        pk="id",
+        not_null={"name", "version", "sha256", "size", "manifest", "published_at"},
+    )
+    db["app_versions"].create_index(["name", "version"], unique=True)
+    db["app_versions"].create_index(["sha256"])
+    db["nodes"].create(
+        {
+            "node_id": str, "online": int, "last_seen": float, "agent_version": str,
+            "reported": str, "reported_at": float, "http_url": str,
+            "desired_revision": int, "first_seen": float,
+        },
+        pk="node_id",
+        defaults={"online": 0, "desired_revision": 0},
+    )
+    db["assignments"].create(
+        {"node_id": str, "app": str, "version": str, "assigned_at": float},
+        pk=("node_id", "app"),
+    )
+    db["feedback"].create(
+        {
+            "id": int, "msg_id": str, "node_id": str, "app": str, "version": str,
+            "sample_id": str, "created_at": float, "received_at": float,
+            "reason": str, "input_type": str, "input_sha256": str, "input_path": str,
+            "prediction": str, "scores": str, "label": str, "source": str,
+        },
+        pk="id",
+        not_null={"msg_id", "node_id", "app", "received_at"},
+    )
+    db["feedback"].create_index(["msg_id"], unique=True)
+    db["feedback"].create_index(["app", "version"])
+    db["feedback"].create_index(["node_id"])
+    db["events"].create(
+        {
+            "id": int, "msg_id": str, "node_id": str, "ts": float, "received_at": float,
+            "type": str, "severity": str, "app": str, "data": str,
+        },
+        pk="id",
+        not_null={"msg_id", "node_id", "type"},
+    )
+    db["events"].create_index(["msg_id"], unique=True)
+    db["rejections"].create(
+        {"reason": str, "count": int, "last_at": float, "last_detail": str},
+        pk="reason",
+    )
+
+
+def _connect(path: Path) -> Database:
+    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    db = Database(conn, execute_plugins=False)
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return db
+
+
+class Store:
+    """The database file, migrated and in WAL mode."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = _connect(self.path)
+        self._db.enable_wal()
+        # FULL: a commit survives power loss, and we ack only after commit
+        self._db.execute("PRAGMA synchronous = FULL")
+        with self._lock:
+            pending = [m.name for m in migrations.pending(self._db)]
+            migrations.apply(self._db)
+        if pending:
+            logger.info("database %s: applied migrations %s", self.path, pending)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Database]:
+        """The writer, inside one transaction (committed on success).
+
+        ``BEGIN IMMEDIATE`` takes the write lock up front, waiting up to the busy
+        timeout for another process (a second worker, ``store publish``); a
+        deferred BEGIN that reads first could fail at once with "locked" when
+        it later needs to write. Nested ``db.atomic()`` blocks are savepoints.
+        """
+        with self._lock:
+            self._db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.conn.execute("COMMIT")
+            except BaseException:
+                self._db.rollback()
+                raise
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Database]:
+        """A reader connection of its own (WAL: never blocks on the writer)."""
+        db = _connect(self.path)
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,141 @@
+"""Feedback samples and events from the fleet, and counted rejections.
+
+Ingest is idempotent by ``msg_id``: a node resends until it sees an ack, so the
+same message may arrive many times and is stored once. A sample's input (a PNG
+or an ``.npy`` tensor) is kept content-addressed in ``data_dir/samples``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from cloud_sync.errors import MessageRejected
+from cloud_sync.schemas import EventMessage, FeedbackMessage
+
+from .blobstore import ContentStore
+from .db import Store
+from .errors import NotFound
+
+logger = logging.getLogger(__name__)
+
+#: input_type -> (file extension, HTTP content type)
+INPUT_TYPES = {
+    "image/png": ("png", "image/png"),
+    "tensor/npy": ("npy", "application/x-npy"),
+}
+MAX_LIMIT = 1000
+
+
+def _exists(db: Database, table: str, msg_id: str) -> bool:
+    return bool(list(db.query(f"select 1 from {table} where msg_id = ?", [msg_id])))
+
+
+class FeedbackStore:
+    def __init__(self, store: Store, samples: ContentStore) -> None:
+        self.store = store
+        self.samples = samples
+
+    # -- ingest (the ingest thread, inside its transaction) -----------------------
+    def record_feedback(self, db: Database, node_id: str, msg: FeedbackMessage,
+                        received_at: float) -> bool:
+        """Store ``msg`` unless its msg_id is known; True when it was new.
+
+        Raises :class:`MessageRejected` (``bad_input``) for an input that is
+        not base64."""
+        if _exists(db, "feedback", msg.msg_id):
+            return False
+        s = msg.sample
+        try:
+            data = base64.b64decode(s.input_b64, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise MessageRejected("bad_input", f"input_b64 is not base64: {err}") from err
+        if not data:
+            raise MessageRejected("bad_input", "empty input")
+        sha, path = self.samples.put_bytes(data, INPUT_TYPES[s.input_type][0])
+        db["feedback"].insert({
+            "msg_id": msg.msg_id, "node_id": node_id, "app": s.app, "version": s.version,
+            "sample_id": s.sample_id, "created_at": s.created_at, "received_at": received_at,
+            "reason": s.reason, "input_type": s.input_type, "input_sha256": sha,
+            "input_path": str(path), "prediction": s.prediction.model_dump_json(),
+            "scores": json.dumps(s.scores), "label": s.label, "source": s.source,
+        })
+        return True
+
+    @staticmethod
+    def record_event(db: Database, node_id: str, msg: EventMessage, received_at: float) -> bool:
+        if _exists(db, "events", msg.msg_id):
+            return False
+        db["events"].insert({
+            "msg_id": msg.msg_id, "node_id": node_id, "ts": msg.ts, "received_at": received_at,
+            "type": msg.type, "severity": msg.severity, "app": msg.app,
+            "data": json.dumps(msg.data),
+        })
+        return True
+
+    @staticmethod
+    def record_rejection(db: Database, reason: str, detail: str, at: float) -> None:
+        db.execute(
+            "insert into rejections (reason, count, last_at, last_detail) values (?, 1, ?, ?) "
+            "on conflict(reason) do update set count = count + 1, last_at = excluded.last_at, "
+            "last_detail = excluded.last_detail",
+            [reason, at, detail[:500]],
+        )
+
+    # -- queries ---------------------------------------------------------------
+    def query(self, app: str | None = None, node: str | None = None,
+              version: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first, filtered by any of app / node / version."""
+        where, args = [], []
+        for col, val in (("app", app), ("node_id", node), ("version", version)):
+            if val:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = "select * from feedback"
+        if where:
+            sql += " where " + " and ".join(where)
+        sql += " order by received_at desc, id desc limit ?"
+        args.append(max(1, min(int(limit), MAX_LIMIT)))
+        with self.store.read() as db:
+            return [self._row(r) for r in db.query(sql, args)]
+
+    def get(self, msg_id: str) -> dict[str, Any]:
+        with self.store.read() as db:
+            rows = list(db.query("select * from feedback where msg_id = ?", [msg_id]))
+        if not rows:
+            raise NotFound("unknown_sample", f"no feedback message {msg_id!r}")
+        return self._row(rows[0])
+
+    def input_file(self, msg_id: str) -> tuple[Path, str]:
+        """The stored input of a sample and its HTTP content type."""
+        row = self.get(msg_id)
+        ext, ctype = INPUT_TYPES[row["input_type"]]
+        path = self.samples.path(row["input_sha256"], ext)
+        if path is None:
+            raise NotFound("input_missing", f"the input of {msg_id!r} is not on disk")
+        return path, ctype
+
+    @staticmethod
+    def _row(r: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in r.items() if k not in ("id", "input_path")}
+        out["prediction"] = json.loads(r["prediction"]) if r["prediction"] else None
+        out["scores"] = json.loads(r["scores"]) if r["scores"] else []
+        return out
+
+    def rejections(self) -> dict[str, dict[str, Any]]:
+        with self.store.read() as db:
+            return {r["reason"]: {"count": r["count"], "last_at": r["last_at"],
+                                  "last_detail": r["last_detail"]}
+                    for r in db.query("select * from rejections order by reason")}
+
+    def counts(self) -> dict[str, int]:
+        with self.store.read() as db:
+            f = next(db.query("select count(*) as n from feedback"))["n"]
+            e = next(db.query("select count(*) as n from events"))["n"]
+        return {"feedback": f, "events": e}

@@ -1,0 +1,171 @@
+"""The fleet registry: nodes (what they report) and assignments (what we want).
+
+Node rows are upserted from the retained ``availability`` and
+``state/reported`` messages; assignments are changed by operators and each
+change bumps the node's ``desired_revision``, the monotonic revision of the
+:class:`~cloud_sync.schemas.DesiredState` the node receives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from sqlite_utils import Database
+
+from cloud_sync.schemas import AppRef, Availability, DesiredState, ReportedState
+from cloud_sync.topics import validate_node_id
+
+from .db import Store
+from .errors import BadRequest, NotFound
+
+logger = logging.getLogger(__name__)
+
+_UPSERT = """
+insert into nodes (node_id, online, last_seen, first_seen, agent_version, desired_revision)
+values (:node_id, coalesce(:online, 0), nullif(:seen, 0), nullif(:seen, 0), :agent_version, 0)
+on conflict(node_id) do update set
+  online = coalesce(:online, online),
+  last_seen = nullif(max(coalesce(last_seen, 0), :seen), 0),
+  first_seen = coalesce(first_seen, nullif(:seen, 0)),
+  agent_version = coalesce(nullif(:agent_version, ''), agent_version)
+"""
+
+
+def check_node_id(node_id: str) -> str:
+    try:
+        return validate_node_id(node_id)
+    except ValueError as err:
+        raise BadRequest("bad_node_id", str(err)) from err
+
+
+def _seen(ts: float, retained: bool, received_at: float) -> float:
+    """A retained message may be old: trust its own time (never in the future)."""
+    return min(ts, received_at) if retained else received_at
+
+
+class Registry:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- from MQTT (the ingest thread, inside its transaction) --------------------
+    @staticmethod
+    def record_availability(db: Database, node_id: str, msg: Availability, retained: bool,
+                            received_at: float) -> None:
+        db.execute(_UPSERT, {
+            "node_id": node_id, "online": int(msg.status == "online"),
+            "seen": _seen(msg.ts, retained, received_at), "agent_version": msg.agent_version,
+        })
+
+    @staticmethod
+    def record_reported(db: Database, node_id: str, msg: ReportedState, retained: bool,
+                        received_at: float) -> None:
+        db.execute(_UPSERT, {
+            "node_id": node_id, "online": None,
+            "seen": _seen(msg.ts, retained, received_at), "agent_version": msg.agent_version,
+        })
+        db.execute(
+            "update nodes set reported = ?, reported_at = ?, http_url = ? where node_id = ?",
+            [msg.model_dump_json(), msg.ts, msg.http_url, node_id],
+        )
+
+    # -- operators -------------------------------------------------------------
+    def assign(self, node_id: str, app: str, version: str) -> int:
+        """Want ``app`` at ``version`` on the node; returns the desired revision
+        (bumped only when something changed). The caller checked the version exists."""
+        check_node_id(node_id)
+        now = time.time()
+        with self.store.write() as db:
+            db.execute(_UPSERT, {"node_id": node_id, "online": None, "seen": 0,
+                                 "agent_version": ""})
+            cur = list(db.query("select version from assignments where node_id = ? and app = ?",
+                                [node_id, app]))
+            if not cur or cur[0]["version"] != version:
+                db["assignments"].upsert(
+                    {"node_id": node_id, "app": app, "version": version, "assigned_at": now},
+                    pk=("node_id", "app"))
+                db.execute("update nodes set desired_revision = desired_revision + 1 "
+                           "where node_id = ?", [node_id])
+            rev = next(db.query("select desired_revision from nodes where node_id = ?",
+                                [node_id]))["desired_revision"]
+        logger.info("node %s: want %s %s (revision %d)", node_id, app, version, rev)
+        return rev
+
+    def unassign(self, node_id: str, app: str) -> int:
+        check_node_id(node_id)
+        with self.store.write() as db:
+            n = db.execute("delete from assignments where node_id = ? and app = ?",
+                           [node_id, app]).rowcount
+            if not n:
+                raise NotFound("not_assigned", f"{app!r} is not assigned to node {node_id!r}")
+            db.execute("update nodes set desired_revision = desired_revision + 1 "
+                       "where node_id = ?", [node_id])
+            rev = next(db.query("select desired_revision from nodes where node_id = ?",
+                                [node_id]))["desired_revision"]
+        logger.info("node %s: removed %s (revision %d)", node_id, app, rev)
+        return rev
+
+    # -- queries ---------------------------------------------------------------
+    def desired(self, node_id: str) -> DesiredState:
+        with self.store.read() as db:
+            return self._desired(db, node_id)
+
+    def all_desired(self) -> list[DesiredState]:
+        """The desired state of every node that ever had one (for a republish)."""
+        with self.store.read() as db:
+            ids = [r["node_id"] for r in db.query(
+                "select node_id from nodes where desired_revision > 0 order by node_id")]
+            return [self._desired(db, node_id) for node_id in ids]
+
+    @staticmethod
+    def _desired(db: Database, node_id: str) -> DesiredState:
+        rows = list(db.query(
+            "select a.app, a.version, v.sha256, v.size from assignments a "
+            "join app_versions v on v.name = a.app and v.version = a.version "
+            "where a.node_id = ? order by a.app", [node_id]))
+        node = list(db.query("select desired_revision from nodes where node_id = ?", [node_id]))
+        return DesiredState(
+            node_id=node_id, revision=node[0]["desired_revision"] if node else 0,
+            apps=[AppRef(name=r["app"], version=r["version"], sha256=r["sha256"], size=r["size"])
+                  for r in rows],
+        )
+
+    def assignments(self, node_id: str) -> list[dict[str, Any]]:
+        with self.store.read() as db:
+            return list(db.query("select app, version, assigned_at from assignments "
+                                 "where node_id = ? order by app", [node_id]))
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        with self.store.read() as db:
+            rows = list(db.query("select * from nodes order by node_id"))
+        return [self._node(r) for r in rows]
+
+    def get_node(self, node_id: str) -> dict[str, Any]:
+        check_node_id(node_id)
+        with self.store.read() as db:
+            rows = list(db.query("select * from nodes where node_id = ?", [node_id]))
+        if not rows:
+            raise NotFound("unknown_node", f"no node {node_id!r}")
+        node = self._node(rows[0])
+        node["assignments"] = self.assignments(node_id)
+        node["desired"] = self.desired(node_id).model_dump()
+        return node
+
+    @staticmethod
+    def _node(r: dict[str, Any]) -> dict[str, Any]:
+        reported = json.loads(r["reported"]) if r["reported"] else None
+        return {
+            "node_id": r["node_id"], "online": bool(r["online"]), "last_seen": r["last_seen"],
+            "first_seen": r["first_seen"], "agent_version": r["agent_version"],
+            "http_url": r["http_url"], "desired_revision": r["desired_revision"],
+            "reported_revision": reported["desired_revision"] if reported else None,
+            "reported": reported,
+        }
+
+    def counts(self) -> dict[str, int]:
+        with self.store.read() as db:
+            r = next(db.query("select count(*) as nodes, coalesce(sum(online), 0) as online "
+                              "from nodes"))
+        return {"nodes": r["nodes"], "online": r["online"]}

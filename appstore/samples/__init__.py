@@ -1,0 +1,1 @@
+"""Sample apps built from real data, for the demo and the tests."""

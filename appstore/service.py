@@ -1,0 +1,139 @@
+"""Wires one AppStore: database, key, MQTT, fleet, blob server, REST API.
+
+Nothing else lives here: components get explicit constructor arguments, start
+in order and stop in reverse. Used by ``aidc store serve``, the all-in-one demo
+and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from cloud_sync.connection import MqttConnection
+from cloud_sync.topics import Topics
+
+from .api import ApiContext, create_app
+from .blobstore import ContentStore
+from .catalog import Catalog
+from .config import AppStoreConfig
+from .db import Store
+from .feedback import FeedbackStore
+from .fleet import Fleet
+from .registry import Registry
+from .signing import SigningKey, trusted_keys
+
+logger = logging.getLogger(__name__)
+
+
+def _blob_server(conn: MqttConnection, topics: Topics, lookup: Callable[[str], Any],
+                 shared_group: str | None) -> Any:
+    """The MQTT blob server of :mod:`cloud_sync.blobs`, or None where absent."""
+    try:
+        from cloud_sync.blobs import BlobServer
+    except ImportError as err:
+        logger.warning("no MQTT blob server (%s): nodes must download packages over HTTP", err)
+        return None
+    return BlobServer(conn, topics, lookup=lookup, shared_group=shared_group)
+
+
+class AppStoreService:
+    """One AppStore instance; ``start()`` then ``stop()``."""
+
+    def __init__(self, cfg: AppStoreConfig) -> None:
+        self.cfg = cfg
+        self.topics = Topics(prefix=cfg.topic_prefix)
+        self.store: Store | None = None
+        self.key: SigningKey | None = None
+        self.conn: MqttConnection | None = None
+        self.fleet: Fleet | None = None
+        self.catalog: Catalog | None = None
+        self.registry: Registry | None = None
+        self.feedback: FeedbackStore | None = None
+        self.blob_server: Any = None
+        self.app: Any = None
+        self._http: BaseWSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def trusted_keys(self) -> dict[str, bytes]:
+        """Our key plus ``keys/trusted/*.pub``, read afresh (add a key, no restart)."""
+        return trusted_keys(self.key, self.cfg.trusted_dir)
+
+    def start(self) -> "AppStoreService":
+        """Start everything in order; on a failure, stop what was started and raise."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(cfg.db_path)
+        self.key = SigningKey.load_or_create(cfg.signing_key_path)
+        blobs = ContentStore(cfg.blobs_dir)
+        self.catalog = Catalog(self.store, blobs, self.trusted_keys, cfg.max_upload_bytes)
+        self.registry = Registry(self.store)
+        self.feedback = FeedbackStore(self.store, ContentStore(cfg.samples_dir))
+        self.conn = MqttConnection(
+            f"appstore-{secrets.token_hex(4)}", cfg.mqtt_host, cfg.mqtt_port,
+            username=cfg.mqtt_username, password=cfg.mqtt_password,
+        )
+        self.fleet = Fleet(self.conn, self.topics, self.store, self.registry, self.catalog,
+                           self.feedback, shared_group=cfg.shared_group,
+                           queue_size=cfg.ingest_queue)
+        self.fleet.start()
+        self.blob_server = _blob_server(self.conn, self.topics, self.catalog.blob_path,
+                                        cfg.shared_group)
+        if self.blob_server is not None:
+            self.blob_server.start()
+        self.conn.start()
+        self.app = create_app(ApiContext(cfg, self.catalog, self.registry, self.feedback,
+                                         self.fleet, self.trusted_keys))
+        self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True)
+        self._http_thread = threading.Thread(target=self._http.serve_forever,
+                                             name="appstore-http", daemon=True)
+        self._http_thread.start()
+        logger.info("AppStore up: %s (mqtt %s:%s, prefix %r, key %s)", self.url,
+                    cfg.mqtt_host, cfg.mqtt_port, cfg.topic_prefix, self.key.key_id)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the REST API (``http://host:port``; add ``/api/v1/...``)."""
+        if self._http is None:
+            raise RuntimeError("the AppStore is not started")
+        return f"http://{self.cfg.http_host}:{self._http.server_port}"
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        return bool(self.conn and self.conn.wait_connected(timeout))
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._http_thread is not None:
+            self._http_thread.join(5)
+        if self.conn is not None:
+            self.conn.stop()
+        if self.blob_server is not None:
+            self.blob_server.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
+        if self.store is not None:
+            self.store.close()
+        self.conn = self.blob_server = self.fleet = self.store = None
+        logger.info("AppStore stopped")
+
+    def __enter__(self) -> "AppStoreService":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
