@@ -15,7 +15,8 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="aidc", description="Edge small-AI-DC appliance")
-    ap.add_argument("--log-level", default=os.environ.get("AIDC_LOG_LEVEL", "INFO"))
+    ap.add_argument("--log-level", default=os.environ.get("AIDC_LOG_LEVEL"),
+                    help="DEBUG, INFO, WARNING (default: WARNING for demo, INFO otherwise)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     from appstore.cli import register as register_store
     from edge_node.cli import register as register_edge
@@ -30,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = (args.log_level or ("WARNING" if args.cmd == "demo" else "INFO")).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # one line per HTTP request is noise outside debugging
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 
