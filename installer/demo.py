@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -66,6 +67,29 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"broker did not start listening on port {port}")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the demo process dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PDEATHSIG
+
+
+def _kill_stale(pidfile: Path, marker: str) -> None:
+    try:
+        pid = int(pidfile.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return
+    if marker in cmdline or "embedded_broker" in cmdline:
+        logger.warning("stopping a broker left over by an earlier demo (pid %d)", pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
 def start_broker(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen, str]:
     if kind == "auto":
         kind = "mosquitto" if shutil.which("mosquitto") else "embedded"
@@ -76,7 +100,13 @@ def start_broker(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen,
         cmd = ["mosquitto", "-c", str(conf)]
     else:
         cmd = [sys.executable, "-m", "installer.embedded_broker", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    # Own session: a terminal Ctrl-C must not take the broker down before the
+    # node and the store have said goodbye; it still dies with us (PDEATHSIG).
+    # Mosquitto started as root drops to its own user, which clears PDEATHSIG:
+    # a pid file lets the next demo clean up after a demo that was SIGKILLed.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+    (workdir / "broker.pid").write_text(str(proc.pid))
     wait_port(port)
     return proc, kind
 
@@ -127,6 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.fresh and data.exists():
         shutil.rmtree(data)
     data.mkdir(parents=True, exist_ok=True)
+    _kill_stale(data / "broker.pid", str(data))
     mqtt_port = args.mqtt_port or pick_port(1883)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

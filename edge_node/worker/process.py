@@ -10,7 +10,7 @@ own thread; ONNX Runtime releases the GIL, so requests run concurrently.
 ``AIDC_WORKER_AUTHKEY`` (hex) turns on the HMAC handshake; the socket is 0600
 either way. ``AIDC_ORT_SPIN=1`` lets ONNX Runtime's threads busy-wait (off by
 default: an idle spinning pool steals cores from its neighbours).
-SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to 3 s),
+SIGTERM: stop accepting, let in-flight requests finish (up to 3 s),
 exit 0. Started by the supervisor (``AIDC_WORKER_PARENT_PID`` set), it also
 asks Linux for SIGTERM when its parent dies.
 """
@@ -43,7 +43,7 @@ PR_SET_PDEATHSIG = 1
 
 
 class _Stop(BaseException):
-    """Raised in the main thread by the SIGTERM/SIGINT handler."""
+    """Raised in the main thread by the SIGTERM handler."""
 
 
 def _on_signal(signum, frame) -> None:
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    # A terminal's Ctrl-C reaches the whole process group; the agent stops its
+    # workers itself, in order, so a worker ignores SIGINT (SIGTERM stops it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _die_with_parent()
         if args.cpus:
