@@ -286,6 +286,7 @@ class Fleet:
             states = self.registry.all_desired()
             for ds in states:
                 self._publish_desired(ds.node_id, ds)
+        self._count("republished")
         if states:
             logger.info("republished the desired state of %d nodes", len(states))
         return len(states)

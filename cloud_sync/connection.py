@@ -5,7 +5,9 @@
   lockstep;
 - subscriptions are registered once and (re)made in ``on_connect``, so every
   reconnect resubscribes;
-- ``connected`` is set only on a *successful* CONNACK, never after a refused one;
+- ``connected`` is set only on a *successful* CONNACK, never after a refused one,
+  and only once the broker has acknowledged every subscription (SUBACK), so a
+  caller that waits for it never publishes into a reply it cannot yet hear;
 - a retained "online" availability message is published on every connect and a
   retained "offline" one is left with the broker as the last will;
 - handlers run on the network thread: they must be quick (hand heavy work to a
@@ -101,6 +103,8 @@ class MqttConnection:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
+        self._pending_subacks: set[int] = set()
         self._client = c
 
     # -- public API ---------------------------------------------------------
@@ -208,14 +212,36 @@ class MqttConnection:
             return
         with self._lock:
             subs = list(self._subs.items())
-        for topic_filter, (qos, _h) in subs:
-            client.subscribe(topic_filter, qos=qos)
+            self._pending_subacks = set()
+            for topic_filter, (qos, _h) in subs:
+                rc, mid = client.subscribe(topic_filter, qos=qos)
+                if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                    self._pending_subacks.add(mid)
+            waiting = bool(self._pending_subacks)
         if self._online is not None:
             client.publish(self._online.topic, self._online.payload, qos=self._online.qos,
                            retain=self._online.retain)
         self.stats["connects"] += 1
-        self.connected.set()
         logger.info("mqtt %s: connected to %s:%s", self.client_id, self.host, self.port)
+        if not waiting:
+            self._ready()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        for rc in reason_codes or []:
+            if getattr(rc, "is_failure", False):
+                self.stats["subscribe_refused"] += 1
+                logger.warning("mqtt %s: broker refused a subscription: %s", self.client_id, rc)
+        with self._lock:
+            if mid not in self._pending_subacks:
+                return
+            self._pending_subacks.discard(mid)
+            done = not self._pending_subacks
+        if done:
+            self._ready()
+
+    def _ready(self) -> None:
+        """Connected and every subscription acknowledged: tell the callers."""
+        self.connected.set()
         for hook in list(self._on_connect_hooks):
             try:
                 hook()

@@ -206,8 +206,10 @@ def test_desired_state_survives_a_broker_restart_without_persistence(
         sha, _ = publish_digits(svc, digits_dir, tmp_path)
         svc.app.test_client().put(f"{API}/nodes/mine-3/apps/digits", json={"version": "1.0.0"})
         assert retained_desired(broker, prefix, "mine-3").revision == 1
+        republished = svc.fleet.snapshot().get("republished", 0)
         broker.restart(down_for=0.5)
-        wait_until(lambda: svc.conn.stats["connects"] >= 2, timeout=15)
+        wait_until(lambda: svc.fleet.snapshot().get("republished", 0) > republished,
+                   timeout=15)
         ds = retained_desired(broker, prefix, "mine-3")
         assert (ds.revision, ds.apps[0].sha256) == (1, sha)
     finally:
