@@ -60,7 +60,10 @@ class NodeAgent:
             keepalive=cfg.mqtt.keepalive, username=cfg.mqtt.username, password=cfg.mqtt.password,
         )
         self.conn.set_offline_payload(schemas.Availability(status="offline").to_bytes())
-        self.outbox = Outbox(d / "node.db", self.conn, self.topics.ack(cfg.node_id))
+        self.outbox = Outbox(d / "node.db", self.conn, self.topics.ack(cfg.node_id),
+                             max_in_flight=cfg.outbox.max_in_flight,
+                             min_retry=cfg.outbox.min_retry, max_retry=cfg.outbox.max_retry,
+                             max_rows=cfg.outbox.max_rows)
         self.fetcher = BlobFetcher(self.conn, self.topics, cfg.node_id, d / "blobs",
                                    chunk_size=cfg.blob.chunk_size, window=cfg.blob.window,
                                    chunk_timeout=cfg.blob.chunk_timeout)

@@ -43,6 +43,16 @@ class BlobConfig(_Strict):
     chunk_timeout: float = Field(default=5.0, gt=0)
 
 
+class OutboxConfig(_Strict):
+    """The durable uplink: resend unacked messages with jittered backoff."""
+
+    min_retry: float = Field(default=2.0, gt=0)
+    max_retry: float = Field(default=30.0, gt=0)
+    max_in_flight: int = Field(default=100, ge=1)
+    #: unsent messages kept at most; beyond it new samples stay local (counted)
+    max_rows: int = Field(default=100_000, ge=10)
+
+
 class FeedbackConfig(_Strict):
     enabled: bool = True
     #: hard examples kept per app per minute at most (excess counted, not kept)
@@ -58,6 +68,7 @@ class NodeConfig(_Strict):
     http: HttpConfig = Field(default_factory=HttpConfig)
     blob: BlobConfig = Field(default_factory=BlobConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     #: public keys (PEM or raw-32-byte files) of publishers whose apps we run;
     #: every *.pub in <data_dir>/trusted_keys is trusted as well
     trusted_keys: list[Path] = Field(default_factory=list)
