@@ -154,6 +154,16 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
             r["input_url"] = f"{PREFIX}/feedback/{r['msg_id']}/input"
         return jsonify({"feedback": rows})
 
+    @bp.get("/events")
+    def events() -> Any:
+        a = request.args
+        try:
+            limit = int(a.get("limit", "100"))
+        except ValueError as err:
+            raise BadRequest("bad_limit", "limit must be an integer") from err
+        return jsonify({"events": ctx.feedback.events(node=a.get("node"), app=a.get("app"),
+                                                       type=a.get("type"), limit=limit)})
+
     @bp.get("/feedback/<msg_id>/input")
     def feedback_input(msg_id: str) -> Any:
         path, ctype = ctx.feedback.input_file(msg_id)

@@ -105,6 +105,26 @@ class FeedbackStore:
         with self.store.read() as db:
             return [self._row(r) for r in db.query(sql, args)]
 
+    def events(self, node: str | None = None, app: str | None = None,
+               type: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Events from the fleet, newest first, filtered by node / app / type."""
+        where, args = [], []
+        for col, val in (("node_id", node), ("app", app), ("type", type)):
+            if val:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = "select * from events"
+        if where:
+            sql += " where " + " and ".join(where)
+        sql += " order by received_at desc, rowid desc limit ?"
+        args.append(max(1, min(int(limit), MAX_LIMIT)))
+        with self.store.read() as db:
+            rows = list(db.query(sql, args))
+        for r in rows:
+            r.pop("id", None)
+            r["data"] = json.loads(r["data"]) if r.get("data") else {}
+        return rows
+
     def get(self, msg_id: str) -> dict[str, Any]:
         with self.store.read() as db:
             rows = list(db.query("select * from feedback where msg_id = ?", [msg_id]))

@@ -27,6 +27,7 @@ from werkzeug.serving import make_server
 from cloud_sync import schemas
 from cloud_sync.blobs import BlobFetcher
 from cloud_sync.connection import MqttConnection, Will
+from cloud_sync.errors import CloudSyncError
 from cloud_sync.outbox import Outbox
 from cloud_sync.topics import Topics
 
@@ -80,6 +81,7 @@ class NodeAgent:
             supervisor=self.supervisor, registry=self.registry,
             trusted_keys=lambda: trusted_keys(cfg.trusted_keys, d / "trusted_keys"),
             blobs_dir=d / "blobs", apps_dir=d / "apps", on_change=self.reporter.changed,
+            on_event=self.emit_event,
             worker_threads=cfg.worker_threads,
         )
         self.flask = Flask("edge_node")
@@ -98,6 +100,17 @@ class NodeAgent:
         he = app.manifest.learning.hard_examples
         threshold = he.threshold if he.policy == "confidence" else None
         self.capture.on_result(app.name, app.version, threshold, result, tensor, image, source)
+
+    def emit_event(self, type: str, severity: str = "info", app: str | None = None,
+                   data: dict | None = None) -> None:
+        """A durable event: into the outbox (SQLite) first, then to the cloud."""
+        msg = schemas.EventMessage(msg_id=schemas.new_msg_id(), type=type, severity=severity,
+                                   app=app, data=data or {})
+        try:
+            self.outbox.put(self.topics.events(self.cfg.node_id), msg.to_bytes(), msg.msg_id,
+                            kind="event")
+        except CloudSyncError as err:
+            logger.warning("event %s not queued: %s", type, err)
 
     def reported_state(self) -> schemas.ReportedState:
         desired = self.reconciler.desired

@@ -17,8 +17,10 @@ without waiting for the cloud.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections import Counter
@@ -28,6 +30,7 @@ from typing import Any
 
 from cloud_sync import schemas
 from cloud_sync.errors import BlobError, CloudSyncError, MessageRejected, PackageError
+from cloud_sync.manifest import load_manifest
 from cloud_sync.package import read_package
 
 from .errors import InstallError
@@ -52,6 +55,7 @@ class Reconciler:
         blobs_dir: Path,
         apps_dir: Path,
         on_change: Callable[[], None],
+        on_event: Callable[..., None] | None = None,
         worker_threads: int = 1,
         retry_max: float = 60.0,
     ) -> None:
@@ -64,6 +68,7 @@ class Reconciler:
         self.blobs_dir = blobs_dir
         self.apps_dir = apps_dir
         self.on_change = on_change
+        self.on_event = on_event or (lambda *a, **k: None)
         self.worker_threads = worker_threads
         self.retry_max = retry_max
         self.rejected: Counter[str] = Counter()
@@ -176,6 +181,9 @@ class Reconciler:
                 else:
                     self._permanent[ref.sha256] = err.reason
                     self.count_rejected(err.reason, f"{ref.name} {ref.version}: {err.detail}")
+                    self.on_event("app_failed", "error", ref.name,
+                                  {"version": ref.version, "reason": err.reason,
+                                   "detail": err.detail[:500]})
         for name in list(self._running):
             if name not in wanted:
                 self._remove(name)
@@ -225,6 +233,7 @@ class Reconciler:
         self._set(ref, "loading")
         self._load(ref, app_dir)
         self._set(ref, "ready")
+        self.on_event("app_ready", "info", ref.name, {"version": ref.version, "sha256": ref.sha256})
 
     def _verify_and_unpack(self, ref: schemas.AppRef, path: Path) -> Path:
         try:
@@ -245,17 +254,12 @@ class Reconciler:
                 (tmp / name).write_bytes(data)
             (tmp / ".complete").write_text(ref.sha256)
             if app_dir.exists():
-                import shutil
                 shutil.rmtree(app_dir)
             tmp.rename(app_dir)
         self.store.record_installed(ref.name, ref.version, ref.sha256, app_dir)
         return app_dir
 
     def _load(self, ref: schemas.AppRef, app_dir: Path) -> None:
-        from cloud_sync.package import PackageContents  # noqa: F401 - typing aid only
-        from cloud_sync.manifest import load_manifest
-        import json
-
         key = f"{ref.name}@{ref.sha256[:12]}"
         manifest = load_manifest(json.loads((app_dir / "manifest.json").read_text()))
         try:
@@ -280,3 +284,4 @@ class Reconciler:
         self.registry.remove(name)
         self.supervisor.stop(key)
         logger.info("app %s removed (was %s)", name, sha[:12])
+        self.on_event("app_removed", "info", name, {"sha256": sha})
