@@ -149,3 +149,45 @@ def test_every_topic_and_message_is_documented():
     documented = {k for h in headings for k in (s.strip() for s in h.split(" and "))}
     missing = [k for k in NODE_KINDS if k not in documented]
     assert not missing, f"undocumented topics: {missing}"
+
+
+def _leaf_keys(model, prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if hasattr(ann, "model_fields"):
+            out += _leaf_keys(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def test_every_config_key_is_documented():
+    """docs/config.md lists every key of both configs, so operators can find them."""
+    from appstore.config import AppStoreConfig
+    from edge_node.config import NodeConfig
+
+    doc = (ROOT / "docs" / "config.md").read_text()
+    missing = [k for k in _leaf_keys(NodeConfig) + _leaf_keys(AppStoreConfig)
+               if f"`{k}`" not in doc]
+    assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_every_cli_command_is_documented():
+    """docs/cli.md shows every `aidc` subcommand."""
+    import argparse
+
+    from installer.cli import build_parser
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+
+    def commands(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, path + [name])
+                return
+        yield " ".join(path)
+
+    missing = [c for c in commands(build_parser(), ["aidc"]) if f"`{c}" not in doc]
+    assert not missing, f"undocumented commands: {missing}"
