@@ -13,7 +13,16 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access-log line per request (counters live in /stats); Nagle off."""
+
+    disable_nagle_algorithm = True
+
+    def log_request(self, code="-", size="-") -> None:  # noqa: D102
+        pass
 
 from cloud_sync.connection import MqttConnection
 from cloud_sync.topics import Topics
@@ -97,7 +106,8 @@ class AppStoreService:
         self.conn.start()
         self.app = create_app(ApiContext(cfg, self.catalog, self.registry, self.feedback,
                                          self.fleet, self.trusted_keys))
-        self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True)
+        self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True,
+                                 request_handler=_QuietHandler)
         self._http_thread = threading.Thread(target=self._http.serve_forever,
                                              name="appstore-http", daemon=True)
         self._http_thread.start()

@@ -22,7 +22,6 @@ import threading
 from pathlib import Path
 
 from flask import Flask
-from werkzeug.serving import make_server
 
 from cloud_sync import schemas
 from cloud_sync.blobs import BlobFetcher
@@ -35,6 +34,7 @@ from . import __version__
 from .api import make_local_blueprint
 from .capture import Capture
 from .config import NodeConfig
+from .httpd import serve
 from .keys import trusted_keys
 from .reconciler import Reconciler
 from .reporter import Reporter
@@ -141,11 +141,7 @@ class NodeAgent:
         self.outbox.start()
         self.fetcher.start()
         self.capture.start()
-        self._http = make_server(self.cfg.http.host, self.cfg.http.port, self.flask,
-                                 threaded=True)
-        self._http_thread = threading.Thread(target=self._http.serve_forever, name="http",
-                                             daemon=True)
-        self._http_thread.start()
+        self._http, self._http_thread = serve(self.flask, self.cfg.http.host, self.cfg.http.port)
         self.reconciler.start()
         self.conn.subscribe(self.topics.desired(self.cfg.node_id),
                             self.reconciler.on_desired_message)
