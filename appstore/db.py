@@ -77,6 +77,16 @@ def m001_initial(db: Database) -> None:
     )
 
 
+@migrations()
+def m002_epoch(db: Database) -> None:
+    """A random id of this database. Desired states carry it, so a node accepts
+    a lower revision from a rebuilt or restored store instead of ignoring it."""
+    import uuid
+
+    db["store_meta"].create({"key": str, "value": str}, pk="key")
+    db["store_meta"].insert({"key": "epoch", "value": uuid.uuid4().hex})
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

@@ -126,8 +126,9 @@ class Registry:
             "join app_versions v on v.name = a.app and v.version = a.version "
             "where a.node_id = ? order by a.app", [node_id]))
         node = list(db.query("select desired_revision from nodes where node_id = ?", [node_id]))
+        epoch = next(db.query("select value from store_meta where key = 'epoch'"))["value"]
         return DesiredState(
-            node_id=node_id, revision=node[0]["desired_revision"] if node else 0,
+            node_id=node_id, revision=node[0]["desired_revision"] if node else 0, epoch=epoch,
             apps=[AppRef(name=r["app"], version=r["version"], sha256=r["sha256"], size=r["size"])
                   for r in rows],
         )

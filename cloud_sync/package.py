@@ -122,6 +122,19 @@ class PackageContents:
         return [ln.strip() for ln in self.members[name].decode().splitlines() if ln.strip()]
 
 
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """One member, refusing more bytes than the zip directory declares."""
+    try:
+        with zf.open(info) as f:
+            data = f.read(info.file_size + 1)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError,
+            NotImplementedError, zipfile.LargeZipFile) as err:
+        raise PackageError("corrupt", f"unreadable member {info.filename!r}: {err}") from err
+    if len(data) != info.file_size:
+        raise PackageError("corrupt", f"member {info.filename!r} is not the declared size")
+    return data
+
+
 def read_package(
     path: str | Path,
     trusted_keys: Mapping[str, bytes],
@@ -148,25 +161,28 @@ def read_package(
         raise PackageError("too_large", f"{len(infos)} members > {MAX_MEMBERS}")
     if sum(i.file_size for i in infos) > MAX_UNPACKED_BYTES:
         raise PackageError("too_large", "unpacked size over the limit")
-    members: dict[str, bytes] = {}
-    try:
-        for info in infos:
-            if info.is_dir():
-                continue
-            if "/" in info.filename or "\\" in info.filename or info.filename.startswith("."):
-                raise PackageError("corrupt", f"member name not allowed: {info.filename!r}")
-            members[info.filename] = zf.read(info)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise PackageError("corrupt", f"unreadable member: {err}") from err
-    if SIGNATURE_FILE not in members:
+    names = [i.filename for i in infos if not i.is_dir()]
+    for name in names:
+        if "/" in name or "\\" in name or name.startswith(".") or not name:
+            raise PackageError("corrupt", f"member name not allowed: {name!r}")
+    if len(set(names)) != len(names):
+        raise PackageError("corrupt", "duplicate member names")
+    if SIGNATURE_FILE not in names:
         raise PackageError("unsigned", f"no {SIGNATURE_FILE}")
+    # The signature first: nothing else is decompressed before it verifies.
+    sig_info = zf.getinfo(SIGNATURE_FILE)
+    if sig_info.file_size > 1 << 20:
+        raise PackageError("bad_signature", f"{SIGNATURE_FILE} is too large")
     try:
-        sig = json.loads(members.pop(SIGNATURE_FILE))
-        files: dict[str, str] = sig["files"]
-        kid: str = sig["key_id"]
-        signature = base64.b64decode(sig["signature"], validate=True)
+        sig = json.loads(_read_member(zf, sig_info))
+        files = sig["files"]
+        kid = sig["key_id"]
+        if not isinstance(kid, str) or not isinstance(files, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise PackageError("bad_signature", f"malformed {SIGNATURE_FILE}")
         if sig.get("alg") != "ed25519":
             raise PackageError("bad_signature", f"unsupported alg {sig.get('alg')!r}")
+        signature = base64.b64decode(sig["signature"], validate=True)
     except PackageError:
         raise
     except (ValueError, KeyError, TypeError) as err:
@@ -179,12 +195,18 @@ def read_package(
         )
     except (InvalidSignature, ValueError) as err:
         raise PackageError("bad_signature", "signature does not verify") from err
-    if set(files) != set(members):
-        extra = sorted(set(members) ^ set(files))
+    others = set(names) - {SIGNATURE_FILE}
+    if set(files) != others:
+        extra = sorted(set(files) ^ others)
         raise PackageError("corrupt", f"members differ from the signed list: {extra}")
-    for name, data in members.items():
-        if sha256_bytes(data) != files[name]:
-            raise PackageError("bad_signature", f"{name} changed after signing")
+    members: dict[str, bytes] = {}
+    for info in infos:
+        if info.filename == SIGNATURE_FILE or info.is_dir():
+            continue
+        data = _read_member(zf, info)
+        if sha256_bytes(data) != files[info.filename]:
+            raise PackageError("bad_signature", f"{info.filename} changed after signing")
+        members[info.filename] = data
     try:
         manifest_raw = json.loads(members[MANIFEST_FILE])
     except (KeyError, ValueError) as err:

@@ -71,6 +71,8 @@ class DesiredState(Message):
 
     node_id: str
     revision: int = Field(ge=0, description="monotonic; the node ignores older ones")
+    #: id of the store's database: a new epoch (a rebuilt store) resets the order
+    epoch: str = Field(default="", max_length=64)
     ts: float = Field(default_factory=now)
     apps: list[AppRef] = Field(default_factory=list)
 

@@ -86,7 +86,9 @@ class NodeAgent:
         )
         self.flask = Flask("edge_node")
         self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
-        self.flask.register_blueprint(make_v2_blueprint(self.registry))
+        self.flask.register_blueprint(make_v2_blueprint(
+            self.registry, max_body_bytes=cfg.http.max_body_mb << 20,
+            server_version=__version__))
         self.flask.register_blueprint(make_local_blueprint(self))
         self._http = None
         self._http_thread: threading.Thread | None = None
@@ -117,7 +119,7 @@ class NodeAgent:
         return schemas.ReportedState(
             node_id=self.cfg.node_id, agent_version=__version__,
             desired_revision=desired.revision if desired else -1,
-            apps=self.reconciler.reports(), rejected=dict(self.reconciler.rejected),
+            apps=self.reconciler.reports(), rejected=_copy(self.reconciler.rejected),
             http_url=self.http_url, outbox_pending=self.outbox.pending(),
         )
 
@@ -130,9 +132,9 @@ class NodeAgent:
             "state": self.reported_state().model_dump(),
             "workers": self.supervisor.status(),
             "outbox": self.outbox.stats(),
-            "capture": dict(self.capture.stats),
-            "mqtt": dict(self.conn.stats),
-            "fetcher": dict(self.fetcher.stats),
+            "capture": _copy(self.capture.stats),
+            "mqtt": _copy(self.conn.stats),
+            "fetcher": _copy(self.fetcher.stats),
         }
 
     def start(self) -> None:
@@ -163,3 +165,14 @@ class NodeAgent:
         self.store.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
         logger.info("edge node %s stopped", self.cfg.node_id)
+
+
+def _copy(counter) -> dict:
+    """A snapshot of a Counter other threads add keys to (a plain dict() of it
+    can fail with 'dictionary changed size during iteration')."""
+    for _ in range(5):
+        try:
+            return dict(counter)
+        except RuntimeError:
+            continue
+    return {}

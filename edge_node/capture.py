@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: the largest encoded input we upload inside one feedback message
 MAX_UPLOAD_INPUT = 700 * 1024
+#: more scores than this and only the top ones travel (a 21k-class model)
+MAX_UPLOAD_SCORES = 1000
 
 
 @dataclass
@@ -62,7 +64,7 @@ class RateLimit:
 
     def __init__(self, per_minute: int) -> None:
         self.rate = per_minute / 60.0
-        self.capacity = max(1.0, float(per_minute))
+        self.capacity = float(per_minute)
         self.tokens = self.capacity
         self.last = time.monotonic()
 
@@ -105,6 +107,12 @@ class Capture:
     # -- called on the request path: never blocks -----------------------
     def on_result(self, app: str, version: str, threshold: float | None, result: dict,
                   tensor: np.ndarray | None, image: bytes | None, source: str = "api") -> None:
+        if self.cfg.threshold is not None:
+            threshold = self.cfg.threshold
+        if (not self.cfg.enabled or threshold is None
+                or float(result.get("score", 1.0)) >= threshold):
+            tensor = image = None  # not a candidate: keep only the result, not its input
+            threshold = None
         try:
             self._q.put_nowait(Observation(app, version, threshold, result, tensor, image,
                                            source, time.time()))
@@ -150,11 +158,8 @@ class Capture:
         ])
         self.stats["results"] += len(obs)
         for o in obs:
-            threshold = self.cfg.threshold if self.cfg.threshold is not None else o.threshold
-            if not self.cfg.enabled or threshold is None:
-                continue
-            score = float(o.result.get("score", 1.0))
-            if score >= threshold:
+            threshold = o.threshold  # None: not a hard example (decided in on_result)
+            if threshold is None or (o.tensor is None and o.image is None):
                 continue
             limit = self._limits.setdefault(o.app, RateLimit(self.cfg.max_per_minute))
             if not limit.allow():
@@ -179,35 +184,61 @@ class Capture:
         self.stats["samples_kept"] += 1
         self._enqueue(row, data)
 
-    def _enqueue(self, row: dict, data: bytes) -> None:
-        if len(data) > MAX_UPLOAD_INPUT:
-            self.stats["samples_too_large_to_upload"] += 1
-            logger.warning("sample %s: input of %d bytes kept locally, too large to upload",
-                           row["sample_id"], len(data))
-            return
+    def _message(self, row: dict, data: bytes) -> bytes:
+        scores = json.loads(row["scores"])
+        if len(scores) > MAX_UPLOAD_SCORES:  # only the top ones travel
+            keep = set(np.argsort(scores)[-MAX_UPLOAD_SCORES:].tolist())
+            scores = [s if i in keep else 0.0 for i, s in enumerate(scores)][:10000]
         sample = schemas.FeedbackSample(
             sample_id=row["sample_id"], app=row["app"], version=row["version"],
             created_at=row["created_at"], reason=row["reason"], input_type=row["input_type"],
             input_b64=base64.b64encode(data).decode(),
             prediction=schemas.Prediction(**json.loads(row["prediction"])),
-            scores=json.loads(row["scores"]), label=row["label"], source=row["source"],
+            scores=scores, label=row["label"], source=row["source"],
         )
-        msg = schemas.FeedbackMessage(msg_id=row["msg_id"], sample=sample)
+        payload = schemas.FeedbackMessage(msg_id=row["msg_id"], sample=sample).to_bytes()
+        if len(payload) > schemas.MAX_MESSAGE_BYTES:
+            raise ValueError(f"message of {len(payload)} bytes")
+        return payload
+
+    def _enqueue(self, row: dict, data: bytes) -> None:
+        """Put one stored sample into the outbox; a sample that cannot travel
+        stays local, marked and counted, so it is never retried at every boot."""
+        sid = row["sample_id"]
+        if len(data) > MAX_UPLOAD_INPUT:
+            self.stats["samples_too_large_to_upload"] += 1
+            logger.warning("sample %s: input of %d bytes kept locally, too large to upload",
+                           sid, len(data))
+            self.store.mark_queued(sid)
+            return
         try:
-            if self.outbox.put(self.topic, msg.to_bytes(), msg.msg_id, kind="feedback"):
+            payload = self._message(row, data)
+        except ValueError as err:  # pydantic ValidationError is a ValueError
+            self.stats["samples_unuploadable"] += 1
+            logger.warning("sample %s kept locally, cannot be uploaded: %s", sid, err)
+            self.store.mark_queued(sid)
+            return
+        try:
+            if self.outbox.put(self.topic, payload, row["msg_id"], kind="feedback"):
                 self.stats["samples_queued"] += 1
+            self.store.mark_queued(sid)
         except CloudSyncError as err:  # outbox full: kept locally, counted, retried on start
             self.stats["samples_outbox_full"] += 1
-            logger.warning("sample %s kept locally, not queued: %s", row["sample_id"], err)
+            logger.warning("sample %s kept locally, not queued: %s", sid, err)
 
     def _requeue_unsent(self) -> None:
-        """Samples written but never queued (crash in between): queue them now."""
-        for row in self.store.samples(limit=100000):
-            if self.outbox.status(row["msg_id"]) is None:
-                try:
-                    data = Path(row["input_path"]).read_bytes()
-                except OSError:
-                    self.stats["samples_input_missing"] += 1
-                    continue
+        """Samples written but never queued (a crash in between, a full outbox):
+        queue them now. Each one is tried on its own; one bad row stops nothing."""
+        for row in self.store.unqueued_samples():
+            try:
+                data = Path(row["input_path"]).read_bytes()
+            except OSError:
+                self.stats["samples_input_missing"] += 1
+                self.store.mark_queued(row["sample_id"])
+                continue
+            try:
                 self._enqueue(row, data)
                 self.stats["samples_requeued"] += 1
+            except Exception:  # noqa: BLE001 - never let one sample stop the node starting
+                self.stats["capture_errors"] += 1
+                logger.exception("could not requeue sample %s", row["sample_id"])

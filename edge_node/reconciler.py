@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -58,6 +59,8 @@ class Reconciler:
         on_event: Callable[..., None] | None = None,
         worker_threads: int = 1,
         retry_max: float = 60.0,
+        check_interval: float = 10.0,
+        keep_versions: int = 2,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -71,6 +74,9 @@ class Reconciler:
         self.on_event = on_event or (lambda *a, **k: None)
         self.worker_threads = worker_threads
         self.retry_max = retry_max
+        self.check_interval = check_interval
+        self.keep_versions = keep_versions
+        self._mismatches: Counter[str] = Counter()  # sha256 -> hash mismatches seen
         self.rejected: Counter[str] = Counter()
         self.desired: schemas.DesiredState | None = None
         self._reports: dict[str, schemas.AppReport] = {}
@@ -94,7 +100,8 @@ class Reconciler:
             self.count_rejected("desired_wrong_node", desired.node_id)
             return
         with self._lock:
-            if self.desired is not None and desired.revision < self.desired.revision:
+            same_epoch = self.desired is not None and desired.epoch == self.desired.epoch
+            if same_epoch and desired.revision < self.desired.revision:
                 logger.info("ignoring stale desired revision %d < %d",
                             desired.revision, self.desired.revision)
                 return
@@ -142,7 +149,7 @@ class Reconciler:
         attempt = 0
         while not self._stop.is_set():
             try:
-                self._wake.get(timeout=retry_in)
+                self._wake.get(timeout=retry_in or self.check_interval)
             except queue.Empty:
                 pass
             if self._stop.is_set():
@@ -162,6 +169,7 @@ class Reconciler:
                 attempt, retry_in = 0, None
 
     def _reconcile_once(self) -> bool:
+        """One pass towards the desired state; True when something must be retried."""
         with self._lock:
             desired = self.desired
         if desired is None:
@@ -179,20 +187,25 @@ class Reconciler:
                 if err.transient:
                     transient = True
                 else:
-                    self._permanent[ref.sha256] = err.reason
+                    self._permanent[ref.sha256] = str(err)
                     self.count_rejected(err.reason, f"{ref.name} {ref.version}: {err.detail}")
                     self.on_event("app_failed", "error", ref.name,
                                   {"version": ref.version, "reason": err.reason,
                                    "detail": err.detail[:500]})
+            except Exception as err:  # noqa: BLE001 - one app must not stall the others
+                logger.exception("installing %s %s failed", ref.name, ref.version)
+                self._set(ref, "failed", error=f"internal: {err}"[:500])
+                transient = True
         for name in list(self._running):
             if name not in wanted:
                 self._remove(name)
         with self._lock:
-            for name in list(self._reports):
-                if name not in wanted:
-                    del self._reports[name]
+            gone = [n for n in self._reports if n not in wanted]
+            for name in gone:
+                del self._reports[name]
+        if gone:
+            self.on_change()
         self.registry.loaded = True
-        self.on_change()
         return transient
 
     def _set(self, ref: schemas.AppRef, status: str, error: str | None = None,
@@ -206,34 +219,49 @@ class Reconciler:
     def _ensure(self, ref: schemas.AppRef) -> None:
         running = self._running.get(ref.name)
         if running and running[0] == ref.sha256:
-            return
+            if self.supervisor.client(running[1]) is not None:
+                return  # serving (or being restarted by the supervisor)
+            app = self.registry.get(ref.name)
+            if app is not None:
+                app.ready = False  # /v2 answers 503, not a hang, until it is back
+            last = self.supervisor.status().get(running[1], {}).get("last_error")
+            logger.error("worker of %s gave up (%s); starting it afresh", ref.name, last)
+            self.on_event("worker_failed", "error", ref.name, {"error": str(last)[:500]})
         if ref.sha256 in self._permanent:
-            raise InstallError(self._permanent[ref.sha256], "not retried until desired changes")
+            self._set(ref, "failed", error=self._permanent[ref.sha256])
+            return  # counted and reported once; retried when the desired state changes
         path = self.blobs_dir / ref.sha256
         if not path.exists():
-            self._set(ref, "fetching", progress=0.0)
-            last = [0.0]
-
-            def progress(done: int, total: int) -> None:
-                if time.monotonic() - last[0] > 0.5:
-                    last[0] = time.monotonic()
-                    self._set(ref, "fetching", progress=min(1.0, done / max(total, 1)))
-
-            try:
-                self.fetcher.fetch(ref.sha256, ref.size, progress=progress, timeout=300,
-                                   cancel=self._cancel)
-            except BlobError as err:
-                transient = err.reason not in ("unknown_blob", "hash_mismatch", "size_mismatch")
-                raise InstallError(f"fetch_{err.reason}".replace(" ", "_")[:40], str(err),
-                                   transient=transient) from err
-            except CloudSyncError as err:
-                raise InstallError("fetch_failed", str(err), transient=True) from err
+            self._fetch(ref)
         self._set(ref, "verifying")
         app_dir = self._verify_and_unpack(ref, path)
         self._set(ref, "loading")
         self._load(ref, app_dir)
         self._set(ref, "ready")
+        self._gc(ref.name)
         self.on_event("app_ready", "info", ref.name, {"version": ref.version, "sha256": ref.sha256})
+
+    def _fetch(self, ref: schemas.AppRef) -> None:
+        self._set(ref, "fetching", progress=0.0)
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if time.monotonic() - last[0] > 0.5:
+                last[0] = time.monotonic()
+                self._set(ref, "fetching", progress=min(1.0, done / max(total, 1)))
+
+        try:
+            self.fetcher.fetch(ref.sha256, ref.size, progress=progress, timeout=300,
+                               cancel=self._cancel)
+        except BlobError as err:
+            if err.reason == "hash_mismatch":  # a damaged transfer: fetch again, a few times
+                self._mismatches[ref.sha256] += 1
+                transient = self._mismatches[ref.sha256] < 3
+            else:
+                transient = err.reason not in ("unknown_blob", "size_mismatch")
+            raise InstallError(f"fetch_{err.reason}", str(err), transient=transient) from err
+        except CloudSyncError as err:
+            raise InstallError("fetch_failed", str(err), transient=True) from err
 
     def _verify_and_unpack(self, ref: schemas.AppRef, path: Path) -> Path:
         try:
@@ -249,23 +277,27 @@ class Reconciler:
         app_dir = self.apps_dir / ref.name / ref.sha256[:16]
         if not (app_dir / ".complete").exists():
             tmp = app_dir.with_suffix(".tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
             for name, data in pkg.members.items():
-                (tmp / name).write_bytes(data)
-            (tmp / ".complete").write_text(ref.sha256)
-            if app_dir.exists():
-                shutil.rmtree(app_dir)
+                _write_synced(tmp / name, data)
+            _write_synced(tmp / ".complete", ref.sha256.encode())
+            _fsync_dir(tmp)
+            shutil.rmtree(app_dir, ignore_errors=True)
             tmp.rename(app_dir)
+            _fsync_dir(app_dir.parent)
         self.store.record_installed(ref.name, ref.version, ref.sha256, app_dir)
         return app_dir
 
     def _load(self, ref: schemas.AppRef, app_dir: Path) -> None:
         key = f"{ref.name}@{ref.sha256[:12]}"
-        manifest = load_manifest(json.loads((app_dir / "manifest.json").read_text()))
         try:
+            manifest = load_manifest(json.loads((app_dir / "manifest.json").read_text()))
             client = self.supervisor.start(key, app_dir, threads=self.worker_threads)
-        except Exception as err:  # WorkerStartError and friends
-            raise InstallError("worker_start_failed", str(err)[-500:], transient=False) from err
+        except Exception as err:  # a damaged unpack, WorkerStartError, a busy box
+            # unpack again from the verified package next time
+            shutil.rmtree(app_dir, ignore_errors=True)
+            raise InstallError("worker_start_failed", str(err)[-500:], transient=True) from err
         labels = None
         pp = manifest.postprocess
         if pp and pp.labels_file and (app_dir / pp.labels_file).exists():
@@ -279,9 +311,41 @@ class Reconciler:
             self.supervisor.stop(old[1])
         logger.info("app %s %s ready (worker %s)", ref.name, ref.version, key)
 
+    def _gc(self, name: str) -> None:
+        """Keep the running version and the one before it (for a rollback) of
+        ``name``; delete older packages and unpacked dirs, so disk stays bounded."""
+        running = self._running.get(name, ("", ""))[0]
+        rows = sorted((r for r in self.store.all_installed() if r["name"] == name),
+                      key=lambda r: r["installed_at"], reverse=True)
+        others = [r["sha256"] for r in rows if r["sha256"] != running]
+        keep = {running, *others[:max(0, self.keep_versions - 1)]}
+        for r in rows:
+            if r["sha256"] in keep:
+                continue
+            (self.blobs_dir / r["sha256"]).unlink(missing_ok=True)
+            shutil.rmtree(r["app_dir"], ignore_errors=True)
+            self.store.forget_installed(r["sha256"])
+            logger.info("removed old version %s of %s (%s)", r["version"], name, r["sha256"][:12])
+
     def _remove(self, name: str) -> None:
         sha, key = self._running.pop(name)
         self.registry.remove(name)
         self.supervisor.stop(key)
         logger.info("app %s removed (was %s)", name, sha[:12])
         self.on_event("app_removed", "info", name, {"sha256": sha})
+        self._gc(name)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

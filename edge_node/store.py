@@ -42,10 +42,18 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["samples"].create_index(["app", "created_at"])
 
 
+@migrations()
+def m002_samples_queued(db: sqlite_utils.Database) -> None:
+    """When the sample entered the outbox (or was marked local-only): NULL means
+    it still has to be queued, so a restart requeues only what never was."""
+    db["samples"].add_column("queued", float)
+    db.execute("UPDATE samples SET queued = created_at")
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a sample must survive a power cut
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
 
@@ -119,6 +127,16 @@ class NodeStore:
                 row,
             )
             return cur.rowcount == 1
+
+    def mark_queued(self, sample_id: str) -> None:
+        with self._lock, self._db.conn:
+            self._db.execute("UPDATE samples SET queued = ? WHERE sample_id = ?",
+                             [time.time(), sample_id])
+
+    def unqueued_samples(self, limit: int = 10000) -> list[dict]:
+        with self._lock:
+            return list(self._db["samples"].rows_where(
+                "queued IS NULL", order_by="created_at", limit=limit))
 
     def samples(self, app: str | None = None, limit: int = 100) -> list[dict]:
         where, args = ("app = ?", [app]) if app else (None, [])
