@@ -1,0 +1,128 @@
+"""The edge agent as an operator meets it: upgrades, removals, restarts, offline."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cloud_sync import schemas
+from edge_node.reconciler import Reconciler
+from edge_node.serving.registry import AppRegistry
+from edge_node.store import NodeStore
+from tests.appstore_support import digits_dir, wait_until  # noqa: F401
+from tests.test_e2e import API, assign, http, jget, loop, node_app, publish, v2_infer  # noqa: F401
+
+
+def _publish_version(store, digits_dir: Path, tmp_path: Path, version: str) -> str:  # noqa: F811
+    manifest = json.loads((digits_dir / "manifest.json").read_text())
+    manifest["version"] = version
+    sha, _ = publish(store, digits_dir / "model.onnx", manifest, digits_dir / "labels.txt",
+                     tmp_path / f"d-{version}.aidc")
+    return sha
+
+
+def _ready(store, version: str) -> bool:
+    app = node_app(store) or {}
+    return app.get("status") == "ready" and app.get("version") == version
+
+
+def test_upgrade_without_failed_requests_then_old_versions_are_cleaned(loop, digits_dir, tmp_path):  # noqa: F811
+    """Switching versions under load fails no request; the node keeps the running
+    version and the one before it (for a rollback) and deletes older ones."""
+    store, node = loop
+    agent = node()
+    shas = {v: _publish_version(store, digits_dir, tmp_path, v) for v in ("1.0.0", "1.1.0", "1.2.0")}
+    assign(store, "1.0.0")
+    wait_until(lambda: _ready(store, "1.0.0"), timeout=60)
+    x = np.load(digits_dir / "heldout.npz")["X_test"][:1]
+    failures, versions, stop = [], set(), threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            status, out = v2_infer(agent.http_url, x)
+            if status != 200:
+                failures.append((status, out))
+            else:
+                versions.add(out["model_version"])
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        time.sleep(0.3)
+        assign(store, "1.1.0")
+        wait_until(lambda: _ready(store, "1.1.0"), timeout=60)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join()
+    assert not failures, failures[:3]
+    assert versions == {"1.0.0", "1.1.0"}
+    assign(store, "1.2.0")
+    wait_until(lambda: _ready(store, "1.2.0"), timeout=60)
+    blobs = {p.name for p in (agent.cfg.data_dir / "blobs").iterdir()}
+    assert shas["1.2.0"] in blobs and shas["1.1.0"] in blobs and shas["1.0.0"] not in blobs
+    assert len(list((agent.cfg.data_dir / "apps" / "digits").iterdir())) == 2
+
+
+def test_unassign_stops_the_app_and_its_worker(loop, digits_dir, tmp_path):  # noqa: F811
+    """Removing an app from a node stops serving it and ends its worker process."""
+    store, node = loop
+    agent = node()
+    _publish_version(store, digits_dir, tmp_path, "1.0.0")
+    assign(store, "1.0.0")
+    wait_until(lambda: _ready(store, "1.0.0"), timeout=60)
+    pid = next(iter(agent.supervisor.status().values()))["pid"]
+    status, _ = http("DELETE", f"{store.url}{API}/nodes/site-1/apps/digits")
+    assert status == 200
+    wait_until(lambda: http("GET", f"{agent.http_url}/v2/models/digits")[0] == 404, timeout=30)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+    events = jget(f"{store.url}{API}/events?node=site-1&type=app_removed")["events"]
+    assert events
+
+
+def test_node_restarts_offline_and_serves_from_local_state(loop, digits_dir, tmp_path, broker):  # noqa: F811
+    """Power comes back while the uplink is down: the node serves what it ran
+    before from its own disk, and hard examples it keeps are not re-sent twice."""
+    store, node = loop
+    agent = node(feedback={"threshold": 1.0})
+    _publish_version(store, digits_dir, tmp_path, "1.0.0")
+    assign(store, "1.0.0")
+    wait_until(lambda: _ready(store, "1.0.0"), timeout=60)
+    X = np.load(digits_dir / "heldout.npz")["X_test"]
+    assert v2_infer(agent.http_url, X[:3])[0] == 200
+    wait_until(lambda: agent.capture.stats.get("samples_kept", 0) >= 2, timeout=10)
+    wait_until(lambda: agent.outbox.pending() == 0, timeout=20)
+    agent.stop()
+    broker.stop()
+    agent2 = node(feedback={"threshold": 1.0})
+    wait_until(lambda: http("GET", f"{agent2.http_url}/v2/health/ready")[0] == 200, timeout=60)
+    status, out = v2_infer(agent2.http_url, X[:5])
+    assert status == 200 and out["model_version"] == "1.0.0"
+    assert agent2.capture.stats.get("samples_requeued", 0) == 0
+    assert not agent2.conn.connected.is_set()
+    broker.start()
+
+
+def test_a_rebuilt_store_is_obeyed_despite_lower_revisions(tmp_path):
+    """A store restored from an old backup counts revisions from scratch under a
+    new epoch: the node must follow it, not ignore it as stale."""
+    store = NodeStore(tmp_path / "node.db")
+    registry = AppRegistry()
+    rec = Reconciler(node_id="n1", store=store, fetcher=None, supervisor=None, registry=registry,
+                     trusted_keys=dict, blobs_dir=tmp_path, apps_dir=tmp_path,
+                     on_change=lambda: None)
+
+    def send(revision: int, epoch: str) -> None:
+        rec.on_desired_message("t", schemas.DesiredState(node_id="n1", revision=revision,
+                                                         epoch=epoch).to_bytes(), True)
+
+    send(7, "a")
+    send(3, "a")
+    assert (rec.desired.revision, rec.desired.epoch) == (7, "a")  # stale: ignored
+    send(1, "b")
+    assert (rec.desired.revision, rec.desired.epoch) == (1, "b")  # new store: followed
+    assert store.get_json("desired_state")["epoch"] == "b"
