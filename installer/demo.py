@@ -122,18 +122,6 @@ def http_json(method: str, url: str, body: bytes | None = None,
         return err.code, json.loads(err.read() or b"{}")
 
 
-def digit_png(x8x8) -> bytes:
-    """An 8x8 digits-set image (0..16) as a 32x32 gray PNG, dark background."""
-    import cv2
-    import numpy as np
-
-    img = (np.asarray(x8x8, dtype=np.float32).reshape(8, 8) * (255.0 / 16.0)).round()
-    img = cv2.resize(img.astype(np.uint8), (32, 32), interpolation=cv2.INTER_NEAREST)
-    ok, png = cv2.imencode(".png", img)
-    assert ok
-    return png.tobytes()
-
-
 def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -147,7 +135,7 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
 def cmd_demo(args: argparse.Namespace) -> int:
     from appstore.config import AppStoreConfig
     from appstore.publish import build_package
-    from appstore.samples.digits import build_digits_sample
+    from appstore.samples.digits import build_digits_sample, digit_png
     from appstore.service import AppStoreService
     from appstore.signing import SigningKey
     from edge_node.agent import NodeAgent
@@ -259,6 +247,8 @@ def banner(kind, mqtt_port, store_url, edge_url, examples, sha, size, t_pub, rea
 
 def check(edge: str, store_url: str, held) -> int:
     """Classify every held-out digit as an image over HTTP; wait for feedback."""
+    from appstore.samples.digits import digit_png
+
     X, y = held["X_test"], held["y_test"]
 
     def kept() -> int:

@@ -95,3 +95,21 @@ def build_digits_sample(out_dir: Path, version: str = "1.0.0") -> Path:
     np.savez(out_dir / "heldout.npz", X_test=X_test.astype(np.float32),
              y_test=y_test.astype(np.int64))
     return out_dir
+
+
+def digit_png(sample, size: int = 32) -> bytes:
+    """Render one 8x8 digit (values 0..16) as a ``size`` x ``size`` grey PNG,
+    light ink on black as in the data set.
+
+    Upscaled with nearest-neighbour, so the app's area resize back to 8x8
+    recovers the pixels (up to the 0..16 -> 0..255 rounding).
+    """
+    import cv2
+    import numpy as np
+
+    img = np.round(np.asarray(sample, np.float32).reshape(8, 8) * (255 / 16)).astype(np.uint8)
+    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_NEAREST)
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise ValueError("could not encode the digit as PNG")
+    return buf.tobytes()
