@@ -146,7 +146,8 @@ def test_publish_assign_serve_and_feedback(loop, digits_dir, tmp_path):  # noqa:
     status, png = http("GET", f"{store.url}{row['input_url']}")
     assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
     assert agent.outbox.pending() == 0
-    events = jget(f"{store.url}{API}/events?node=site-1&type=app_ready")["events"]
+    events = wait_until(
+        lambda: jget(f"{store.url}{API}/events?node=site-1&type=app_ready")["events"], timeout=15)
     assert events and events[0]["app"] == "digits" and events[0]["data"]["version"] == "1.0.0"
 
 

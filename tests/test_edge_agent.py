@@ -80,8 +80,8 @@ def test_unassign_stops_the_app_and_its_worker(loop, digits_dir, tmp_path):  # n
     assert status == 200
     wait_until(lambda: http("GET", f"{agent.http_url}/v2/models/digits")[0] == 404, timeout=30)
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
-    events = jget(f"{store.url}{API}/events?node=site-1&type=app_removed")["events"]
-    assert events
+    wait_until(lambda: jget(f"{store.url}{API}/events?node=site-1&type=app_removed")["events"],
+               timeout=15)
 
 
 def test_node_restarts_offline_and_serves_from_local_state(loop, digits_dir, tmp_path, broker):  # noqa: F811
