@@ -51,6 +51,8 @@ def digits_package(digits: Path, key: SigningKey, out: Path,
 def start_store(data_dir: Path, broker: Any, prefix: str, **overrides: Any) -> AppStoreService:
     cfg = load_config(data_dir=str(data_dir), mqtt_host=broker.host, mqtt_port=broker.port,
                       topic_prefix=prefix, http_port=0, **overrides)
+    if getattr(broker, "kind", "mosquitto") == "embedded":  # amqtt has no $share
+        cfg = cfg.model_copy(update={"shared_group": None})
     svc = AppStoreService(cfg).start()
     assert svc.wait_connected(10), "the AppStore did not connect to the broker"
     _wait_subscribed(broker, prefix)
