@@ -89,6 +89,7 @@ def build_digits_sample(out_dir: Path, version: str = "1.0.0") -> Path:
         options={id(clf): {"zipmap": False}},
         target_opset=17,
     )
+    onx.graph.name = "digits_mlp"  # skl2onnx names the graph with a random uuid
     (out_dir / "model.onnx").write_bytes(onx.SerializeToString())
     (out_dir / "labels.txt").write_text("\n".join(LABELS) + "\n")
     (out_dir / "manifest.json").write_text(json.dumps(digits_manifest(version), indent=2) + "\n")
