@@ -36,6 +36,7 @@ from .capture import Capture
 from .config import NodeConfig
 from .httpd import serve
 from .keys import trusted_keys
+from .metrics import make_registry
 from .reconciler import Reconciler
 from .reporter import Reporter
 from .serving.registry import AppRegistry, ServedApp
@@ -90,6 +91,7 @@ class NodeAgent:
             self.registry, max_body_bytes=cfg.http.max_body_mb << 20,
             server_version=__version__))
         self.flask.register_blueprint(make_local_blueprint(self))
+        self.metrics = make_registry(self.metrics_snapshot)
         self._http = None
         self._http_thread: threading.Thread | None = None
 
@@ -122,6 +124,18 @@ class NodeAgent:
             apps=self.reconciler.reports(), rejected=_copy(self.reconciler.rejected),
             http_url=self.http_url, outbox_pending=self.outbox.pending(),
         )
+
+    def metrics_snapshot(self) -> dict:
+        return {
+            "node_id": self.cfg.node_id,
+            "connected": self.conn.connected.is_set(),
+            "apps": [a.model_dump() for a in self.reconciler.reports()],
+            "workers": self.supervisor.status(),
+            "outbox": self.outbox.stats(),
+            "capture": _copy(self.capture.stats),
+            "rejected": _copy(self.reconciler.rejected),
+            "serving": {},
+        }
 
     def status(self) -> dict:
         return {

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request
+
+from .metrics import render
 
 
 def make_local_blueprint(agent: Any) -> Blueprint:
-    bp = Blueprint("local_api", __name__, url_prefix="/api/v1")
+    bp = Blueprint("local_api", __name__)
 
-    @bp.get("/status")
+    @bp.get("/metrics")
+    def metrics():
+        body, ctype = render(agent.metrics)
+        return Response(body, content_type=ctype)
+
+    @bp.get("/api/v1/status")
     def status():
         return jsonify(agent.status())
 
-    @bp.get("/samples")
+    @bp.get("/api/v1/samples")
     def samples():
         app = request.args.get("app")
         try:

@@ -126,3 +126,24 @@ def test_a_rebuilt_store_is_obeyed_despite_lower_revisions(tmp_path):
     send(1, "b")
     assert (rec.desired.revision, rec.desired.epoch) == (1, "b")  # new store: followed
     assert store.get_json("desired_state")["epoch"] == "b"
+
+
+def test_metrics_are_prometheus_text(loop, digits_dir, tmp_path):  # noqa: F811
+    """Operators scrape /metrics with Prometheus: the app's readiness, the
+    management plane's and each worker's memory, and the uplink are there."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    store, node = loop
+    agent = node()
+    _publish_version(store, digits_dir, tmp_path, "1.0.0")
+    assign(store, "1.0.0")
+    wait_until(lambda: _ready(store, "1.0.0"), timeout=60)
+    status, body = http("GET", f"{agent.http_url}/metrics")
+    assert status == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(body.decode())
+               for s in fam.samples}
+    assert samples[("aidc_app_ready", (("app", "digits"), ("version", "1.0.0")))] == 1
+    assert samples[("aidc_mqtt_connected", ())] == 1
+    assert 10e6 < samples[("aidc_agent_rss_bytes", ())] < 1e9
+    assert any(name == "aidc_worker_rss_bytes" and v > 1e6 for (name, _), v in samples.items())

@@ -1,0 +1,125 @@
+"""Prometheus metrics of the node, at ``GET /metrics``.
+
+Collected at scrape time from the parts' own counters (a custom collector), so
+the hot path pays nothing for them. Names are ``aidc_*``; labels ``app``,
+``card``, ``worker``, ``reason``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_usage(pid: int) -> tuple[int, float] | None:
+    """(RSS bytes, CPU seconds) of a process from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            rss = int(f.read().split()[1]) * PAGE
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / TICK
+        return rss, cpu
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class NodeCollector:
+    """Reads a snapshot from the agent at every scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+        self.started = time.time()
+
+    def collect(self) -> Iterable:
+        s = self.snapshot()
+        up = GaugeMetricFamily("aidc_up", "1 while the agent runs", labels=["node"])
+        up.add_metric([s["node_id"]], 1)
+        yield up
+        yield _gauge("aidc_mqtt_connected", "1 while connected to the broker",
+                     [([], 1.0 if s["connected"] else 0.0)])
+        usage = proc_usage(os.getpid())
+        if usage:
+            yield _gauge("aidc_agent_rss_bytes", "resident memory of the management plane",
+                         [([], usage[0])])
+            yield _counter("aidc_agent_cpu_seconds", "CPU time of the management plane",
+                           [([], usage[1])])
+        yield _gauge("aidc_agent_max_rss_bytes", "peak resident memory of the agent",
+                     [([], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)])
+
+        apps = s.get("apps", [])
+        yield _gauge("aidc_app_ready", "1 when the app serves", [
+            ([a["name"], a["version"]], 1.0 if a["status"] == "ready" else 0.0) for a in apps
+        ], labels=["app", "version"])
+        for key, name, help_ in (("requests", "aidc_app_requests", "inference requests"),
+                                 ("errors", "aidc_app_request_errors", "failed requests")):
+            rows = [([app], float(v.get(key, 0))) for app, v in s.get("serving", {}).items()]
+            yield _counter(name, help_, rows, labels=["app"])
+
+        workers = s.get("workers", {})
+        yield _counter("aidc_worker_restarts", "worker restarts",
+                       [([k], float(w.get("restarts", 0))) for k, w in workers.items()],
+                       labels=["worker"])
+        rss, cpu = [], []
+        for key, w in workers.items():
+            u = proc_usage(w["pid"]) if w.get("pid") else None
+            if u:
+                rss.append(([key], float(u[0])))
+                cpu.append(([key], u[1]))
+        yield _gauge("aidc_worker_rss_bytes", "resident memory of a model worker", rss,
+                     labels=["worker"])
+        yield _counter("aidc_worker_cpu_seconds", "CPU time of a model worker", cpu,
+                       labels=["worker"])
+
+        ob = s.get("outbox", {})
+        yield _gauge("aidc_outbox_pending", "messages waiting for the cloud's ack",
+                     [([], float(ob.get("pending", 0)))])
+        for k in ("sent", "resent", "acked", "rejected"):
+            yield _counter(f"aidc_outbox_{k}", f"outbox messages {k}", [([], float(ob.get(k, 0)))])
+        cap = s.get("capture", {})
+        yield _counter("aidc_results", "results recorded", [([], float(cap.get("results", 0)))])
+        yield _counter("aidc_samples_kept", "hard examples kept",
+                       [([], float(cap.get("samples_kept", 0)))])
+        drops = [([k], float(v)) for k, v in cap.items()
+                 if k.endswith("dropped") or k.endswith("rate_limited")]
+        yield _counter("aidc_capture_dropped", "observations not kept, by reason", drops,
+                       labels=["reason"])
+        yield _counter("aidc_rejected", "rejected messages and packages, by reason",
+                       [([k], float(v)) for k, v in s.get("rejected", {}).items()],
+                       labels=["reason"])
+        for extra in s.get("extra_metrics", []):
+            yield from extra()
+
+
+def _gauge(name: str, help_: str, rows, labels: list[str] | None = None):
+    g = GaugeMetricFamily(name, help_, labels=labels or [])
+    for lv, v in rows:
+        g.add_metric(lv, v)
+    return g
+
+
+def _counter(name: str, help_: str, rows, labels: list[str] | None = None):
+    c = CounterMetricFamily(name, help_, labels=labels or [])
+    for lv, v in rows:
+        c.add_metric(lv, v)
+    return c
+
+
+def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(NodeCollector(snapshot))
+    return reg
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST
