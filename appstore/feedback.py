@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 #: input_type -> (file extension, HTTP content type)
 INPUT_TYPES = {
     "image/png": ("png", "image/png"),
+    "image/jpeg": ("jpg", "image/jpeg"),
     "tensor/npy": ("npy", "application/x-npy"),
 }
 MAX_LIMIT = 1000

@@ -124,7 +124,7 @@ class FeedbackSample(BaseModel):
     version: str
     created_at: float
     reason: str = Field(description="why it was kept, e.g. 'confidence<0.6'")
-    input_type: Literal["image/png", "tensor/npy"]
+    input_type: Literal["image/png", "image/jpeg", "tensor/npy"]
     input_b64: str = Field(max_length=MAX_MESSAGE_BYTES)
     prediction: Prediction
     scores: list[float] = Field(default_factory=list, max_length=10000)

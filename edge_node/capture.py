@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from cloud_sync import schemas
@@ -79,8 +78,15 @@ class RateLimit:
 
 
 def encode_input(tensor: np.ndarray | None, image: bytes | None) -> tuple[str, bytes]:
-    """The input as (type, bytes): a PNG when we have an image, else .npy."""
+    """The input as (type, bytes): the image as sent when it is PNG or JPEG, other
+    image formats as PNG, else the tensor as .npy."""
     if image is not None:
+        if image.startswith(b"\x89PNG\r\n\x1a\n"):
+            return "image/png", image
+        if image.startswith(b"\xff\xd8\xff"):
+            return "image/jpeg", image
+        import cv2  # only for the odd format: keeps OpenCV out of the agent's memory
+
         arr = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_UNCHANGED)
         if arr is not None:
             ok, png = cv2.imencode(".png", arr)
@@ -170,7 +176,7 @@ class Capture:
     def _keep(self, o: Observation, reason: str) -> None:
         sample_id = uuid.uuid4().hex
         input_type, data = encode_input(o.tensor, o.image)
-        ext = "png" if input_type == "image/png" else "npy"
+        ext = {"image/png": "png", "image/jpeg": "jpg"}.get(input_type, "npy")
         path = self.dir / f"{sample_id}.{ext}"
         path.write_bytes(data)
         pred = {"label": str(o.result.get("label")), "index": int(o.result.get("index", -1)),
