@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask, jsonify, request, send_file
+from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from cloud_sync.schemas import ResourceOverride
 
 from . import __version__
 from .blobstore import SHA256_RE
@@ -131,10 +134,20 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.put("/nodes/<node_id>/apps/<name>")
     def assign(node_id: str, name: str) -> Any:
-        version = _json_body().get("version")
+        body = _json_body()
+        version = body.get("version")
         if not isinstance(version, str) or not version:
             raise BadRequest("bad_json", 'expected {"version": "<semver>"}')
-        ds = ctx.fleet.assign(node_id, name, version)
+        resources = body.get("resources")
+        if resources is not None:
+            try:
+                resources = ResourceOverride.model_validate(resources).model_dump(
+                    exclude_none=True) or None
+            except ValidationError as err:
+                e = err.errors()[0]
+                raise BadRequest("bad_resources", f"{'.'.join(map(str, e['loc']))}: "
+                                 f"{e['msg']}") from err
+        ds = ctx.fleet.assign(node_id, name, version, resources)
         return jsonify({"desired": ds.model_dump()})
 
     @bp.delete("/nodes/<node_id>/apps/<name>")

@@ -184,7 +184,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
-    ds = ApiClient(args.api).assign(args.node, args.app, args.version)["desired"]
+    resources = {k: v for k, v in (("card_fraction", args.fraction),
+                                   ("memory_mb", args.memory_mb), ("card", args.card))
+                 if v is not None}
+    ds = ApiClient(args.api).assign(args.node, args.app, args.version,
+                                    resources or None)["desired"]
     print(f"node {args.node}: desired revision {ds['revision']}: "
           + ", ".join(f"{a['name']} {a['version']}" for a in ds["apps"]))
     return 0
@@ -263,6 +267,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("node")
     p.add_argument("app")
     p.add_argument("version")
+    p.add_argument("--fraction", type=float, help="override the app's card fraction (0-1]")
+    p.add_argument("--memory-mb", type=int, help="override the app's memory budget")
+    p.add_argument("--card", help="pin to this card, e.g. cpu or gpu0")
     _api_opt(p)
     p.set_defaults(func=_guard(cmd_assign))
 

@@ -71,8 +71,12 @@ class ApiClient:
         return self.request("POST", "/packages", Path(package).read_bytes(),
                             content_type="application/zip")
 
-    def assign(self, node_id: str, app: str, version: str) -> dict[str, Any]:
-        body = json.dumps({"version": version}).encode()
+    def assign(self, node_id: str, app: str, version: str,
+               resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        req: dict[str, Any] = {"version": version}
+        if resources:
+            req["resources"] = resources
+        body = json.dumps(req).encode()
         return self.request("PUT", f"/nodes/{_q(node_id)}/apps/{_q(app)}", body)
 
     def unassign(self, node_id: str, app: str) -> dict[str, Any]:

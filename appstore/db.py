@@ -78,6 +78,12 @@ def m001_initial(db: Database) -> None:
 
 
 @migrations()
+def m003_assignment_resources(db: Database) -> None:
+    """An operator's per-node resource override (JSON), or NULL."""
+    db["assignments"].add_column("resources", str)
+
+
+@migrations()
 def m002_epoch(db: Database) -> None:
     """A random id of this database. Desired states carry it, so a node accepts
     a lower revision from a rebuilt or restored store instead of ignoring it."""

@@ -256,12 +256,14 @@ class Fleet:
         return AckItem(msg_id=mid, ok=True)
 
     # -- desired state -----------------------------------------------------------
-    def assign(self, node_id: str, app: str, version: str) -> DesiredState:
-        """Want ``app`` ``version`` on ``node_id``; publishes the new desired state."""
+    def assign(self, node_id: str, app: str, version: str,
+               resources: dict | None = None) -> DesiredState:
+        """Want ``app`` ``version`` on ``node_id`` (with an optional resource
+        override); publishes the new desired state."""
         check_node_id(node_id)
         with self._desired_lock:
             self.catalog.get_version(app, version)  # NotFound for an unknown version
-            self.registry.assign(node_id, app, version)
+            self.registry.assign(node_id, app, version, resources)
             return self._publish_desired(node_id)
 
     def unassign(self, node_id: str, app: str) -> DesiredState:

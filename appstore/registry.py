@@ -72,19 +72,23 @@ class Registry:
         )
 
     # -- operators -------------------------------------------------------------
-    def assign(self, node_id: str, app: str, version: str) -> int:
-        """Want ``app`` at ``version`` on the node; returns the desired revision
-        (bumped only when something changed). The caller checked the version exists."""
+    def assign(self, node_id: str, app: str, version: str,
+               resources: dict[str, Any] | None = None) -> int:
+        """Want ``app`` at ``version`` on the node, with an optional resource
+        override; returns the desired revision (bumped only when something
+        changed). The caller checked the version exists."""
         check_node_id(node_id)
         now = time.time()
         with self.store.write() as db:
             db.execute(_UPSERT, {"node_id": node_id, "online": None, "seen": 0,
                                  "agent_version": ""})
-            cur = list(db.query("select version from assignments where node_id = ? and app = ?",
-                                [node_id, app]))
-            if not cur or cur[0]["version"] != version:
+            res = json.dumps(resources, sort_keys=True) if resources else None
+            cur = list(db.query("select version, resources from assignments "
+                                "where node_id = ? and app = ?", [node_id, app]))
+            if not cur or (cur[0]["version"], cur[0]["resources"]) != (version, res):
                 db["assignments"].upsert(
-                    {"node_id": node_id, "app": app, "version": version, "assigned_at": now},
+                    {"node_id": node_id, "app": app, "version": version, "assigned_at": now,
+                     "resources": res},
                     pk=("node_id", "app"))
                 db.execute("update nodes set desired_revision = desired_revision + 1 "
                            "where node_id = ?", [node_id])
@@ -122,20 +126,21 @@ class Registry:
     @staticmethod
     def _desired(db: Database, node_id: str) -> DesiredState:
         rows = list(db.query(
-            "select a.app, a.version, v.sha256, v.size from assignments a "
+            "select a.app, a.version, a.resources, v.sha256, v.size from assignments a "
             "join app_versions v on v.name = a.app and v.version = a.version "
             "where a.node_id = ? order by a.app", [node_id]))
         node = list(db.query("select desired_revision from nodes where node_id = ?", [node_id]))
         epoch = next(db.query("select value from store_meta where key = 'epoch'"))["value"]
         return DesiredState(
             node_id=node_id, revision=node[0]["desired_revision"] if node else 0, epoch=epoch,
-            apps=[AppRef(name=r["app"], version=r["version"], sha256=r["sha256"], size=r["size"])
+            apps=[AppRef(name=r["app"], version=r["version"], sha256=r["sha256"], size=r["size"],
+                         resources=json.loads(r["resources"]) if r["resources"] else None)
                   for r in rows],
         )
 
     def assignments(self, node_id: str) -> list[dict[str, Any]]:
         with self.store.read() as db:
-            return list(db.query("select app, version, assigned_at from assignments "
+            return list(db.query("select app, version, assigned_at, resources from assignments "
                                  "where node_id = ? order by app", [node_id]))
 
     def list_nodes(self) -> list[dict[str, Any]]:

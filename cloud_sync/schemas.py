@@ -56,6 +56,15 @@ class Availability(Message):
     agent_version: str = ""
 
 
+class ResourceOverride(BaseModel):
+    """An operator's per-node override of an app's resource request."""
+
+    model_config = ConfigDict(extra="forbid")
+    card_fraction: float | None = Field(default=None, gt=0, le=1)
+    memory_mb: int | None = Field(default=None, ge=16)
+    card: str | None = Field(default=None, max_length=32, description="e.g. 'cpu', 'gpu0'")
+
+
 class AppRef(BaseModel):
     """One app version the cloud wants on a node (desired state entry)."""
 
@@ -64,6 +73,7 @@ class AppRef(BaseModel):
     version: str = Field(min_length=1, max_length=64)
     sha256: str = Field(pattern=SHA256_RE)
     size: int = Field(ge=1)
+    resources: ResourceOverride | None = None
 
 
 class DesiredState(Message):

@@ -176,3 +176,25 @@ def test_lookups_and_bad_input_are_json_4xx_never_500(store: Any) -> None:
     for resp, status, reason in expect:
         assert (resp.status_code, resp.json["error"]) == (status, reason), resp.json
     assert c.get(f"{API}/health").json["mqtt_connected"] is True
+
+
+def test_assign_with_a_resource_override_reaches_the_desired_state(
+        tmp_path: Path, shared_broker: Any, prefix: str, digits_dir: Path) -> None:
+    """An operator gives one site's copy of an app more of the card: the
+    override travels in the node's desired state; a bad one is a 400 with why."""
+    svc = start_store(tmp_path / "s", shared_broker, prefix)
+    try:
+        digits_package(digits_dir, svc.key, tmp_path / "d.aidc")
+        c = svc.app.test_client()
+        assert c.post(f"{API}/packages", data=(tmp_path / "d.aidc").read_bytes()).status_code == 201
+        r = c.put(f"{API}/nodes/n1/apps/digits",
+                  json={"version": "1.0.0", "resources": {"card_fraction": 1.0, "memory_mb": 256}})
+        assert r.status_code == 200, r.json
+        app = r.json["desired"]["apps"][0]
+        assert app["resources"] == {"card_fraction": 1.0, "memory_mb": 256, "card": None}
+        bad = c.put(f"{API}/nodes/n1/apps/digits",
+                    json={"version": "1.0.0", "resources": {"card_fraction": 2}})
+        assert bad.status_code == 400 and bad.json["error"] == "bad_resources"
+        assert "card_fraction" in bad.json["detail"]
+    finally:
+        svc.stop()
