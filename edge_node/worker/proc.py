@@ -1,4 +1,10 @@
-"""One worker OS process: spawn, wait for READY, forward its stderr, stop it."""
+"""One worker OS process: spawn, wait for READY, forward its stderr, stop it.
+
+:func:`private_rss_mb` reads how much memory a worker holds of its own: its
+anonymous resident memory (``RssAnon`` in ``/proc/<pid>/status``: the model's
+weights, ONNX Runtime's arenas, tensors). Shared library pages, which the
+kernel shares between all workers, are not counted against a slice.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +37,18 @@ def describe_exit(rc: int | None, tail: str = "") -> str:
         why = f"exited with code {rc}"
     last = [ln for ln in tail.splitlines() if ln.startswith(("CRITICAL", "ERROR"))]
     return f"{why}: {last[-1]}" if last else why
+
+
+def private_rss_mb(pid: int) -> int | None:
+    """The process's anonymous resident memory in MB, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) >> 10
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class WorkerProc:
@@ -99,10 +117,17 @@ class WorkerProc:
         finally:
             self.popen.stdout.close()
 
-    def wait_exit(self) -> int:
-        rc = self.popen.wait()
+    def wait_exit(self, timeout: float | None = None) -> int | None:
+        """The exit code once it has exited, or None if still running after ``timeout``."""
+        try:
+            rc = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
         self._stderr_done.wait(2.0)
         return rc
+
+    def rss_mb(self) -> int | None:
+        return private_rss_mb(self.pid)
 
     def terminate(self) -> None:
         if self.popen.poll() is None:

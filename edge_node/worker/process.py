@@ -1,6 +1,13 @@
 """The model worker process: one app dir, one ONNX Runtime session, one Unix socket.
 
-``python -m edge_node.worker --app-dir DIR --socket PATH [--threads N] [--cpus 0,1]``
+``python -m edge_node.worker --app-dir DIR --socket PATH [--threads N] [--cpus 0,1]
+[--inter-threads N] [--spin 0|1] [--provider cpu|cuda --device-id N --gpu-mem-mb M]``
+
+The flags after ``--socket`` are a slice's settings
+(:class:`~edge_node.resources.slices.WorkerSettings`, which builds them): the
+worker pins itself to ``--cpus`` before ONNX Runtime starts its threads, and
+reports what is really in effect under ``runtime`` in its READY line and its
+``meta`` reply. A provider it cannot use exits 2 with the reason.
 
 Loads and checks the app (exit 2 with a ``CRITICAL`` line on stderr when the
 model does not match its manifest or cannot be loaded), runs one self-check
@@ -8,8 +15,9 @@ request, then listens with :class:`multiprocessing.connection.Listener` and
 prints ``READY <json meta>`` as its only stdout line. Every connection gets its
 own thread; ONNX Runtime releases the GIL, so requests run concurrently.
 ``AIDC_WORKER_AUTHKEY`` (hex) turns on the HMAC handshake; the socket is 0600
-either way. ``AIDC_ORT_SPIN=1`` lets ONNX Runtime's threads busy-wait (off by
-default: an idle spinning pool steals cores from its neighbours).
+either way. ``AIDC_ORT_SPIN=1`` lets ONNX Runtime's threads busy-wait when
+``--spin`` is not given (off by default: an idle spinning pool steals cores
+from its neighbours).
 SIGTERM: stop accepting, let in-flight requests finish (up to 3 s),
 exit 0. Started by the supervisor (``AIDC_WORKER_PARENT_PID`` set), it also
 asks Linux for SIGTERM when its parent dies.
@@ -33,10 +41,11 @@ from pathlib import Path
 
 from cloud_sync.errors import PackageError
 
+from ..resources.slices import WorkerSettings, add_arguments, from_args
 from .client import PROTOCOL
 from .errors import ModelMismatch
 from .handler import Handler
-from .loader import load_app
+from .loader import UnusableSettings, load_app
 
 logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -126,9 +135,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--app-dir", required=True, type=Path)
     p.add_argument("--socket", required=True, type=Path)
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    p.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. 0,1")
+    add_arguments(p)
     return p.parse_args(argv)
+
+
+def _pin(settings: WorkerSettings) -> None:
+    """Pin every thread (numpy's and OpenCV's pools started at import) to the slice's
+    cores, before ONNX Runtime starts its own, which inherit the main thread's mask."""
+    if not settings.cpus:
+        return
+    try:
+        os.sched_setaffinity(0, set(settings.cpus))
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), set(settings.cpus))
+            except ProcessLookupError:  # a thread that just ended
+                pass
+    except OSError as err:
+        raise UnusableSettings(
+            f"cannot pin to CPUs {list(settings.cpus)}: {err.strerror}; "
+            f"this process may use {sorted(os.sched_getaffinity(0))}") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,19 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _die_with_parent()
-        if args.cpus:
-            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+        settings = from_args(args)
+        _pin(settings)
         key = os.environ.get("AIDC_WORKER_AUTHKEY")
         authkey = bytes.fromhex(key) if key else None
-        app = load_app(args.app_dir, args.threads, spin=os.environ.get("AIDC_ORT_SPIN") == "1")
+        app = load_app(args.app_dir, settings=settings)
         handler = Handler(app)
         handler.self_check()
-        meta = {**app.meta(), "pid": os.getpid(), "threads": args.threads,
+        meta = {**app.meta(), "pid": os.getpid(), "threads": settings.threads,
                 "socket": str(args.socket)}
         serve(handler, args.socket, authkey, meta)
     except _Stop:
         logger.info("stopped before serving")
-    except (ModelMismatch, PackageError) as err:
+    except (ModelMismatch, PackageError, UnusableSettings) as err:
         logger.critical("%s", err)
         return 2
     except Exception as err:

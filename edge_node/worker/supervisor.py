@@ -7,6 +7,13 @@ A stop we asked for is never restarted. Each app key keeps one
 :class:`WorkerClient` (and socket path and auth key) across restarts, so
 holders of the client need not refresh it.
 
+A worker started with :class:`~edge_node.resources.slices.WorkerSettings`
+(a slice's CPU affinity, ONNX Runtime threads, provider, env) runs with them;
+when they carry a memory budget, the worker's private resident memory is read
+every ``memory_poll`` seconds, and a worker over budget is stopped and
+restarted with the reason ("memory budget exceeded: 612 MB > 512 MB") in
+``last_error``, counted in ``memory_restarts`` and against the restart budget.
+
 Every worker is spawned from one long-lived thread: Linux delivers the
 worker's parent-death signal (``PR_SET_PDEATHSIG``, set by the worker itself)
 when the *thread* that forked it ends, so forking from a short-lived request
@@ -29,6 +36,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from queue import SimpleQueue
 
+from ..resources.slices import WorkerSettings
 from .client import WorkerClient
 from .errors import WorkerStartError
 from .proc import WorkerProc, describe_exit
@@ -59,10 +67,10 @@ class _Spawner:
 
 
 class _Worker:
-    def __init__(self, key: str, app_dir: Path, sock: Path, threads: int, env: dict,
-                 cpus: list[int] | None, ready_timeout: float, old: _Worker | None) -> None:
+    def __init__(self, key: str, app_dir: Path, sock: Path, settings: WorkerSettings, env: dict,
+                 ready_timeout: float, old: _Worker | None) -> None:
         self.key, self.app_dir, self.socket = key, app_dir, sock
-        self.threads, self.env, self.cpus, self.ready_timeout = threads, env, cpus, ready_timeout
+        self.settings, self.env, self.ready_timeout = settings, env, ready_timeout
         # a replaced worker hands on its key and client, so holders of the client keep working
         self.authkey = old.authkey if old is not None else secrets.token_bytes(32)
         self.client = old.client if old is not None else WorkerClient(sock, self.authkey)
@@ -71,17 +79,20 @@ class _Worker:
         self.restarts = 0
         self.last_error: str | None = None
         self.meta: dict | None = None
+        self.rss_mb: int | None = None
+        self.memory_restarts = 0
         self.stopping = threading.Event()
         self.restart_times: deque[float] = deque()
 
 
 class WorkerSupervisor:
     def __init__(self, run_dir: Path, *, restart_budget: tuple[int, float] = (5, 60.0),
-                 stop_timeout: float = 5.0) -> None:
+                 stop_timeout: float = 5.0, memory_poll: float = 1.0) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_restarts, self.window = restart_budget
         self.stop_timeout = stop_timeout
+        self.memory_poll = memory_poll
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
         self._spawner = _Spawner()
@@ -97,20 +108,28 @@ class WorkerSupervisor:
         return path
 
     def start(self, app_key: str, app_dir: Path, threads: int = 1, env: dict | None = None,
-              ready_timeout: float = 60, cpus: list[int] | None = None) -> WorkerClient:
+              ready_timeout: float = 60, cpus: list[int] | None = None, *,
+              settings: WorkerSettings | None = None) -> WorkerClient:
         """Start (or replace) the worker for ``app_key``; return its client once READY.
 
+        ``settings`` (from :func:`~edge_node.resources.slices.worker_settings`)
+        says how it runs: threads, CPU affinity, provider, extra env, memory
+        budget; without it, ``threads`` and ``cpus`` (the old way, no budget).
         Raises :class:`WorkerStartError` (state ``failed``, never retried) when
         the first start fails; the restart budget applies to later deaths only.
         Replacing keeps the same client object and socket path.
         """
+        if settings is None:
+            settings = WorkerSettings(threads=threads, cpus=tuple(cpus) if cpus else None)
+        elif threads != 1 or cpus is not None:
+            raise ValueError("pass threads and cpus inside settings, not beside it")
         with self._lock:
             old = self._workers.get(app_key)
         if old is not None:
             logger.info("replacing the worker %s (%s)", app_key, old.state)
             self.stop(app_key)
-        w = _Worker(app_key, Path(app_dir), self._socket_for(app_key), threads,
-                    dict(env or {}), cpus, ready_timeout, old)
+        w = _Worker(app_key, Path(app_dir), self._socket_for(app_key), settings,
+                    {**settings.env, **(env or {})}, ready_timeout, old)
         with self._lock:
             self._workers[app_key] = w
         try:
@@ -124,9 +143,7 @@ class WorkerSupervisor:
     def _launch(self, w: _Worker) -> None:
         """Spawn and wait for READY; on success the worker is ``ready`` and watched."""
         cmd = [sys.executable, "-m", "edge_node.worker", "--app-dir", str(w.app_dir),
-               "--socket", str(w.socket), "--threads", str(w.threads)]
-        if w.cpus:
-            cmd += ["--cpus", ",".join(str(c) for c in w.cpus)]
+               "--socket", str(w.socket), *w.settings.argv()]
         env = {**os.environ, **w.env, "AIDC_WORKER_AUTHKEY": w.authkey.hex(),
                "AIDC_WORKER_PARENT_PID": str(os.getpid())}
         with self._lock:
@@ -142,13 +159,32 @@ class WorkerSupervisor:
                 w.state = "ready"
         logger.info("worker %s ready (pid %d)", w.key, proc.pid)
 
+    def _over_budget(self, w: _Worker, proc: WorkerProc) -> str | None:
+        w.rss_mb = rss = proc.rss_mb()
+        budget = w.settings.memory_mb
+        if budget is None or rss is None or rss <= budget or w.stopping.is_set():
+            return None
+        return f"memory budget exceeded: {rss} MB > {budget} MB"
+
     def _watch(self, w: _Worker, proc: WorkerProc) -> None:
-        rc = proc.wait_exit()
+        """Wait for the worker to exit, reading its memory meanwhile; restart it if it
+        died on its own or went over its memory budget."""
+        over = None
+        while (rc := proc.wait_exit(self.memory_poll)) is None:
+            over = self._over_budget(w, proc)
+            if over is not None:
+                logger.warning("worker %s (pid %d): %s; restarting it", w.key, proc.pid, over)
+                rc = proc.stop(self.stop_timeout)
+                break
         with self._lock:
             if w.stopping.is_set() or w.proc is not proc:
                 return
-            w.state, w.last_error = "restarting", describe_exit(rc, proc.tail())
-        logger.warning("worker %s (pid %d) died unexpectedly: %s", w.key, proc.pid, w.last_error)
+            w.state, w.last_error = "restarting", over or describe_exit(rc, proc.tail())
+            if over is not None:
+                w.memory_restarts += 1
+        if over is None:
+            logger.warning("worker %s (pid %d) died unexpectedly: %s", w.key, proc.pid,
+                           w.last_error)
         self._restart_loop(w)
 
     def _restart_loop(self, w: _Worker) -> None:
@@ -216,7 +252,10 @@ class WorkerSupervisor:
             return {
                 key: {"state": w.state,
                       "pid": w.proc.pid if w.proc is not None and w.proc.alive() else None,
-                      "restarts": w.restarts, "last_error": w.last_error}
+                      "restarts": w.restarts, "last_error": w.last_error,
+                      "memory_budget_mb": w.settings.memory_mb, "rss_mb": w.rss_mb,
+                      "memory_restarts": w.memory_restarts,
+                      "runtime": (w.meta or {}).get("runtime")}
                 for key, w in self._workers.items()
             }
 
