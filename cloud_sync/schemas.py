@@ -112,6 +112,9 @@ class ReportedState(Message):
     rejected: dict[str, int] = Field(default_factory=dict)
     #: where the node serves the v2 inference API (for operators)
     http_url: str | None = None
+    #: the node's cards and how they are sliced: [{"id": "cpu", "kind": "cpu",
+    #: "cores": 2, "memory_mb": 23000, "allocation": {...}}]
+    cards: list[dict[str, Any]] = Field(default_factory=list)
     outbox_pending: int = 0
 
 

@@ -38,6 +38,7 @@ from .httpd import serve
 from .keys import trusted_keys
 from .metrics import make_registry
 from .reconciler import Reconciler
+from .resources import Placement, discover_cards
 from .reporter import Reporter
 from .serving.registry import AppRegistry, ServedApp
 from .serving.v2 import make_v2_blueprint
@@ -77,13 +78,17 @@ class NodeAgent:
         # not "loaded" (so /v2/health/ready is 503) until the reconciler's first pass
         self.registry = AppRegistry(result_callback=self._on_result, loaded=False)
         self.reporter = Reporter(self.conn, self.topics.reported(cfg.node_id), self.reported_state)
+        self.cards = discover_cards()
+        self.placement = Placement(self.cards, reserve_mb=cfg.resources.reserve_mb,
+                                   share_cores=cfg.resources.share_cores,
+                                   gpu_context_mb=cfg.resources.gpu_context_mb)
         self.reconciler = Reconciler(
             node_id=cfg.node_id, store=self.store, fetcher=self.fetcher,
             supervisor=self.supervisor, registry=self.registry,
             trusted_keys=lambda: trusted_keys(cfg.trusted_keys, d / "trusted_keys"),
             blobs_dir=d / "blobs", apps_dir=d / "apps", on_change=self.reporter.changed,
-            on_event=self.emit_event,
-            worker_threads=cfg.worker_threads,
+            on_event=self.emit_event, placement=self.placement,
+            overrides=cfg.resources.apps,
         )
         self.flask = Flask("edge_node")
         self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
@@ -123,7 +128,12 @@ class NodeAgent:
             desired_revision=desired.revision if desired else -1,
             apps=self.reconciler.reports(), rejected=_copy(self.reconciler.rejected),
             http_url=self.http_url, outbox_pending=self.outbox.pending(),
+            cards=self.cards_state(),
         )
+
+    def cards_state(self) -> list[dict]:
+        alloc = self.placement.snapshot()
+        return [{**c.to_dict(), "allocation": alloc.get(c.id)} for c in self.cards]
 
     def metrics_snapshot(self) -> dict:
         return {

@@ -61,6 +61,22 @@ class FeedbackConfig(_Strict):
     threshold: float | None = Field(default=None, ge=0, le=1)
 
 
+class ResourcesConfig(_Strict):
+    """How the node's cards are cut into slices for apps."""
+
+    #: memory kept back for the OS and the management plane
+    reserve_mb: int = Field(default=1024, ge=0)
+    #: fractions under one core time-share a core (one thread, no spinning);
+    #: False gives every app whole dedicated cores (rounding up)
+    share_cores: bool = True
+    #: GPU memory counted per slice for the CUDA context
+    gpu_context_mb: int = Field(default=300, ge=0)
+    #: per-app overrides of the manifest's request, set on site:
+    #: {"digits": {"card_fraction": 0.5, "memory_mb": 256, "card": "cpu"}};
+    #: an override from the cloud (the desired state) wins over these
+    apps: dict[str, dict] = Field(default_factory=dict)
+
+
 class NodeConfig(_Strict):
     node_id: str
     data_dir: Path
@@ -69,10 +85,10 @@ class NodeConfig(_Strict):
     blob: BlobConfig = Field(default_factory=BlobConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     #: public keys (PEM or raw-32-byte files) of publishers whose apps we run;
     #: every *.pub in <data_dir>/trusted_keys is trusted as well
     trusted_keys: list[Path] = Field(default_factory=list)
-    worker_threads: int = Field(default=1, ge=1, le=256)
 
     @field_validator("node_id")
     @classmethod

@@ -35,6 +35,7 @@ from cloud_sync.manifest import load_manifest
 from cloud_sync.package import read_package
 
 from .errors import InstallError
+from .resources import Placement, PlacementError, SliceRequest, discover_cards, worker_settings
 from .serving.registry import ServedApp
 from .store import NodeStore
 
@@ -57,7 +58,8 @@ class Reconciler:
         apps_dir: Path,
         on_change: Callable[[], None],
         on_event: Callable[..., None] | None = None,
-        worker_threads: int = 1,
+        placement: Placement | None = None,
+        overrides: dict[str, dict] | None = None,
         retry_max: float = 60.0,
         check_interval: float = 10.0,
         keep_versions: int = 2,
@@ -72,7 +74,8 @@ class Reconciler:
         self.apps_dir = apps_dir
         self.on_change = on_change
         self.on_event = on_event or (lambda *a, **k: None)
-        self.worker_threads = worker_threads
+        self.placement = placement or Placement(discover_cards())
+        self.overrides = overrides or {}
         self.retry_max = retry_max
         self.check_interval = check_interval
         self.keep_versions = keep_versions
@@ -177,6 +180,9 @@ class Reconciler:
             return False
         transient = False
         wanted = {a.name: a for a in desired.apps}
+        for name in list(self._running):  # removals first: they free cores for the rest
+            if name not in wanted:
+                self._remove(name)
         for ref in desired.apps:
             if self._cancel.is_set() or self._stop.is_set():
                 return True
@@ -196,9 +202,6 @@ class Reconciler:
                 logger.exception("installing %s %s failed", ref.name, ref.version)
                 self._set(ref, "failed", error=f"internal: {err}"[:500])
                 transient = True
-        for name in list(self._running):
-            if name not in wanted:
-                self._remove(name)
         with self._lock:
             gone = [n for n in self._reports if n not in wanted]
             for name in gone:
@@ -289,15 +292,37 @@ class Reconciler:
         self.store.record_installed(ref.name, ref.version, ref.sha256, app_dir)
         return app_dir
 
+    def _override(self, ref: schemas.AppRef) -> dict | None:
+        """The site's override, then the cloud's on top (the cloud wins)."""
+        merged = dict(self.overrides.get(ref.name) or {})
+        if ref.resources is not None:
+            merged.update(ref.resources.model_dump(exclude_none=True))
+        return merged or None
+
     def _load(self, ref: schemas.AppRef, app_dir: Path) -> None:
         key = f"{ref.name}@{ref.sha256[:12]}"
         try:
             manifest = load_manifest(json.loads((app_dir / "manifest.json").read_text()))
-            client = self.supervisor.start(key, app_dir, threads=self.worker_threads)
-        except Exception as err:  # a damaged unpack, WorkerStartError, a busy box
-            # unpack again from the verified package next time
-            shutil.rmtree(app_dir, ignore_errors=True)
-            raise InstallError("worker_start_failed", str(err)[-500:], transient=True) from err
+        except (OSError, ValueError, PackageError) as err:  # a damaged unpack
+            shutil.rmtree(app_dir, ignore_errors=True)  # unpacked again next time
+            raise InstallError("unpack_damaged", str(err)[-500:], transient=True) from err
+        fresh = ref.name not in self._running
+        try:
+            sl = self.placement.place(
+                SliceRequest.from_manifest(ref.name, manifest.resources, self._override(ref)))
+        except PlacementError as err:  # may fit once another app goes: retried
+            raise InstallError("placement_refused", str(err), transient=True) from err
+        try:
+            client = self.supervisor.start(key, app_dir, settings=worker_settings(sl))
+        except Exception as err:  # WorkerStartError, a busy box
+            if fresh:
+                self.placement.release(ref.name)  # a dead app holds no cores
+            # exit code 2: the model or the provider is wrong -- not worth retrying
+            permanent = "exited with code 2" in str(getattr(err, "reason", ""))
+            if not permanent:
+                shutil.rmtree(app_dir, ignore_errors=True)
+            raise InstallError("worker_start_failed", str(err)[-500:],
+                               transient=not permanent) from err
         labels = None
         pp = manifest.postprocess
         if pp and pp.labels_file and (app_dir / pp.labels_file).exists():
@@ -331,6 +356,7 @@ class Reconciler:
         sha, key = self._running.pop(name)
         self.registry.remove(name)
         self.supervisor.stop(key)
+        self.placement.release(name)
         logger.info("app %s removed (was %s)", name, sha[:12])
         self.on_event("app_removed", "info", name, {"sha256": sha})
         self._gc(name)

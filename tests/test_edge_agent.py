@@ -147,3 +147,38 @@ def test_metrics_are_prometheus_text(loop, digits_dir, tmp_path):  # noqa: F811
     assert samples[("aidc_mqtt_connected", ())] == 1
     assert 10e6 < samples[("aidc_agent_rss_bytes", ())] < 1e9
     assert any(name == "aidc_worker_rss_bytes" and v > 1e6 for (name, _), v in samples.items())
+
+
+def test_placement_refuses_oversubscription_and_places_when_capacity_frees(
+        loop, digits_dir, tmp_path):  # noqa: F811
+    """Two apps that each want the whole card cannot both run: the second is
+    refused with what does not fit and what is free, the first keeps serving,
+    and the second starts once the first is removed."""
+    store, node = loop
+    agent = node()
+    for name in ("alpha", "beta"):
+        manifest = json.loads((digits_dir / "manifest.json").read_text())
+        manifest["name"] = name
+        manifest["resources"] = {"card_fraction": 1.0, "memory_mb": 64}
+        publish(store, digits_dir / "model.onnx", manifest, digits_dir / "labels.txt",
+                tmp_path / f"{name}.aidc")
+    assign(store, "1.0.0", app="alpha")
+    wait_until(lambda: (node_app(store, "alpha") or {}).get("status") == "ready", timeout=60)
+    assign(store, "1.0.0", app="beta")
+    beta = wait_until(lambda: (a := node_app(store, "beta")) and a["status"] == "failed" and a,
+                      timeout=30)
+    assert "placement_refused" in beta["error"] and "free" in beta["error"], beta["error"]
+    assert v2_infer_named(agent.http_url, "alpha")[0] == 200
+    cards = jget(f"{store.url}{API}/nodes/site-1")["reported"]["cards"]
+    assert cards[0]["id"] == "cpu" and cards[0]["allocation"]
+    status, _ = http("DELETE", f"{store.url}{API}/nodes/site-1/apps/alpha")
+    assert status == 200
+    wait_until(lambda: (node_app(store, "beta") or {}).get("status") == "ready", timeout=90)
+    assert v2_infer_named(agent.http_url, "beta")[0] == 200
+
+
+def v2_infer_named(edge: str, name: str) -> tuple[int, bytes]:
+    x = np.zeros((1, 64), np.float32)
+    return http("POST", f"{edge}/v2/models/{name}/infer",
+                {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                             "data": x.reshape(-1).tolist()}]})
