@@ -236,7 +236,9 @@ class Scheduler:
     # -- progress and exits --------------------------------------------------
     def _on_message(self, job_id: str, msg: dict) -> None:
         """A JSON line from a job's stdout (pump thread)."""
-        prog = self._progress.setdefault(job_id, {})
+        prog = self._progress.get(job_id)
+        if prog is None:  # a late line after the job was reaped: its record is final
+            return
         if msg.get("event") == "checkpoint":
             prog["checkpoint_step"] = msg.get("step")
         elif msg.get("event") == "resumed":
