@@ -37,9 +37,12 @@ from .config import NodeConfig
 from .httpd import serve
 from .keys import trusted_keys
 from .metrics import make_registry
+from .inference_load import InferenceLoad
 from .reconciler import Reconciler
 from .resources import Placement, discover_cards
 from .reporter import Reporter
+from .scheduling.jobs import JobRegistry
+from .scheduling.scheduler import Scheduler
 from .serving.registry import AppRegistry, ServedApp
 from .serving.v2 import make_v2_blueprint
 from .store import NodeStore
@@ -90,6 +93,12 @@ class NodeAgent:
             on_event=self.emit_event, placement=self.placement,
             overrides=cfg.resources.apps,
         )
+        self.jobs = JobRegistry(d / "node.db", d / "jobs")
+        self.scheduler = Scheduler(
+            self.jobs, cfg.scheduling,
+            inference_load=InferenceLoad(self.supervisor.status, self.placement.snapshot),
+            on_event=lambda t, data: self.emit_event(
+                t, severity="warning" if t == "job_failed" else "info", data=data))
         self.flask = Flask("edge_node")
         self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
         self.flask.register_blueprint(make_v2_blueprint(
@@ -159,6 +168,7 @@ class NodeAgent:
             "capture": _copy(self.capture.stats),
             "mqtt": _copy(self.conn.stats),
             "fetcher": _copy(self.fetcher.stats),
+            "training": self.scheduler.status(),
         }
 
     def start(self) -> None:
@@ -169,6 +179,7 @@ class NodeAgent:
         self.capture.start()
         self._http, self._http_thread = serve(self.flask, self.cfg.http.host, self.cfg.http.port)
         self.reconciler.start()
+        self.scheduler.start()
         self.conn.subscribe(self.topics.desired(self.cfg.node_id),
                             self.reconciler.on_desired_message)
         self.reporter.start()
@@ -182,6 +193,8 @@ class NodeAgent:
         if self._http:
             self._http.shutdown()
         self.reconciler.stop()
+        self.scheduler.stop()
+        self.jobs.close()
         self.capture.stop()
         self.outbox.close()
         self.fetcher.stop()

@@ -7,6 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from .metrics import render
+from .scheduling.jobs import UnknownJob
 
 
 def make_local_blueprint(agent: Any) -> Blueprint:
@@ -32,5 +33,20 @@ def make_local_blueprint(agent: Any) -> Blueprint:
         for r in rows:
             r["outbox"] = agent.outbox.status(r["msg_id"])
         return jsonify(samples=rows)
+
+    @bp.get("/api/v1/training")
+    def training():
+        """Windows, what each card grants training now, and the jobs."""
+        return jsonify({**agent.scheduler.status(),
+                        "jobs": [j.to_dict() for j in agent.jobs.list()]})
+
+    @bp.post("/api/v1/training/jobs/<job_id>/cancel")
+    def cancel_job(job_id: str):
+        try:
+            agent.jobs.get(job_id)
+        except UnknownJob:
+            return jsonify(error="unknown_job", detail=job_id), 404
+        agent.scheduler.cancel(job_id)
+        return jsonify(ok=True)
 
     return bp

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cloud_sync.topics import validate_node_id
 
 from .errors import ConfigError
+from .scheduling.config import ScheduleConfig
 
 
 class _Strict(BaseModel):
@@ -86,6 +87,7 @@ class NodeConfig(_Strict):
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    scheduling: ScheduleConfig = Field(default_factory=ScheduleConfig)
     #: public keys (PEM or raw-32-byte files) of publishers whose apps we run;
     #: every *.pub in <data_dir>/trusted_keys is trusted as well
     trusted_keys: list[Path] = Field(default_factory=list)

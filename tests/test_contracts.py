@@ -163,11 +163,12 @@ def _leaf_keys(model, prefix: str = "") -> list[str]:
 
 
 def test_every_config_key_is_documented():
-    """docs/config.md lists every key of both configs, so operators can find them."""
+    """docs/config.md (and docs/scheduling.md for ``scheduling.*``) list every key
+    of both configs, so operators can find them."""
     from appstore.config import AppStoreConfig
     from edge_node.config import NodeConfig
 
-    doc = (ROOT / "docs" / "config.md").read_text()
+    doc = (ROOT / "docs" / "config.md").read_text() + (ROOT / "docs" / "scheduling.md").read_text()
     missing = [k for k in _leaf_keys(NodeConfig) + _leaf_keys(AppStoreConfig)
                if f"`{k}`" not in doc]
     assert not missing, f"undocumented config keys: {missing}"

@@ -182,3 +182,22 @@ def v2_infer_named(edge: str, name: str) -> tuple[int, bytes]:
     return http("POST", f"{edge}/v2/models/{name}/infer",
                 {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
                              "data": x.reshape(-1).tolist()}]})
+
+
+def test_a_training_job_runs_in_its_window_and_reports_to_the_cloud(loop, tmp_path):  # noqa: F811
+    """Time division on a real node: with a training window open, a submitted
+    job runs as its own process, finishes, shows in /api/v1/training, and its
+    events reach the AppStore durably."""
+    from edge_node.scheduling.jobs import JobSpec
+
+    store, node = loop
+    agent = node(scheduling={"windows": [{"card": "cpu", "days": "*", "start": "00:00",
+                                          "end": "24:00", "training_fraction": 0.5}],
+                             "load": {"train_when_idle": False}})
+    job = agent.jobs.submit(JobSpec(name="example", module="edge_node.scheduling.example_job",
+                                    args=["--epochs", "2"]))
+    wait_until(lambda: agent.jobs.get(job.job_id).state == "done", timeout=60)
+    training = jget(f"{agent.http_url}{API}/training")
+    assert any(j["job_id"] == job.job_id and j["state"] == "done" for j in training["jobs"])
+    wait_until(lambda: jget(f"{store.url}{API}/events?node=site-1&type=job_done")["events"],
+               timeout=20)
