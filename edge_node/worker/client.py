@@ -4,29 +4,38 @@ Each concurrent caller borrows its own connection from a small pool and gives
 it back afterwards, so N threads use N connections and the worker serves them
 in parallel. A pooled connection found dead (the worker restarted) is replaced
 once, transparently; requests are idempotent, so the retry is safe.
+
+Messages travel as :mod:`~edge_node.worker.wire` frames (JSON head, raw tensor
+bytes): arrays in replies are views of the receive buffer, not copies. The
+event-loop flavour of this client is :class:`edge_node.serving.aworker.AsyncWorker`.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
-import select
+import socket
 import threading
-from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection
 from pathlib import Path
 
 import numpy as np
 
+from . import wire
 from .errors import WorkerError, WorkerUnavailable
 
 logger = logging.getLogger(__name__)
-#: requests and replies are pickled with this protocol (5: numpy buffers in-band, fast)
-PROTOCOL = 5
 
 
 class _Stale(Exception):
     """The connection broke; a pooled one is retried once on a fresh connection."""
+
+
+def check_reply(reply: object, where: str) -> dict:
+    """The ok reply dict, or raise :class:`WorkerError` / :class:`WorkerUnavailable`."""
+    if not isinstance(reply, dict):
+        raise WorkerUnavailable(f"unexpected reply from the worker at {where}")
+    if not reply.get("ok"):
+        raise WorkerError(int(reply.get("status", 500)), str(reply.get("error", "unknown")))
+    return reply
 
 
 class WorkerClient:
@@ -36,41 +45,52 @@ class WorkerClient:
         self.timeout = timeout
         self._authkey = authkey
         self._max_idle = max_idle
-        self._idle: list[Connection] = []
+        self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"WorkerClient({self.socket_path!r})"
 
-    def _connect(self) -> Connection:
+    @property
+    def authkey(self) -> bytes | None:
+        return self._authkey
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
         try:
-            return Client(self.socket_path, family="AF_UNIX", authkey=self._authkey)
-        except AuthenticationError as err:
+            sock.connect(self.socket_path)
+            wire.client_handshake(sock, self._authkey)
+        except PermissionError as err:
+            sock.close()
             raise WorkerUnavailable(
-                f"worker at {self.socket_path}: authentication failed") from err
-        except (OSError, EOFError) as err:
+                f"worker at {self.socket_path}: authentication failed ({err})") from err
+        except (OSError, EOFError, wire.FrameError) as err:
+            sock.close()
             raise WorkerUnavailable(
                 f"worker at {self.socket_path} is not reachable: {err}") from err
+        return sock
 
-    def _acquire(self) -> tuple[Connection, bool]:
+    def _acquire(self) -> tuple[socket.socket, bool]:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
         return self._connect(), False
 
-    def _release(self, conn: Connection) -> None:
+    def _release(self, sock: socket.socket) -> None:
         with self._lock:
             if len(self._idle) < self._max_idle:
-                self._idle.append(conn)
+                self._idle.append(sock)
                 return
-        conn.close()
+        sock.close()
 
     def request(self, msg: dict) -> dict:
         """Send one request dict; return the ok reply or raise WorkerError/WorkerUnavailable."""
+        parts = wire.encode(msg)  # a message that cannot be encoded fails before any I/O
         for attempt in (0, 1):
-            conn, pooled = self._acquire()
+            sock, pooled = self._acquire()
             try:
-                reply = self._roundtrip(conn, msg)
+                frame = self._roundtrip(sock, parts)
             except _Stale as err:
                 if pooled and attempt == 0:
                     logger.debug("stale pooled connection to %s: %s",
@@ -78,44 +98,34 @@ class WorkerClient:
                     continue
                 raise WorkerUnavailable(
                     f"worker at {self.socket_path} went away: {err.__cause__}") from err
-            self._release(conn)
-            if not reply.get("ok"):
-                raise WorkerError(int(reply.get("status", 500)), str(reply.get("error", "unknown")))
-            return reply
+            try:
+                reply = wire.decode(frame)
+            except wire.FrameError as err:
+                sock.close()
+                raise WorkerUnavailable(
+                    f"unexpected reply from the worker at {self.socket_path}: {err}") from err
+            self._release(sock)
+            return check_reply(reply, self.socket_path)
         raise AssertionError("unreachable")
 
-    def _roundtrip(self, conn: Connection, msg: dict) -> dict:
+    def _roundtrip(self, sock: socket.socket, parts: list) -> bytearray:
         try:
-            conn.send_bytes(pickle.dumps(msg, protocol=PROTOCOL))
-        except (EOFError, OSError) as err:
-            conn.close()
+            wire.send(sock, parts)
+            frame = wire.read_frame(sock)
+        except TimeoutError as err:
+            sock.close()
+            raise WorkerUnavailable(f"worker at {self.socket_path} did not answer within "
+                                    f"{self.timeout:g}s") from err
+        except (EOFError, OSError, wire.FrameError) as err:
+            sock.close()
             raise _Stale() from err
         except BaseException:
-            self._release(conn)  # pickling failed before anything was written
+            sock.close()
             raise
-        try:
-            poller = select.poll()
-            poller.register(conn.fileno(), select.POLLIN)
-            if not poller.poll(self.timeout * 1000):
-                raise WorkerUnavailable(
-                    f"worker at {self.socket_path} did not answer within {self.timeout:g}s")
-            reply = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError) as err:
-            conn.close()
-            raise _Stale() from err
-        except Exception as err:
-            conn.close()
-            if isinstance(err, WorkerUnavailable):
-                raise
-            raise WorkerUnavailable(f"unexpected reply from the worker at {self.socket_path} "
-                                    f"({err}); wrong or missing authkey?") from err
-        except BaseException:
-            conn.close()
-            raise
-        if not isinstance(reply, dict):
-            conn.close()
-            raise WorkerUnavailable(f"unexpected reply from the worker at {self.socket_path}")
-        return reply
+        if frame is None:
+            sock.close()
+            raise _Stale() from EOFError("connection closed by the worker")
+        return frame
 
     def ping(self) -> dict:
         return self.request({"op": "ping"})
@@ -130,15 +140,15 @@ class WorkerClient:
 
     def classify(self, image: bytes) -> tuple[dict, np.ndarray]:
         """The classify dict and the input tensor the image became."""
-        reply = self.request({"op": "classify", "image": bytes(image)})
+        reply = self.request({"op": "classify", "image": image})
         return reply["result"], reply["input"]
 
     def close(self) -> None:
         """Close the idle connections (the client stays usable)."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        for sock in idle:
+            sock.close()
 
     def __enter__(self) -> WorkerClient:
         return self

@@ -11,8 +11,8 @@ reports what is really in effect under ``runtime`` in its READY line and its
 
 Loads and checks the app (exit 2 with a ``CRITICAL`` line on stderr when the
 model does not match its manifest or cannot be loaded), runs one self-check
-request, then listens with :class:`multiprocessing.connection.Listener` and
-prints ``READY <json meta>`` as its only stdout line. Every connection gets its
+request, then listens on its Unix socket (:mod:`edge_node.worker.endpoint`:
+wire frames, no pickle) and prints ``READY <json meta>`` as its only stdout line. Every connection gets its
 own thread; ONNX Runtime releases the GIL, so requests run concurrently.
 ``AIDC_WORKER_AUTHKEY`` (hex) turns on the HMAC handshake; the socket is 0600
 either way. ``AIDC_ORT_SPIN=1`` lets ONNX Runtime's threads busy-wait when
@@ -30,19 +30,16 @@ import ctypes
 import json
 import logging
 import os
-import pickle
 import signal
-import stat
 import sys
 import threading
 import time
-from multiprocessing.connection import Listener, answer_challenge, deliver_challenge
 from pathlib import Path
 
 from cloud_sync.errors import PackageError
 
 from ..resources.slices import WorkerSettings, add_arguments, from_args
-from .client import PROTOCOL
+from .endpoint import UnixListener, serve_connection
 from .errors import ModelMismatch
 from .handler import Handler
 from .loader import UnusableSettings, load_app
@@ -70,55 +67,15 @@ def _die_with_parent() -> None:
         raise _Stop()
 
 
-def _serve_conn(conn, handler: Handler, authkey: bytes | None) -> None:
-    try:
-        if authkey:
-            deliver_challenge(conn, authkey)
-            answer_challenge(conn, authkey)
-        while True:
-            try:
-                data = conn.recv_bytes()
-            except EOFError:
-                return
-            try:
-                msg = pickle.loads(data)
-            except Exception as err:  # framing is intact; say so and go on
-                reply = {"ok": False, "status": 400, "error": f"undecodable request: {err}"}
-            else:
-                reply = handler.handle(msg)
-            try:
-                out = pickle.dumps(reply, protocol=PROTOCOL)
-            except Exception as err:
-                out = pickle.dumps({"ok": False, "status": 500,
-                                    "error": f"unsendable reply: {err}"}, protocol=PROTOCOL)
-            conn.send_bytes(out)
-    except Exception as err:  # peer went away or failed the handshake
-        logger.debug("connection closed: %s", err)
-    finally:
-        conn.close()
-
-
-def _listen(path: Path) -> Listener:
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise OSError(f"{path} exists and is not a socket")
-        path.unlink()
-    old = os.umask(0o077)
-    try:
-        return Listener(str(path), family="AF_UNIX")
-    finally:
-        os.umask(old)
-
-
 def serve(handler: Handler, path: Path, authkey: bytes | None, meta: dict) -> None:
-    listener = _listen(path)
+    listener = UnixListener(path)
     print("READY " + json.dumps(meta), flush=True)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stdout is done; keep the pipe quiet
     logger.info("serving %s %s on %s (pid %d)", meta["name"], meta["version"], path, os.getpid())
     try:
         while True:
             conn = listener.accept()
-            threading.Thread(target=_serve_conn, args=(conn, handler, authkey),
+            threading.Thread(target=serve_connection, args=(conn, handler, authkey),
                              name="conn", daemon=True).start()
     except _Stop:
         pass

@@ -47,15 +47,27 @@ NP_TO_V2 = {
 V2_TO_NP = {v: k for k, v in NP_TO_V2.items()}
 
 
+_NAMES: dict[np.dtype, str] = {}  # dtype.name is slow (Python code in numpy 2): cache it
+_V2: dict[np.dtype, str] = {}
+
+
 def np_name(dtype: np.dtype) -> str:
     """The manifest spelling of a numpy dtype; str/bytes/object arrays are ``string``."""
-    if dtype.kind in "OUS":
-        return "string"
-    return dtype.name
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = "string" if dtype.kind in "OUS" else dtype.name
+        if len(_NAMES) < 256:
+            _NAMES[dtype] = name
+    return name
 
 
 def v2_datatype(dtype: np.dtype) -> str:
-    return NP_TO_V2.get(np_name(dtype), dtype.name.upper())
+    v2 = _V2.get(dtype)
+    if v2 is None:
+        v2 = NP_TO_V2.get(np_name(dtype), dtype.name.upper())
+        if len(_V2) < 256:
+            _V2[dtype] = v2
+    return v2
 
 
 @dataclass(frozen=True)
