@@ -118,6 +118,24 @@ class ReportedState(Message):
     outbox_pending: int = 0
 
 
+class StreamStatus(Message):
+    """Retained on ``nodes/<id>/streams/<stream_id>/status``: one camera's state."""
+
+    node_id: str
+    stream_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    app: str
+    url: str = Field(description="credentials masked")
+    state: Literal["connecting", "online", "offline", "ended", "failed", "stopped", "removed"]
+    error: str | None = None
+    since: float
+    ts: float = Field(default_factory=now)
+    attempt: int = Field(default=0, ge=0)
+    retry_in: float | None = None
+    fps: float = 0.0
+    processed_fps: float = 0.0
+    target_fps: float
+
+
 # -- durable uplink (outbox) -----------------------------------------------
 
 

@@ -86,6 +86,24 @@ class Topics:
     def blob_chunk(self, node_id: str) -> str:
         return self.node(node_id, "blob/chunk")
 
+    def stream_status(self, node_id: str, stream_id: str) -> str:
+        """Retained status of one camera stream of a node."""
+        if not NODE_ID_RE.match(stream_id or ""):
+            raise ValueError(f"invalid stream id {stream_id!r}")
+        return f"{self.root}/nodes/{validate_node_id(node_id)}/streams/{stream_id}/status"
+
+    def all_stream_status(self) -> str:
+        return f"{self.root}/nodes/+/streams/+/status"
+
+    def parse_stream_status(self, topic: str) -> tuple[str, str]:
+        """``(node_id, stream_id)`` of a stream status topic, or MessageRejected."""
+        head = f"{self.root}/nodes/"
+        p = topic[len(head):].split("/") if topic.startswith(head) else []
+        if (len(p) != 4 or p[1] != "streams" or p[3] != "status"
+                or not NODE_ID_RE.match(p[0]) or not NODE_ID_RE.match(p[2])):
+            raise MessageRejected("bad_topic", f"not a stream status topic: {topic!r}")
+        return p[0], p[2]
+
     # -- subscription filters --------------------------------------------
     def all_nodes(self, kind: str) -> str:
         """Filter matching ``kind`` for every node: ``<root>/nodes/+/<kind>``."""

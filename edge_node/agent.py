@@ -46,6 +46,8 @@ from .scheduling.scheduler import Scheduler
 from .serving.registry import AppRegistry, ServedApp
 from .serving.v2 import make_v2_blueprint
 from .store import NodeStore
+from .streams import StreamManager
+from .streams.adapters import worker_classify
 from .worker.supervisor import WorkerSupervisor
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,10 @@ class NodeAgent:
             inference_load=InferenceLoad(self.supervisor.status, self.placement.snapshot),
             on_event=lambda t, data: self.emit_event(
                 t, severity="warning" if t == "job_failed" else "info", data=data))
+        self.streams = StreamManager(worker_classify(self._stream_client),
+                                     on_result=self._on_stream_result,
+                                     on_status=self._on_stream_status)
+        self._stream_labels: dict[str, str | None] = {}
         self.flask = Flask("edge_node")
         self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
         self.flask.register_blueprint(make_v2_blueprint(
@@ -118,6 +124,39 @@ class NodeAgent:
         he = app.manifest.learning.hard_examples
         threshold = he.threshold if he.policy == "confidence" else None
         self.capture.on_result(app.name, app.version, threshold, result, tensor, image, source)
+
+    # -- camera streams ------------------------------------------------------
+    def _stream_client(self, app: str):
+        a = self.registry.get(app)
+        return a.client if a is not None and a.ready else None
+
+    def _on_stream_result(self, stream_id: str, app: str, result: dict, frame_ts: float) -> None:
+        """Every result is recorded (batched, off the frame path); an event goes
+        to the cloud when a stream's label changes, not for every frame."""
+        served = self.registry.get(app)
+        version = served.version if served else ""
+        self.capture.on_result(app, version, None, result, None, None, source=stream_id)
+        label = result.get("label")
+        if self._stream_labels.get(stream_id) != label:
+            self._stream_labels[stream_id] = label
+            self.emit_event("stream_label", app=app, data={
+                "stream_id": stream_id, "frame_ts": frame_ts, "label": label,
+                "score": result.get("score")})
+
+    def _on_stream_status(self, stream_id: str, status: dict) -> None:
+        topic = self.topics.stream_status(self.cfg.node_id, stream_id)
+        if status.get("state") == "removed":
+            self.conn.publish(topic, b"", qos=1, retain=True)  # clears the retained status
+            return
+        fields = schemas.StreamStatus.model_fields
+        msg = schemas.StreamStatus(node_id=self.cfg.node_id, stream_id=stream_id,
+                                   **{k: v for k, v in status.items()
+                                      if k in fields and k not in ("node_id", "stream_id", "ts")})
+        self.conn.publish(topic, msg.to_bytes(), qos=1, retain=True)
+
+    def _republish_streams(self) -> None:
+        for sid, st in self.streams.stats().items():
+            self._on_stream_status(sid, st)
 
     def emit_event(self, type: str, severity: str = "info", app: str | None = None,
                    data: dict | None = None) -> None:
@@ -169,6 +208,7 @@ class NodeAgent:
             "mqtt": _copy(self.conn.stats),
             "fetcher": _copy(self.fetcher.stats),
             "training": self.scheduler.status(),
+            "streams": self.streams.stats(),
         }
 
     def start(self) -> None:
@@ -180,6 +220,8 @@ class NodeAgent:
         self._http, self._http_thread = serve(self.flask, self.cfg.http.host, self.cfg.http.port)
         self.reconciler.start()
         self.scheduler.start()
+        self.streams.start(self.cfg.streams)
+        self.conn.on_connect(self._republish_streams)
         self.conn.subscribe(self.topics.desired(self.cfg.node_id),
                             self.reconciler.on_desired_message)
         self.reporter.start()
@@ -192,6 +234,7 @@ class NodeAgent:
         self.reporter.stop()
         if self._http:
             self._http.shutdown()
+        self.streams.stop()
         self.reconciler.stop()
         self.scheduler.stop()
         self.jobs.close()

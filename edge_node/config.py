@@ -17,6 +17,7 @@ from cloud_sync.topics import validate_node_id
 
 from .errors import ConfigError
 from .scheduling.config import ScheduleConfig
+from .streams.config import StreamConfig, validate_streams
 
 
 class _Strict(BaseModel):
@@ -88,6 +89,8 @@ class NodeConfig(_Strict):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     scheduling: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    #: camera streams, see docs/streams.md
+    streams: list[StreamConfig] = Field(default_factory=list)
     #: public keys (PEM or raw-32-byte files) of publishers whose apps we run;
     #: every *.pub in <data_dir>/trusted_keys is trusted as well
     trusted_keys: list[Path] = Field(default_factory=list)
@@ -96,6 +99,11 @@ class NodeConfig(_Strict):
     @classmethod
     def _node_id(cls, v: str) -> str:
         return validate_node_id(v)
+
+    @field_validator("streams")
+    @classmethod
+    def _streams(cls, v: list[StreamConfig]) -> list[StreamConfig]:
+        return validate_streams(v)
 
 
 def _fmt(err: ValidationError) -> str:

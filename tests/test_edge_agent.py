@@ -201,3 +201,56 @@ def test_a_training_job_runs_in_its_window_and_reports_to_the_cloud(loop, tmp_pa
     assert any(j["job_id"] == job.job_id and j["state"] == "done" for j in training["jobs"])
     wait_until(lambda: jget(f"{store.url}{API}/events?node=site-1&type=job_done")["events"],
                timeout=20)
+
+
+def test_camera_streams_run_on_the_node_and_report_status(loop, digits_dir, tmp_path,
+                                                          broker, prefix):  # noqa: F811
+    """A site's cameras on a real node: a video file is classified by the app's
+    worker, every frame is accounted for, a dead camera is offline with why, and
+    both statuses are retained on MQTT for the cloud."""
+    import queue as _q
+
+    import cv2
+
+    from cloud_sync.connection import MqttConnection
+    from cloud_sync.topics import Topics
+    from tests.models import digit_png
+
+    video = tmp_path / "digits.avi"
+    X = np.load(digits_dir / "heldout.npz")["X_test"]
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 32))
+    for x in X[:20]:
+        w.write(cv2.imdecode(np.frombuffer(digit_png(x), np.uint8), cv2.IMREAD_COLOR))
+    w.release()
+    store, node = loop
+    agent = node(streams=[
+        {"id": "cam-1", "url": str(video), "app": "digits", "fps": 10, "loop": True},
+        {"id": "cam-dead", "url": "rtsp://127.0.0.1:1/none", "app": "digits", "fps": 5,
+         "open_timeout": 2},
+    ])
+    _publish_version(store, digits_dir, tmp_path, "1.0.0")
+    assign(store, "1.0.0")
+    wait_until(lambda: _ready(store, "1.0.0"), timeout=60)
+    wait_until(lambda: agent.streams.stats()["cam-1"]["processed"] >= 10, timeout=30)
+    st = agent.streams.stats()
+    assert st["cam-1"]["unexplained"] == 0
+    assert st["cam-dead"]["state"] in ("offline", "connecting") and st["cam-dead"]["error"]
+    got: _q.Queue = _q.Queue()
+    probe = MqttConnection("probe-streams", broker.host, broker.port)
+    probe.subscribe(Topics(prefix).all_stream_status(), lambda t, p, r: got.put((t, p)))
+    probe.start()
+    seen = {}
+    try:
+        deadline = time.monotonic() + 15
+        while len(seen) < 2 and time.monotonic() < deadline:
+            try:
+                t, p = got.get(timeout=0.5)
+            except _q.Empty:
+                continue
+            msg = schemas.parse(schemas.StreamStatus, p)
+            seen[msg.stream_id] = msg.state
+    finally:
+        probe.stop()
+    assert seen.get("cam-1") == "online" and seen.get("cam-dead") in ("offline", "connecting")
+    wait_until(lambda: jget(f"{store.url}{API}/events?node=site-1&type=stream_label")["events"],
+               timeout=20)
