@@ -193,6 +193,8 @@ class NodeAgent:
             "capture": _copy(self.capture.stats),
             "rejected": _copy(self.reconciler.rejected),
             "serving": {},
+            "streams": self.streams.stats(),
+            "cards": self.cards_state(),
         }
 
     def status(self) -> dict:

@@ -97,6 +97,19 @@ class NodeCollector:
         yield _counter("aidc_rejected", "rejected messages and packages, by reason",
                        [([k], float(v)) for k, v in s.get("rejected", {}).items()],
                        labels=["reason"])
+        streams = s.get("streams", {})
+        yield _gauge("aidc_stream_up", "1 while a camera stream delivers frames",
+                     [([sid, st.get("app", "")], 1.0 if st.get("state") == "online" else 0.0)
+                      for sid, st in streams.items()], labels=["stream", "app"])
+        buckets = ("captured", "processed", "failed", "dropped_capture", "dropped_inflight",
+                   "dropped_torn", "dropped_stopped", "lost", "unexplained")
+        yield _counter("aidc_stream_frames", "camera frames by what became of them",
+                       [([sid, b], float(st.get(b, 0))) for sid, st in streams.items()
+                        for b in buckets], labels=["stream", "bucket"])
+        cards = s.get("cards", [])
+        yield _gauge("aidc_card_slices", "slices allocated on a card",
+                     [([c["id"]], float(len((c.get("allocation") or {}).get("slices", []))))
+                      for c in cards], labels=["card"])
         for extra in s.get("extra_metrics", []):
             yield from extra()
 
