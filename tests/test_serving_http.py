@@ -407,3 +407,20 @@ def test_shutdown_closes_the_port(env):
     server.shutdown()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_per_app_counters_for_metrics(env):
+    """Requests, errors and a latency histogram per app, for /metrics and the status page."""
+    svc = env.server.service
+    before = svc.stats().get("digits", {"requests": 0, "errors": 0})
+    c = conn(env.port)
+    for i in range(5):
+        assert call(c, "POST", "/v2/models/digits/infer", infer_body(env.x[i:i + 1]))[0] == 200
+    assert call(c, "POST", "/v2/models/digits/classify", digit_png(env.x[0]))[0] == 200
+    assert call(c, "POST", "/v2/models/digits/classify", b"junk")[0] == 400
+    after = svc.stats()["digits"]
+    assert after["requests"] - before["requests"] == 7
+    assert after["errors"] == before["errors"]  # a 400 is the caller's fault, not an error
+    buckets = after["latency_seconds_buckets"]
+    assert buckets["+Inf"] == after["requests"] and after["latency_seconds_sum"] > 0
+    assert list(buckets.values()) == sorted(buckets.values())

@@ -103,3 +103,21 @@ def test_handshake_needs_the_same_key_on_both_sides(server_key, client_key, ok):
     t.join()
     a.close()
     b.close()
+
+
+def test_a_worker_runs_no_more_sessions_at_once_than_its_cores_hold():
+    """N callers on a 1-thread session use the worker's cores, never oversubscribe them."""
+    import os
+
+    import onnxruntime as ort
+
+    from edge_node.worker.handler import run_slots
+    from tests.models import _sample_dir
+
+    cores = len(os.sched_getaffinity(0))
+    for threads, want in ((1, cores), (cores, 1), (0, 1)):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(_sample_dir() / "model.onnx"), opts,
+                                    providers=["CPUExecutionProvider"])
+        assert run_slots(sess) == want

@@ -384,6 +384,14 @@ class HttpServer:
             aw = self._workers[client] = AsyncWorker(client, self.loop)
         return aw
 
+    async def _ask_timed(self, app, t0: float, msg: dict, blocking) -> dict:
+        """:meth:`_ask`, counting a failure in the app's stats."""
+        try:
+            return await self._ask(app, msg, blocking)
+        except V2Error as err:
+            self.service.record(app.name, err.status, time.perf_counter() - t0)
+            raise
+
     async def _ask(self, app, msg: dict, blocking) -> dict:
         aw = self._worker(app.client)
         try:
@@ -401,6 +409,7 @@ class HttpServer:
         aw = self._worker(call.app.client)
         if aw is None:
             return self._infer(req, name, version)
+        t0 = time.perf_counter()
 
         def done(reply: dict | None, err: Exception | None) -> None:
             hook = None
@@ -416,6 +425,7 @@ class HttpServer:
                 answer = error_reply(verr)
             except Exception as exc:
                 answer = internal_error(req, exc)
+            svc.record(call.app.name, answer.status, time.perf_counter() - t0)
             conn.finish(req, answer, hook)
 
         aw.submit({"op": "infer", "inputs": call.inputs, "outputs": call.ask}, done)
@@ -431,6 +441,7 @@ class HttpServer:
             return self._classify(req, name, version)
         image = req.body
         app = svc.classify_request(name, version, image)
+        t0 = time.perf_counter()
 
         def done(reply: dict | None, err: Exception | None) -> None:
             hook = None
@@ -443,6 +454,7 @@ class HttpServer:
                 answer = error_reply(worker_error(app, werr))
             except Exception as exc:
                 answer = internal_error(req, exc)
+            svc.record(app.name, answer.status, time.perf_counter() - t0)
             conn.finish(req, answer, hook)
 
         aw.submit({"op": "classify", "image": image}, done)
@@ -453,8 +465,11 @@ class HttpServer:
         hdr = req.headers.get(b"inference-header-content-length")
         call = svc.infer_request(name, version, req.body, hdr.decode() if hdr else None)
         app = call.app
-        reply = await self._ask(app, {"op": "infer", "inputs": call.inputs, "outputs": call.ask},
-                                lambda: {"outputs": app.client.infer(call.inputs, call.ask)})
+        t0 = time.perf_counter()
+        reply = await self._ask_timed(app, t0, {"op": "infer", "inputs": call.inputs,
+                                                "outputs": call.ask},
+                                      lambda: {"outputs": app.client.infer(call.inputs, call.ask)})
+        svc.record(app.name, 200, time.perf_counter() - t0)
         outputs = reply["outputs"]
         return svc.infer_reply(call, outputs), (svc.report_infer, call, outputs)
 
@@ -471,7 +486,9 @@ class HttpServer:
             result, tensor = app.client.classify(image)
             return {"result": result, "input": tensor}
 
-        reply = await self._ask(app, {"op": "classify", "image": image}, blocking)
+        t0 = time.perf_counter()
+        reply = await self._ask_timed(app, t0, {"op": "classify", "image": image}, blocking)
+        svc.record(app.name, 200, time.perf_counter() - t0)
         result = reply["result"]
         return svc.classify_reply(app, result), (svc.report_classify, app, result,
                                                  reply["input"], image)

@@ -14,8 +14,10 @@ answered as ``{"error": message}``.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +80,29 @@ def _manifest_tensors(specs) -> list[dict]:
             for t in specs]
 
 
+#: upper bounds (seconds) of the per-app latency histogram buckets (+Inf implied)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class AppStats:
+    """Counters of one app's inference requests (infer + classify)."""
+
+    __slots__ = ("requests", "errors", "buckets", "latency_sum")
+
+    def __init__(self) -> None:
+        self.requests = self.errors = 0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def snapshot(self) -> dict:
+        cum, total = {}, 0
+        for le, n in zip((*LATENCY_BUCKETS, "+Inf"), self.buckets, strict=True):
+            total += n
+            cum[str(le)] = total
+        return {"requests": self.requests, "errors": self.errors,
+                "latency_seconds_sum": self.latency_sum, "latency_seconds_buckets": cum}
+
+
 class V2Service:
     def __init__(self, registry, *, max_body_bytes: int = 16 << 20, strict_readiness: bool = True,
                  server_name: str = "aidc-edge", server_version: str = "0.1.0") -> None:
@@ -86,6 +111,28 @@ class V2Service:
         self.strict_readiness = strict_readiness
         self.server_name, self.server_version = server_name, server_version
         self._meta_cache: dict[tuple[str, str], dict] = {}
+        self._stats: dict[str, AppStats] = {}
+        self._stats_lock = threading.Lock()
+
+    # -- per-app counters (for /metrics and the status page) -------------------
+    def record(self, app: str, status: int, seconds: float) -> None:
+        """Count one answered infer/classify request of ``app``; 5xx counts as an error."""
+        st = self._stats.get(app)
+        if st is None:
+            with self._stats_lock:
+                st = self._stats.setdefault(app, AppStats())
+        st.requests += 1
+        if status >= 500:
+            st.errors += 1
+        st.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        st.latency_sum += seconds
+
+    def stats(self) -> dict[str, dict]:
+        """``{app: {"requests", "errors", "latency_seconds_sum", "latency_seconds_buckets"}}``
+        (buckets cumulative, Prometheus style, keyed by upper bound)."""
+        with self._stats_lock:
+            items = list(self._stats.items())
+        return {name: st.snapshot() for name, st in items}
 
     # -- lookups -------------------------------------------------------------
     def find(self, name: str, version: str | None, need_ready: bool = False) -> ServedApp:

@@ -33,6 +33,7 @@ as the raw body (any content type but multipart) or as multipart field ``file``.
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -76,10 +77,15 @@ def make_v2_blueprint(registry, *, max_body_bytes: int = 16 << 20, strict_readin
         return _resp(json_reply({"error": f"internal error: {type(err).__name__}: {err}"}, 500))
 
     def call(app, fn, *args):
+        t0 = time.perf_counter()
         try:
-            return fn(*args)
+            out = fn(*args)
         except (WorkerError, WorkerUnavailable) as err:
-            raise worker_error(app, err) from None
+            v2err = worker_error(app, err)
+            svc.record(app.name, v2err.status, time.perf_counter() - t0)
+            raise v2err from None
+        svc.record(app.name, 200, time.perf_counter() - t0)
+        return out
 
     def body_bytes() -> bytes:
         if request.content_length is not None and request.content_length > max_body_bytes:

@@ -9,6 +9,7 @@ is at fault (names, shapes, dtypes, unreadable image), 500 otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -28,6 +29,26 @@ from .tensors import check_feeds, check_outputs
 logger = logging.getLogger(__name__)
 
 
+UNLIMITED = 64
+
+
+def run_slots(session) -> int:
+    """Concurrent runs that fit the cores this process may use: cores // intra-op threads.
+
+    Each ``session.run`` with N intra-op threads keeps N cores busy; letting more
+    callers in at once only time-slices them (the B2 penalty of issue 3), so
+    the rest wait their turn. A GPU session is not limited.
+    """
+    try:
+        if "CPUExecutionProvider" != session.get_providers()[0]:
+            return UNLIMITED
+        threads = session.get_session_options().intra_op_num_threads
+    except Exception:  # a stand-in session in tests
+        return UNLIMITED
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, threads or cores or 1))
+
+
 class Handler:
     def __init__(self, app: LoadedApp) -> None:
         self.app = app
@@ -36,6 +57,11 @@ class Handler:
         #: input signatures (name, dtype, shape) already checked against the model
         self._valid: set[tuple] = set()
         self._all_outputs = check_outputs(None, app.outputs)
+        #: at most this many runs at once: more would only oversubscribe the worker's cores
+        self.max_concurrent = run_slots(app.session)
+        self._slots = (contextlib.nullcontext() if self.max_concurrent >= UNLIMITED
+                       else threading.Lock() if self.max_concurrent == 1  # C-level, cheapest
+                       else threading.BoundedSemaphore(self.max_concurrent))
         m = app.manifest
         self.can_classify = m.preprocess is not None and m.postprocess is not None
         if self.can_classify:
@@ -78,7 +104,8 @@ class Handler:
 
     def _run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return self.app.session.run(names, feeds)
+            with self._slots:
+                return self.app.session.run(names, feeds)
         except InvalidArgument as err:
             raise BadInput(f"the model rejected the input: {err}") from err
 
