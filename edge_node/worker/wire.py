@@ -303,26 +303,24 @@ def _recv_into(sock, mv: memoryview) -> None:
 
 def read_frame(sock, first: int = 65536) -> bytearray | None:
     """One whole frame (a writable buffer), or None at a clean end of stream."""
-    buf = bytearray(first)
-    n = sock.recv_into(buf)
-    if not n:
+    data = sock.recv(first)  # one syscall, no zero-filled buffer: the common small frame
+    if not data:
         return None
+    n = len(data)
     while n < 8:
-        k = sock.recv_into(memoryview(buf)[n:])
-        if not k:
+        more = sock.recv(first)
+        if not more:
             raise EOFError("connection closed mid-frame")
-        n += k
-    total = frame_length(buf)
+        data += more
+        n = len(data)
+    total = frame_length(data)
     if n > total:
         raise FrameError("bytes after the frame (requests must wait for their reply)")
-    if total <= first:
-        _recv_into(sock, memoryview(buf)[n:total])
-        del buf[total:]
-        return buf
-    big = bytearray(total)
-    big[:n] = memoryview(buf)[:n]
-    _recv_into(sock, memoryview(big)[n:])
-    return big
+    buf = bytearray(total) if n < total else bytearray(data)
+    if n < total:
+        buf[:n] = data
+        _recv_into(sock, memoryview(buf)[n:])
+    return buf
 
 
 # --- handshake ----------------------------------------------------------------
