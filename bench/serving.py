@@ -21,7 +21,7 @@ Ours, on the same model and input:
 - **werkzeug (before)**: the same Flask app on werkzeug's threaded server, one
   caller: what the node served with before this path existed.
 
-Latency rows (one caller) use a worker with all cores (as B0); throughput rows
+Latency rows (one caller) use a worker with all cores (as B0, but no spinning); throughput rows
 (``--callers`` callers) a worker with one intra-op thread (as B1). Each scenario
 runs ``--reps`` times, interleaved; the table gives the median and min-max.
 Before each row the run waits (``--max-busy``, ``--quiet-budget``) for other
@@ -76,6 +76,13 @@ def app_dir_for(model: models.BenchModel, dst: Path) -> Path:
     return dst
 
 
+def worker_env(threads: int) -> dict:
+    """Workers run with ORT's pool spinning off (the node's default). Spinning, ORT's own
+    default and what B0 gets, was measured here too: on these 2 shared cores a spinning
+    worker pool starves the HTTP server and the client, MobileNetV2 p50 went 16.5 -> 27.6 ms."""
+    return {"AIDC_ORT_SPIN": "0"}
+
+
 def serve(app_dir: Path, run_dir: Path, threads: int, frontend: str) -> None:
     """Server process: supervisor + worker + the agent's HTTP stack; prints its port."""
     from flask import Flask
@@ -89,7 +96,7 @@ def serve(app_dir: Path, run_dir: Path, threads: int, frontend: str) -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     manifest = load_manifest(json.loads((app_dir / "manifest.json").read_text()))
     sup = WorkerSupervisor(run_dir)
-    client = sup.start(manifest.name, app_dir, threads=threads)
+    client = sup.start(manifest.name, app_dir, threads=threads, env=worker_env(threads))
     labels = app_dir / "labels.txt"
     registry = AppRegistry(result_callback=lambda *a: None)  # the hook runs, as in the agent
     registry.add(ServedApp(manifest.name, manifest.version, "bench", manifest, client,
@@ -207,7 +214,7 @@ def scenarios(model: models.BenchModel, app_dir: Path, x: np.ndarray, args) -> d
         quiet()
         sup = WorkerSupervisor(run_dir)
         try:
-            client = sup.start(name, app_dir, threads=threads)
+            client = sup.start(name, app_dir, threads=threads, env=worker_env(threads))
             rows[f"in-process WorkerClient, {callers} thread(s)"] = cl(
                 CallableTarget(_client_factory(client, inp), x, label="inproc"), callers, secs,
                 mode="thread")

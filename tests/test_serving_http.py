@@ -424,3 +424,11 @@ def test_per_app_counters_for_metrics(env):
     buckets = after["latency_seconds_buckets"]
     assert buckets["+Inf"] == after["requests"] and after["latency_seconds_sum"] > 0
     assert list(buckets.values()) == sorted(buckets.values())
+
+
+def test_head_requests_get_headers_only(env):
+    """HEAD (through Flask) answers the headers of GET and no body, keeping the connection."""
+    c = conn(env.port)
+    status, body, resp = call(c, "HEAD", "/v2/models/digits")
+    assert status == 200 and body == b"" and int(resp.getheader("Content-Length")) > 0
+    assert call(c, "GET", "/v2/health/live")[0] == 200

@@ -150,6 +150,7 @@ class AsyncWorker:
     async def _connect(self) -> _Conn:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
+        wire.tune(sock)
         try:
             async with asyncio.timeout(self.timeout):
                 await self.loop.sock_connect(sock, self.socket_path)

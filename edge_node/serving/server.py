@@ -195,7 +195,7 @@ class _Conn(asyncio.Protocol):
                 continue  # the server calls finish() when the worker answers
             if isinstance(out, Reply):
                 self.busy = False
-                self._write(out, req.keep_alive)
+                self._write(out, req.keep_alive, req.method == b"HEAD")
                 continue
             self.server.loop.create_task(self._finish(req, out))
         if self.paused and len(self.queue) < MAX_PIPELINE // 2 and not self.closing:
@@ -215,18 +215,18 @@ class _Conn(asyncio.Protocol):
 
     def finish(self, req: _Request, reply: Reply, hook: tuple | None = None) -> None:
         """Answer ``req`` (the one in progress), run its result hook, go on with the next."""
-        self._write(reply, req.keep_alive)
+        self._write(reply, req.keep_alive, req.method == b"HEAD")
         self.busy = False
         if hook is not None:
             self.server.loop.call_soon(*hook)
         self._next()
 
-    def _write(self, reply: Reply, keep_alive: bool) -> None:
+    def _write(self, reply: Reply, keep_alive: bool, head_only: bool = False) -> None:
         if self.transport.is_closing():
             return
-        body = reply.body
+        body = b"" if head_only else reply.body
         head = b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s" % (
-            _status_line(reply.status), reply.content_type.encode("latin-1"), len(body),
+            _status_line(reply.status), reply.content_type.encode("latin-1"), len(reply.body),
             self.server.date_header())
         if reply.headers:
             head += "".join(f"{k}: {v}\r\n" for k, v in reply.headers).encode("latin-1")
@@ -508,9 +508,10 @@ class HttpServer:
     async def _wsgi(self, req: _Request, transport) -> Reply:
         if self.wsgi_app is None:
             return json_reply({"error": "not found"}, 404)
-        sock = (self.host, self.server_port)
+        sock = (self.host, self.server_port)  # HEAD runs as GET; _write drops the body
         peer = transport.get_extra_info("peername") if transport is not None else None
-        env = environ_for(req.method.decode("latin-1"), req.target, req.headers, req.body,
+        method = "GET" if req.method == b"HEAD" else req.method.decode("latin-1")
+        env = environ_for(method, req.target, req.headers, req.body,
                           sock, peer, req.version)
         status, _, headers, body = await self.loop.run_in_executor(
             self._pool, call_wsgi, self.wsgi_app, env)

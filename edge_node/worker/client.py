@@ -58,6 +58,7 @@ class WorkerClient:
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
+        wire.tune(sock)
         try:
             sock.connect(self.socket_path)
             wire.client_handshake(sock, self._authkey)

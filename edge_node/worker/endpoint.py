@@ -67,6 +67,7 @@ def reply_frame(handler, frame) -> list:
 def serve_connection(sock: socket.socket, handler, authkey: bytes | None) -> None:
     """Serve one client connection until it closes (run in a thread per connection)."""
     try:
+        wire.tune(sock)
         sock.settimeout(HANDSHAKE_TIMEOUT)
         wire.server_handshake(sock, authkey)
         sock.settimeout(None)
