@@ -107,9 +107,10 @@ class NodeAgent:
         self._stream_labels: dict[str, str | None] = {}
         self.flask = Flask("edge_node")
         self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
-        self.flask.register_blueprint(make_v2_blueprint(
-            self.registry, max_body_bytes=cfg.http.max_body_mb << 20,
-            server_version=__version__))
+        v2 = make_v2_blueprint(self.registry, max_body_bytes=cfg.http.max_body_mb << 20,
+                               server_version=__version__)
+        self.v2_service = v2.v2_service
+        self.flask.register_blueprint(v2)
         self.flask.register_blueprint(make_local_blueprint(self))
         self.metrics = make_registry(self.metrics_snapshot)
         self._http = None
@@ -192,7 +193,7 @@ class NodeAgent:
             "outbox": self.outbox.stats(),
             "capture": _copy(self.capture.stats),
             "rejected": _copy(self.reconciler.rejected),
-            "serving": {},
+            "serving": self.v2_service.stats(),
             "streams": self.streams.stats(),
             "cards": self.cards_state(),
         }

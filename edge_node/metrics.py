@@ -14,7 +14,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -66,6 +70,16 @@ class NodeCollector:
             rows = [([app], float(v.get(key, 0))) for app, v in s.get("serving", {}).items()]
             yield _counter(name, help_, rows, labels=["app"])
 
+        hist = HistogramMetricFamily("aidc_app_request_seconds",
+                                     "inference request latency at the node's HTTP front",
+                                     labels=["app"])
+        for app, v in s.get("serving", {}).items():
+            buckets = v.get("latency_seconds_buckets")
+            if buckets:
+                hist.add_metric([app], [(_le(k), float(c)) for k, c in buckets.items()],
+                                float(v.get("latency_seconds_sum", 0.0)))
+        yield hist
+
         workers = s.get("workers", {})
         yield _counter("aidc_worker_restarts", "worker restarts",
                        [([k], float(w.get("restarts", 0))) for k, w in workers.items()],
@@ -112,6 +126,12 @@ class NodeCollector:
                       for c in cards], labels=["card"])
         for extra in s.get("extra_metrics", []):
             yield from extra()
+
+
+def _le(bound) -> str:
+    """A bucket's upper bound as Prometheus writes it (``+Inf`` for infinity)."""
+    f = float(bound)
+    return "+Inf" if f == float("inf") else repr(f)
 
 
 def _gauge(name: str, help_: str, rows, labels: list[str] | None = None):

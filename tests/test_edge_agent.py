@@ -138,6 +138,9 @@ def test_metrics_are_prometheus_text(loop, digits_dir, tmp_path):  # noqa: F811
     _publish_version(store, digits_dir, tmp_path, "1.0.0")
     assign(store, "1.0.0")
     wait_until(lambda: _ready(store, "1.0.0"), timeout=60)
+    x = np.load(digits_dir / "heldout.npz")["X_test"][:1]
+    for _ in range(3):
+        assert v2_infer(agent.http_url, x)[0] == 200
     status, body = http("GET", f"{agent.http_url}/metrics")
     assert status == 200
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -147,6 +150,8 @@ def test_metrics_are_prometheus_text(loop, digits_dir, tmp_path):  # noqa: F811
     assert samples[("aidc_mqtt_connected", ())] == 1
     assert 10e6 < samples[("aidc_agent_rss_bytes", ())] < 1e9
     assert any(name == "aidc_worker_rss_bytes" and v > 1e6 for (name, _), v in samples.items())
+    assert samples[("aidc_app_requests_total", (("app", "digits"),))] >= 3
+    assert samples[("aidc_app_request_seconds_count", (("app", "digits"),))] >= 3
 
 
 def test_placement_refuses_oversubscription_and_places_when_capacity_frees(
