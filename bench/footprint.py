@@ -51,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--apps", type=int, default=4)
     ap.add_argument("--idle", type=float, default=60.0)
+    ap.add_argument("--streams", type=int, default=4, help="camera streams (video files, 5 fps)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aidc-fp-"))
     port, sport, eport = pick_port(0), pick_port(0), pick_port(0)
@@ -67,9 +68,24 @@ def main() -> None:
         key = SigningKey.load(work / "cloud" / "keys" / "publisher.pem")
         (work / "edge" / "trusted_keys").mkdir(parents=True)
         (work / "edge" / "trusted_keys" / "s.pub").write_bytes(key.public_pem())
-        agent = subprocess.Popen(aidc + ["edge", "run", "--node-id", "fp", "--data-dir",
-                                         str(work / "edge"), "--mqtt-port", str(port),
-                                         "--http-port", str(eport)])
+        streams = []
+        if args.streams:
+            import cv2
+            import numpy as np
+
+            video = work / "cam.avi"
+            w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (320, 240))
+            rng = np.random.default_rng(0)
+            for _ in range(50):
+                w.write(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+            w.release()
+            streams = [{"id": f"cam-{i}", "url": str(video), "app": f"digits-{i % args.apps}",
+                        "fps": 5, "loop": True} for i in range(args.streams)]
+        cfg = work / "node.json"
+        cfg.write_text(json.dumps({"node_id": "fp", "data_dir": str(work / "edge"),
+                                   "mqtt": {"port": port}, "http": {"port": eport},
+                                   "streams": streams}))
+        agent = subprocess.Popen(aidc + ["edge", "run", "--config", str(cfg)])
         procs.append(agent)
         wait_port(eport, 30)
         sample = build_digits_sample(work / "sample")
@@ -96,11 +112,12 @@ def main() -> None:
             peak = max(peak, proc_usage(agent.pid)[0])
         rss1, cpu1 = proc_usage(agent.pid)
         wall = time.monotonic() - t0
-        workers = [proc_usage(p) for p in children(agent.pid)]
-        workers = [w for w in workers if w]
+        kids = children(agent.pid)
+        workers = [u for p in kids if (u := proc_usage(p)) and b"edge_node.worker" in
+                   Path(f"/proc/{p}/cmdline").read_bytes()]
         print(f"# {platform.machine()} {os.cpu_count()} cores, {platform.system()} "
               f"{platform.release()}; python {platform.python_version()}; broker {kind}")
-        print(f"apps: {args.apps} ready; idle window {wall:.0f} s")
+        print(f"apps: {args.apps} ready; streams: {args.streams} x 5 fps; window {wall:.0f} s")
         print(f"management plane (agent): RSS {rss1 / 1e6:.1f} MB (peak {peak / 1e6:.1f} MB), "
               f"CPU {100 * (cpu1 - cpu0) / wall:.2f} % of one core")
         print(f"data plane: {len(workers)} workers, RSS "
