@@ -10,7 +10,7 @@ Nothing here does work of its own; each part owns one job:
 - :class:`~edge_node.reconciler.Reconciler` -- follows the desired state
 - :class:`~edge_node.capture.Capture` -- results and hard examples
 - :class:`~edge_node.reporter.Reporter` -- the retained reported state
-- Flask + werkzeug -- v2 inference protocol and the local API
+- an event-loop HTTP server (uvloop + httptools) -- the v2 inference protocol; Flask for the local API, /metrics
 """
 
 from __future__ import annotations

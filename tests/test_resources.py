@@ -286,9 +286,10 @@ def test_gpu_slice_becomes_cuda_provider_options_and_an_mps_share(tmp_path):
 def test_cpu_slice_settings_reach_the_worker_unchanged_through_its_flags():
     """What the agent decides is what the worker parses: one definition for both."""
     s = Placement([CPU2], reserve_mb=0).place(req("a", 1.0, 300))
-    settings = worker_settings(s)
+    settings = worker_settings(s, spin=True)
     assert (settings.threads, settings.cpus, settings.spin, settings.memory_mb) == (
         2, (0, 1), True, 300)
+    assert worker_settings(s).spin is False  # spinning is opt-in
     args = parse_args(["--app-dir", "x", "--socket", "y", *settings.argv()])
     back = from_args(args, environ={})
     assert back == WorkerSettings(threads=2, cpus=(0, 1), spin=True)

@@ -112,7 +112,7 @@ def test_two_apps_on_half_the_cpu_card_each_run_only_on_their_own_cores(sup, app
         runtime = sup.status()[n]["runtime"]
         assert runtime["affinity"] == list(s.cores)
         assert runtime["intra_op_threads"] == len(s.cores) and runtime["inter_op_threads"] == 1
-        assert runtime["spin"] is True  # its cores are its own
+        assert runtime["spin"] is False  # opt-in only: the agent and clients share the cores
         assert clients[n].meta()["runtime"]["affinity"] == list(s.cores)  # the `meta` op too
 
     x, y = load_test_split(app_dir)

@@ -6,8 +6,10 @@ out. :func:`worker_settings` turns it into :class:`WorkerSettings`:
 * CPU: the worker's CPU affinity (the slice's cores; numpy's and OpenMP's
   pools sized to match), ONNX Runtime
   ``intra_op_num_threads`` = its number of cores, ``inter_op_num_threads`` = 1,
-  and ``session.intra_op.allow_spinning`` on only when its cores are its own
-  (a spinning pool on a shared core steals it from the neighbour);
+  and ``session.intra_op.allow_spinning`` off unless asked for (``spin=True``)
+  and the cores are the slice's own: the agent's HTTP front and clients run
+  on the same cores, and a spinning pool starved them on a 2-core box
+  (MobileNetV2 HTTP p50 27.6 ms vs 16.5 ms, docs/benchmarks.md);
 * GPU: ``CUDAExecutionProvider`` with ``device_id`` and ``gpu_mem_limit`` (then
   CPU for the nodes CUDA lacks), ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so the CUDA
   ordinal is NVML's index, and ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` = the
@@ -132,13 +134,14 @@ def mps_pipe_dir(environ: Mapping[str, str] = os.environ) -> Path | None:
     return None
 
 
-def worker_settings(s: Slice, *, mps_dir: Path | None | object = _DETECT) -> WorkerSettings:
+def worker_settings(s: Slice, *, spin: bool = False,
+                    mps_dir: Path | None | object = _DETECT) -> WorkerSettings:
     """The settings that make slice ``s`` real in its worker (``mps_dir``: test seam)."""
     if s.kind == "cpu":
         threads = 1 if s.shared else len(s.cores)
         # numpy's BLAS and OpenMP pools would otherwise start one thread per core of the box
         pools = {"OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
-        return WorkerSettings(threads=threads, cpus=tuple(s.cores), spin=not s.shared,
+        return WorkerSettings(threads=threads, cpus=tuple(s.cores), spin=spin and not s.shared,
                               memory_mb=s.memory_mb, env=pools)
     mps = mps_pipe_dir() if mps_dir is _DETECT else mps_dir
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
