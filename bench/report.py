@@ -70,8 +70,9 @@ def render(mach, models, ms: dict[str, Measured], reps, sweep, loads, pairs, noi
            + "; throughput in inferences/s, latency in ms, one sample per request.", "",
            models_table(models), ""]
     out += _b012(models, ms)
-    out += _sweep(models, ms, sweep, sut, sut_models)
-    out += _poisson(models, ms, loads, sut)
+    if any(k.endswith("/pinned x1") for k in ms):
+        out += _sweep(models, ms, sweep, sut, sut_models)
+        out += _poisson(models, ms, loads, sut)
     out += _halves(ms, [(a, b) for a, b in pairs if f"halves {a}+{b}" in ms])
     out += _noisy(ms, [(v, nb) for v, nb in noisy if f"noisy {v}<-{nb} sliced alone" in ms])
     if sut:

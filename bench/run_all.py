@@ -47,14 +47,13 @@ NOISY = {"full": [("mobilenetv2", "resnet18"), ("digits", "resnet18")],
          "quick": [("squeezenet1_1", "squeezenet1_1")]}
 
 
-def closed_plan(m: BenchModel, d: float, quick: bool, sut: sut_mod.Sut | None) -> dict:
+def closed_plan(m: BenchModel, d: float, sut: sut_mod.Sut | None, basics: bool) -> dict:
     n = len(refs.CORES)
     plan = {f"{m.name}/B0": lambda: refs.b0(m, d),
             f"{m.name}/B1": lambda: refs.b1(m, d),
-            f"{m.name}/B2": lambda: refs.b2(m, d)}
-    if not quick:
-        plan[f"{m.name}/B2 spin off"] = lambda: refs.b2(m, d, spinning=False)
-    for c in SWEEP:
+            f"{m.name}/B2": lambda: refs.b2(m, d),
+            f"{m.name}/B2 spin off": lambda: refs.b2(m, d, spinning=False)}
+    for c in () if basics else SWEEP:
         if c != n:
             plan[f"{m.name}/pinned x{c}"] = lambda c=c: refs.pinned_sweep(m, c, d)
         if c not in (1, n):
@@ -98,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--basics", action="store_true",
+                    help="only B0, B1, B2 and B2 with spinning off (the oversubscription check)")
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(ALL_MODELS))
     ap.add_argument("--sut-url", default=None, help="Open Inference Protocol v2 base URL")
     ap.add_argument("--sut-factory", default=None, help="module:function(model_path) -> fn(x)")
@@ -141,11 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
         d = 1.0 if args.quick else DURATION_S[name]
         s = sut if name in sut_models else None
         print(f"== {name}: {d} s windows, {reps} reps", flush=True)
-        go(closed_plan(m, d, args.quick, s))
-        b1_rate = measured[f"{name}/B1"].stat("throughput")[0]
-        go(poisson_plan(m, d, b1_rate, s))
-    print("== two halves and noisy neighbour", flush=True)
-    go(shared_plan(models, mode))
+        go(closed_plan(m, d, s, args.basics))
+        if not args.basics:
+            b1_rate = measured[f"{name}/B1"].stat("throughput")[0]
+            go(poisson_plan(m, d, b1_rate, s))
+    if not args.basics:
+        print("== two halves and noisy neighbour", flush=True)
+        go(shared_plan(models, mode))
     machine["wall_s"] = round(time.time() - t_start, 1)
     machine["quiet_wait_s"] = round(quiet.waited_s, 1)
     machine["max_foreign"] = args.max_foreign
