@@ -18,7 +18,7 @@ each repetition the run waits (up to --quiet-budget seconds in all) for other
 processes to leave the CPU, redoes (up to --retries in all) a repetition they
 disturbed, and reports what noise remained. Writes bench/out/refs-<time>.json
 and .md (the tables for docs/benchmarks.md) and prints the tables.
---quick: squeezenet + digits, one repetition, 1 s windows (about a minute).
+--quick: squeezenet + digits, one repetition, 1 s windows (about 1.5 minutes).
 """
 
 from __future__ import annotations
