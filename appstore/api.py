@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, jsonify, request, send_file
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from cloud_sync.schemas import ResourceOverride
+from cloud_sync.schemas import ResourceOverride, TrainingSchedule
 
 from . import __version__
 from .blobstore import SHA256_RE
@@ -149,6 +149,22 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
                                  f"{e['msg']}") from err
         ds = ctx.fleet.assign(node_id, name, version, resources)
         return jsonify({"desired": ds.model_dump()})
+
+    @bp.put("/nodes/<node_id>/training")
+    def set_training(node_id: str) -> Any:
+        """Training windows for the node: {"timezone": "Europe/Paris", "windows": [...]}."""
+        try:
+            training = TrainingSchedule.model_validate(_json_body())
+        except ValidationError as err:
+            e = err.errors()[0]
+            where = ".".join(map(str, e["loc"])) or "(body)"
+            raise BadRequest("bad_training", f"{where}: {e['msg']}") from err
+        return jsonify({"desired": ctx.fleet.set_training(node_id, training).model_dump()})
+
+    @bp.delete("/nodes/<node_id>/training")
+    def clear_training(node_id: str) -> Any:
+        """Back to the windows in the node's own config."""
+        return jsonify({"desired": ctx.fleet.set_training(node_id, None).model_dump()})
 
     @bp.delete("/nodes/<node_id>/apps/<name>")
     def unassign(node_id: str, name: str) -> Any:

@@ -201,6 +201,64 @@ def cmd_unassign(args: argparse.Namespace) -> int:
     return 0
 
 
+_WINDOW_KEYS = {"card": "card", "days": "days", "start": "start", "end": "end",
+                "fraction": "training_fraction", "yield": "yield_to_inference"}
+
+
+def _window(text: str) -> dict[str, Any]:
+    """``card=cpu,days=sat,sun,start=20:00,end=06:00,fraction=1[,yield=no]`` -> a
+    window dict (validated by the AppStore). A bare item continues the previous
+    value, so ``days=sat,sun`` keeps both days."""
+    out: dict[str, Any] = {}
+    last = None
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, sep, v = part.partition("=")
+        if not sep and last == "days":
+            out["days"] += "," + part
+            continue
+        if not sep or k.strip() not in _WINDOW_KEYS:
+            raise argparse.ArgumentTypeError(
+                f"bad window item {part!r}: use " + ", ".join(f"{k}=..." for k in _WINDOW_KEYS))
+        last = _WINDOW_KEYS[k.strip()]
+        out[last] = v.strip()
+    if "yield_to_inference" in out:
+        out["yield_to_inference"] = out["yield_to_inference"].lower() in ("1", "yes", "true", "on")
+    return out
+
+
+def cmd_training(args: argparse.Namespace) -> int:
+    api = ApiClient(args.api)
+    if args.clear:
+        ds = api.set_training(args.node, None)["desired"]
+    elif args.file or args.window:
+        body: dict[str, Any] = json.loads(Path(args.file).read_text()) if args.file else {}
+        if args.window:
+            body["windows"] = args.window
+        if args.timezone is not None:
+            body["timezone"] = args.timezone or None
+        ds = api.set_training(args.node, body)["desired"]
+    else:  # show what is wanted and what the node runs
+        node = api.get(f"/nodes/{args.node}")
+        wanted = node["desired"].get("training")
+        in_force = (node.get("reported") or {}).get("training")
+        _out(args, {"desired": wanted, "reported": in_force}, [
+            f"desired: {_fmt_training(wanted) if wanted else 'the node config'}",
+            f"in force on the node: {_fmt_training(in_force) if in_force else 'unknown'}"])
+        return 0
+    t = ds.get("training")
+    print(f"node {args.node}: desired revision {ds['revision']}: training windows "
+          + (_fmt_training(t) if t else "from the node's config"))
+    return 0
+
+
+def _fmt_training(t: dict[str, Any]) -> str:
+    ws = "; ".join(f"{w['card']} {w['days']} {w['start']}-{w['end']} x{w['training_fraction']:g}"
+                   + ("" if w.get("yield_to_inference", True) else " reserved")
+                   for w in t.get("windows", [])) or "none (training only when idle)"
+    src = f" [{t['source']}]" if t.get("source") else ""
+    return f"{ws} (tz {t.get('timezone') or 'node local'}){src}"
+
+
 def cmd_feedback(args: argparse.Namespace) -> int:
     rows = ApiClient(args.api).get("/feedback", app=args.app, node=args.node,
                                    version=args.version, limit=args.limit)["feedback"]
@@ -278,6 +336,20 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("app")
     _api_opt(p)
     p.set_defaults(func=_guard(cmd_unassign))
+
+    p = sub.add_parser("training", help="show or set NODE's training windows (time division)",
+                       description="Without options: what the cloud wants and what the node "
+                       "runs. --window replaces the node config's windows; --clear gives "
+                       "the config's back. Window: card=cpu,days=mon-fri,start=20:00,"
+                       "end=06:00,fraction=1[,yield=no].")
+    p.add_argument("node")
+    p.add_argument("--window", action="append", metavar="SPEC", type=_window,
+                   help="a window (repeatable); none given with --timezone keeps the file's")
+    p.add_argument("--timezone", help="IANA zone of the windows, e.g. Europe/Paris")
+    p.add_argument("--file", help="a JSON file {\"timezone\": ..., \"windows\": [...]}")
+    p.add_argument("--clear", action="store_true", help="use the node config's windows again")
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_training))
 
     p = sub.add_parser("feedback", help="list hard examples uploaded by the fleet")
     p.add_argument("--app")

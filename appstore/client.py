@@ -79,6 +79,13 @@ class ApiClient:
         body = json.dumps(req).encode()
         return self.request("PUT", f"/nodes/{_q(node_id)}/apps/{_q(app)}", body)
 
+    def set_training(self, node_id: str, training: dict[str, Any] | None) -> dict[str, Any]:
+        """PUT the node's training windows ({"timezone", "windows"}); None clears them."""
+        path = f"/nodes/{_q(node_id)}/training"
+        if training is None:
+            return self.request("DELETE", path)
+        return self.request("PUT", path, json.dumps(training).encode())
+
     def unassign(self, node_id: str, app: str) -> dict[str, Any]:
         return self.request("DELETE", f"/nodes/{_q(node_id)}/apps/{_q(app)}")
 

@@ -93,6 +93,13 @@ def m002_epoch(db: Database) -> None:
     db["store_meta"].insert({"key": "epoch", "value": uuid.uuid4().hex})
 
 
+@migrations()
+def m004_node_training(db: Database) -> None:
+    """The operator's training windows for a node (a TrainingSchedule as JSON), or
+    NULL: the node's own config applies."""
+    db["nodes"].add_column("training", str)
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

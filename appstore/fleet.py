@@ -37,6 +37,7 @@ from cloud_sync.schemas import (
     EventMessage,
     FeedbackMessage,
     ReportedState,
+    TrainingSchedule,
     parse,
 )
 from cloud_sync.topics import Topics
@@ -264,6 +265,12 @@ class Fleet:
         with self._desired_lock:
             self.catalog.get_version(app, version)  # NotFound for an unknown version
             self.registry.assign(node_id, app, version, resources)
+            return self._publish_desired(node_id)
+
+    def set_training(self, node_id: str, training: TrainingSchedule | None) -> DesiredState:
+        """Set (None: clear) the node's training windows; publishes the desired state."""
+        with self._desired_lock:
+            self.registry.set_training(node_id, training)
             return self._publish_desired(node_id)
 
     def unassign(self, node_id: str, app: str) -> DesiredState:

@@ -15,7 +15,8 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from cloud_sync.schemas import AppRef, Availability, DesiredState, ReportedState
+from cloud_sync.schemas import (AppRef, Availability, DesiredState, ReportedState,
+                                TrainingSchedule)
 from cloud_sync.topics import validate_node_id
 
 from .db import Store
@@ -97,6 +98,25 @@ class Registry:
         logger.info("node %s: want %s %s (revision %d)", node_id, app, version, rev)
         return rev
 
+    def set_training(self, node_id: str, training: TrainingSchedule | None) -> int:
+        """Set (or with None, clear) the node's training windows; returns the
+        desired revision (bumped only when something changed)."""
+        check_node_id(node_id)
+        value = training.model_dump_json() if training is not None else None
+        with self.store.write() as db:
+            db.execute(_UPSERT, {"node_id": node_id, "online": None, "seen": 0,
+                                 "agent_version": ""})
+            cur = next(db.query("select training from nodes where node_id = ?",
+                                [node_id]))["training"]
+            if cur != value:
+                db.execute("update nodes set training = ?, desired_revision = desired_revision"
+                           " + 1 where node_id = ?", [value, node_id])
+            rev = next(db.query("select desired_revision from nodes where node_id = ?",
+                                [node_id]))["desired_revision"]
+        logger.info("node %s: training windows %s (revision %d)", node_id,
+                    "cleared" if training is None else f"set ({len(training.windows)})", rev)
+        return rev
+
     def unassign(self, node_id: str, app: str) -> int:
         check_node_id(node_id)
         with self.store.write() as db:
@@ -129,13 +149,16 @@ class Registry:
             "select a.app, a.version, a.resources, v.sha256, v.size from assignments a "
             "join app_versions v on v.name = a.app and v.version = a.version "
             "where a.node_id = ? order by a.app", [node_id]))
-        node = list(db.query("select desired_revision from nodes where node_id = ?", [node_id]))
+        node = list(db.query("select desired_revision, training from nodes where node_id = ?",
+                             [node_id]))
         epoch = next(db.query("select value from store_meta where key = 'epoch'"))["value"]
         return DesiredState(
             node_id=node_id, revision=node[0]["desired_revision"] if node else 0, epoch=epoch,
             apps=[AppRef(name=r["app"], version=r["version"], sha256=r["sha256"], size=r["size"],
                          resources=json.loads(r["resources"]) if r["resources"] else None)
                   for r in rows],
+            training=TrainingSchedule.model_validate_json(node[0]["training"])
+            if node and node[0]["training"] else None,
         )
 
     def assignments(self, node_id: str) -> list[dict[str, Any]]:
@@ -166,6 +189,7 @@ class Registry:
             "node_id": r["node_id"], "online": bool(r["online"]), "last_seen": r["last_seen"],
             "first_seen": r["first_seen"], "agent_version": r["agent_version"],
             "http_url": r["http_url"], "desired_revision": r["desired_revision"],
+            "training": json.loads(r["training"]) if r.get("training") else None,
             "reported_revision": reported["desired_revision"] if reported else None,
             "reported": reported,
         }

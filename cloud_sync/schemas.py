@@ -17,9 +17,10 @@ import time
 import uuid
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import MessageRejected
+from .windows import TrainingWindow, zone
 
 #: the largest JSON message we accept (feedback samples carry small images).
 MAX_MESSAGE_BYTES = 1 << 20
@@ -76,6 +77,29 @@ class AppRef(BaseModel):
     resources: ResourceOverride | None = None
 
 
+#: most windows one schedule may hold (a week of hourly windows is 168; nobody
+#: needs that, and a bound keeps a bad message from costing every tick)
+MAX_WINDOWS = 64
+
+
+class TrainingSchedule(BaseModel):
+    """The cloud's training windows for one node (time division, see
+    docs/scheduling.md). In the desired state it *replaces* the windows and time
+    zone of the node's own config; ``training: null`` there means "use the
+    node's config"."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: IANA time zone of the windows (e.g. "Asia/Shanghai"); none = the node's local zone
+    timezone: str | None = Field(default=None, max_length=64)
+    windows: list[TrainingWindow] = Field(default_factory=list, max_length=MAX_WINDOWS)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        zone(v)
+        return v
+
+
 class DesiredState(Message):
     """Retained on ``state/desired``: what the cloud wants the node to run."""
 
@@ -85,6 +109,8 @@ class DesiredState(Message):
     epoch: str = Field(default="", max_length=64)
     ts: float = Field(default_factory=now)
     apps: list[AppRef] = Field(default_factory=list)
+    #: training windows set by the cloud; None: the node's own config applies
+    training: TrainingSchedule | None = None
 
 
 AppStatus = Literal["pending", "fetching", "verifying", "loading", "ready", "failed"]
@@ -116,6 +142,9 @@ class ReportedState(Message):
     #: "cores": 2, "memory_mb": 23000, "allocation": {...}}]
     cards: list[dict[str, Any]] = Field(default_factory=list)
     outbox_pending: int = 0
+    #: the training windows in force: {"source": "cloud" | "config",
+    #: "timezone": ..., "windows": [...]}
+    training: dict[str, Any] | None = None
 
 
 class StreamStatus(Message):

@@ -92,7 +92,7 @@ class NodeAgent:
             supervisor=self.supervisor, registry=self.registry,
             trusted_keys=lambda: trusted_keys(cfg.trusted_keys, d / "trusted_keys"),
             blobs_dir=d / "blobs", apps_dir=d / "apps", on_change=self.reporter.changed,
-            on_event=self.emit_event, placement=self.placement,
+            on_event=self.emit_event, on_training=self._on_training, placement=self.placement,
             overrides=cfg.resources.apps,
         )
         self.jobs = JobRegistry(d / "node.db", d / "jobs")
@@ -125,6 +125,28 @@ class NodeAgent:
         he = app.manifest.learning.hard_examples
         threshold = he.threshold if he.policy == "confidence" else None
         self.capture.on_result(app.name, app.version, threshold, result, tensor, image, source)
+
+    # -- time division -------------------------------------------------------
+    def _on_training(self, training: schemas.TrainingSchedule | None) -> None:
+        """The cloud's windows replace the config's; None gives the config's back."""
+        sched = self.cfg.scheduling
+        if training is None:
+            windows, tz, source = sched.windows, sched.timezone, "config"
+        else:
+            windows, tz, source = training.windows, training.timezone, "cloud"
+        wanted = {"source": source, "timezone": tz, "windows": [w.model_dump() for w in windows]}
+        if wanted == self.scheduler.windows_in_force():
+            return
+        self.scheduler.set_windows(windows, tz, source)
+        known = {c.id for c in self.cards}
+        unknown = sorted({w.card for w in windows if w.card != "*" and w.card not in known})
+        if unknown:
+            logger.warning("training windows name cards this node lacks: %s (has %s)",
+                           unknown, sorted(known))
+        logger.info("training windows from %s: %d window(s), time zone %s", source,
+                    len(windows), tz or "local")
+        self.emit_event("training_windows", data={**wanted, "unknown_cards": unknown})
+        self.reporter.changed()
 
     # -- camera streams ------------------------------------------------------
     def _stream_client(self, app: str):
@@ -177,7 +199,7 @@ class NodeAgent:
             desired_revision=desired.revision if desired else -1,
             apps=self.reconciler.reports(), rejected=_copy(self.reconciler.rejected),
             http_url=self.http_url, outbox_pending=self.outbox.pending(),
-            cards=self.cards_state(),
+            cards=self.cards_state(), training=self.scheduler.windows_in_force(),
         )
 
     def cards_state(self) -> list[dict]:

@@ -58,6 +58,7 @@ class Reconciler:
         apps_dir: Path,
         on_change: Callable[[], None],
         on_event: Callable[..., None] | None = None,
+        on_training: Callable[[schemas.TrainingSchedule | None], None] | None = None,
         placement: Placement | None = None,
         overrides: dict[str, dict] | None = None,
         retry_max: float = 60.0,
@@ -74,6 +75,9 @@ class Reconciler:
         self.apps_dir = apps_dir
         self.on_change = on_change
         self.on_event = on_event or (lambda *a, **k: None)
+        #: called with the desired state's training windows (None: the node's
+        #: config) when they change, and once at start from the saved state
+        self.on_training = on_training or (lambda _t: None)
         self.placement = placement or Placement(discover_cards())
         self.overrides = overrides or {}
         self.retry_max = retry_max
@@ -110,12 +114,21 @@ class Reconciler:
                 return
             changed = self.desired is None or desired.revision != self.desired.revision \
                 or desired.apps != self.desired.apps
+            training_changed = self.desired is None or desired.training != self.desired.training
             self.desired = desired
         self.store.put_json(DESIRED_KEY, desired.model_dump())
+        if training_changed:
+            self._apply_training(desired.training)
         if changed:
             self._permanent.clear()
             self._cancel.set()
             self._wake.put("desired")
+
+    def _apply_training(self, training: schemas.TrainingSchedule | None) -> None:
+        try:
+            self.on_training(training)
+        except Exception:  # a bad hook must not stop app reconciliation
+            logger.exception("applying the desired training windows failed")
 
     def count_rejected(self, reason: str, detail: str = "") -> None:
         self.rejected[reason] += 1
@@ -131,6 +144,8 @@ class Reconciler:
                 logger.info("resuming last desired state, revision %d", self.desired.revision)
             except ValueError:
                 logger.warning("stored desired state unreadable; waiting for the cloud")
+        if self.desired is not None:
+            self._apply_training(self.desired.training)  # offline restart: the cloud's windows
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
         self._wake.put("start")

@@ -259,3 +259,65 @@ def test_camera_streams_run_on_the_node_and_report_status(loop, digits_dir, tmp_
     assert seen.get("cam-1") == "online" and seen.get("cam-dead") in ("offline", "connecting")
     wait_until(lambda: jget(f"{store.url}{API}/events?node=site-1&type=stream_label")["events"],
                timeout=20)
+
+
+def test_training_windows_set_from_the_cloud(loop, tmp_path, broker):  # noqa: F811
+    """Time division set by an operator in the AppStore: the cloud's windows
+    replace the node config's (a queued job starts), a bad schedule is a 400
+    naming the key, clearing them gives the config's back (the running job is
+    preempted with a checkpoint), and they stay in force across an offline restart."""
+    from edge_node.scheduling.jobs import JobSpec
+
+    store, node = loop
+    url = f"{store.url}{API}/nodes/site-1/training"
+    agent = node(scheduling={"windows": [], "timezone": "UTC", "tick_s": 0.2,
+                             "load": {"train_when_idle": False}})
+    job = agent.jobs.submit(JobSpec(name="example", module="edge_node.scheduling.example_job",
+                                    args=["--epochs", "200", "--throttle", "0.02",
+                                          "--checkpoint-every", "5"]))
+    time.sleep(1.0)
+    assert agent.jobs.get(job.job_id).state == "queued"  # no window in the config
+
+    status, body = http("PUT", url, {"windows": [{"card": "cpu", "days": "mon-fry",
+                                                  "training_fraction": 1}]})
+    assert status == 400 and json.loads(body)["error"] == "bad_training"
+    assert "days" in json.loads(body)["detail"] and "mon-fry" in json.loads(body)["detail"]
+    status, body = http("PUT", url, {"timezone": "Mars/Olympus", "windows": []})
+    assert status == 400 and "time zone" in json.loads(body)["detail"]
+
+    always = {"timezone": "Europe/Paris",
+              "windows": [{"card": "cpu", "days": "*", "training_fraction": 0.5}]}
+    status, body = http("PUT", url, always)
+    assert status == 200, body
+    assert json.loads(body)["desired"]["training"]["timezone"] == "Europe/Paris"
+    wait_until(lambda: agent.jobs.get(job.job_id).state == "running", timeout=20)
+    assert agent.scheduler.windows_in_force()["source"] == "cloud"
+    # the AppStore sees what the node runs
+    wait_until(lambda: (jget(f"{store.url}{API}/nodes/site-1")["reported"] or {})
+               .get("training", {}).get("source") == "cloud", timeout=20)
+
+    wait_until(lambda: (agent.scheduler.status()["cards"].get("cpu") or {}).get("job")
+               and agent.jobs.get(job.job_id).progress.get("checkpoint_step"), timeout=30)
+    status, _ = http("DELETE", url)
+    assert status == 200
+    wait_until(lambda: agent.jobs.get(job.job_id).state == "preempted", timeout=30)
+    rec = agent.jobs.get(job.job_id)
+    assert "outside training windows" in (rec.reason or "")
+    assert agent.scheduler.windows_in_force() == {"source": "config", "timezone": "UTC",
+                                                  "windows": []}
+
+    # set again, then power-cycle the node while the uplink is down
+    assert http("PUT", url, always)[0] == 200
+    wait_until(lambda: agent.scheduler.windows_in_force()["source"] == "cloud", timeout=20)
+    agent.stop()
+    broker.stop()
+    try:
+        agent2 = node(scheduling={"windows": [], "timezone": "UTC", "tick_s": 0.2,
+                                  "load": {"train_when_idle": False}})
+        assert not agent2.conn.connected.is_set()
+        inforce = agent2.scheduler.windows_in_force()
+        assert inforce["source"] == "cloud" and inforce["timezone"] == "Europe/Paris"
+        # the preempted job resumes from its checkpoint under the cloud's window
+        wait_until(lambda: agent2.jobs.get(job.job_id).state == "running", timeout=20)
+    finally:
+        broker.start()

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from edge_node.scheduling.config import LoadPolicy, ScheduleConfig
 from edge_node.scheduling.load import LoadGate
-from edge_node.scheduling.windows import TrainingWindow, WindowTable, parse_days
+from cloud_sync.windows import TrainingWindow, WindowTable, parse_days
 
 SH = ZoneInfo("Asia/Shanghai")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .windows import TrainingWindow, zone
+from cloud_sync.windows import TrainingWindow, zone
 
 
 class LoadPolicy(BaseModel):

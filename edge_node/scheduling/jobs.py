@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlite_utils.migrations import Migrations
 
 from .errors import JobStateError, UnknownJob
-from .windows import CARD_RE
+from cloud_sync.windows import CARD_RE
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from .config import ScheduleConfig
 from .jobs import JobRecord, JobRegistry
 from .load import LoadGate
 from .runner import JobProcess, describe_exit, job_env, kill_orphan
-from .windows import TrainingWindow, WindowTable
+from cloud_sync.windows import TrainingWindow, WindowTable
 
 logger = logging.getLogger(__name__)
 EventSink = Callable[[str, dict], None]
@@ -64,6 +64,7 @@ class Scheduler:
         self.stats: Counter[str] = Counter()
         self._cfg = config
         self._table = WindowTable(config.windows, config.timezone)
+        self.windows_source = "config"  # or "cloud": who set the windows in force
         self._gates: dict[str, LoadGate] = {}
         self._procs: dict[str, JobProcess] = {}  # card -> its running job
         self._basis: dict[str, str] = {}  # card -> "window" | "idle"
@@ -84,11 +85,21 @@ class Scheduler:
                 gate.policy = config.load
         self._wake.set()
 
-    def set_windows(self, windows: Sequence[TrainingWindow], timezone: str | None) -> None:
-        """Replace the windows and time zone (e.g. from the cloud); the rest stays."""
-        self.set_config(ScheduleConfig.model_validate({
-            **self._cfg.model_dump(), "timezone": timezone,
-            "windows": [w.model_dump() for w in windows]}))
+    def set_windows(self, windows: Sequence[TrainingWindow], timezone: str | None,
+                    source: str = "config") -> None:
+        """Replace the windows and time zone (e.g. from the cloud); the rest stays.
+        ``source`` says where they came from ("config" or "cloud"), for status."""
+        with self._lock:
+            self.windows_source = source
+            self.set_config(ScheduleConfig.model_validate({
+                **self._cfg.model_dump(), "timezone": timezone,
+                "windows": [w.model_dump() for w in windows]}))
+
+    def windows_in_force(self) -> dict[str, Any]:
+        """{"source": "config" | "cloud", "timezone": ..., "windows": [...]}"""
+        with self._lock:
+            return {"source": self.windows_source, "timezone": self._cfg.timezone,
+                    "windows": [w.model_dump() for w in self._cfg.windows]}
 
     # -- life cycle ----------------------------------------------------------
     def start(self) -> None:
@@ -320,5 +331,7 @@ class Scheduler:
                     "granted_fraction": proc.fraction if proc else 0.0,
                     "cores": proc.cores if proc else []}
             return {"enabled": self._cfg.enabled, "timezone": self._cfg.timezone,
+                    "windows_source": self.windows_source,
+                    "windows": [w.model_dump() for w in self._cfg.windows],
                     "cards": cards, "stats": dict(self.stats),
                     "jobs": [j.to_dict() for j in self.registry.list()[-50:]]}

@@ -24,8 +24,9 @@ name (``Asia/Shanghai``) or none for the system's local zone. On a daylight
 saving day a boundary that falls in the skipped hour takes effect when the
 clock first reaches it (the scheduler re-checks every tick anyway).
 
-This module imports nothing of ours so the model can move into
-``cloud_sync.schemas`` unchanged when the cloud sets windows.
+The model lives in ``cloud_sync`` because both sides use it: the node's config
+(``scheduling.windows``) and the cloud's desired state
+(:class:`cloud_sync.schemas.TrainingSchedule`) carry the same windows.
 """
 
 from __future__ import annotations
