@@ -2,11 +2,14 @@
 
 Layout: a 64-byte header (magic, slot count, slot bytes), then per slot a
 64-byte header (``seq`` int64, ``ts`` float64, height, width, channels int32)
-followed by the pixels. One writer (the capture process) and one reader (the
-agent). The writer marks a slot ``seq = -1`` while it copies, then stores the
-frame's ``seq``; the reader copies out and checks ``seq`` before and after
-(a seqlock), so a slot overwritten under the reader is detected, never handed
-on torn.
+followed by the pixels. One writer (the capture process); readers are the agent
+(which copies a frame out only for in-agent inference) and the app's model
+worker, which maps the ring read-only and preprocesses the pixels straight from
+the slot (:meth:`FrameRing.view`, then :meth:`FrameRing.holds`). The writer
+marks a slot ``seq = -1`` while it copies, then stores the frame's ``seq``; a
+reader checks ``seq`` before and after it reads (a seqlock), so a slot
+overwritten under the reader is detected, never handed on torn. Readers never
+write and take no lock: nothing they do can hold up the capture process.
 """
 
 from __future__ import annotations
@@ -60,13 +63,15 @@ class FrameRing:
         return cls(shm, owner=True)
 
     @classmethod
-    def attach(cls, name: str) -> FrameRing:
+    def attach(cls, name: str, readonly: bool = False) -> FrameRing:
         """Open an existing ring; FileNotFoundError when it is gone.
 
         Mapped without :class:`SharedMemory` so the reader never registers the
         writer's segment with the resource tracker (Python < 3.13 does on attach).
+        ``readonly`` maps it read-only (the model worker: it cannot scribble on
+        the capture process's frames).
         """
-        return cls(_Mapping(name), owner=False)
+        return cls(_Mapping(name, readonly), owner=False)
 
     def _seq(self, slot: int) -> np.ndarray:
         return np.ndarray((1,), np.int64, self.shm.buf, HEADER + slot * self._stride)
@@ -85,17 +90,32 @@ class FrameRing:
         np.copyto(dst, frame)
         seq_cell[0] = seq
 
+    def holds(self, slot: int, seq: int) -> bool:
+        """Whether ``slot`` holds frame ``seq`` now (not overwritten, not being written)."""
+        return 0 <= slot < self.slots and int(self._seq(slot)[0]) == seq
+
+    def view(self, slot: int, seq: int, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Frame ``seq`` in ``slot`` as a view of the shared memory (no copy), or None if
+        the slot no longer holds it or ``shape`` does not fit a slot.
+
+        The writer may overwrite the slot at any time: whatever is computed from
+        the view is valid only if :meth:`holds` is still true afterwards.
+        """
+        if (not 0 <= slot < self.slots or len(shape) not in (2, 3)
+                or any(int(d) <= 0 for d in shape)
+                or int(np.prod(shape)) > self.slot_bytes or not self.holds(slot, seq)):
+            return None
+        return np.ndarray(tuple(int(d) for d in shape), np.uint8, self.shm.buf,
+                          HEADER + slot * self._stride + SLOT_HEADER)
+
     def read(self, slot: int, seq: int, shape: tuple[int, ...]) -> np.ndarray | None:
         """A private copy of frame ``seq`` in ``slot``, or None if it was overwritten."""
-        if not 0 <= slot < self.slots or int(np.prod(shape)) > self.slot_bytes:
+        src = self.view(slot, seq, shape)
+        if src is None:
             return None
-        seq_cell = self._seq(slot)
-        if int(seq_cell[0]) != seq:
-            return None
-        src = np.ndarray(shape, np.uint8, self.shm.buf, HEADER + slot * self._stride + SLOT_HEADER)
         out = src.copy()
         del src
-        return out if int(seq_cell[0]) == seq else None
+        return out if self.holds(slot, seq) else None
 
     def close(self) -> None:
         try:
@@ -111,19 +131,23 @@ class FrameRing:
 
 
 class _Mapping:
-    """A read-write mapping of an existing POSIX shared-memory segment."""
+    """A mapping (read-write, or read-only) of an existing POSIX shared-memory segment."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, readonly: bool = False) -> None:
         self.name = name
-        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        fd = _posixshmem.shm_open("/" + name, os.O_RDONLY if readonly else os.O_RDWR, mode=0o600)
         try:
-            self._mmap = mmap.mmap(fd, os.fstat(fd).st_size)
+            size = os.fstat(fd).st_size
+            if size < HEADER:
+                raise ValueError(f"shared memory {name!r} is not a frame ring ({size} bytes)")
+            self._mmap = mmap.mmap(fd, size, access=mmap.ACCESS_READ if readonly
+                                   else mmap.ACCESS_WRITE)
         finally:
             os.close(fd)
-        self.buf = memoryview(self._mmap)
+        self.buf = memoryview(self._mmap)  # read-only for an ACCESS_READ mapping
 
     def close(self) -> None:
-        self.buf.release()
+        self.buf.release()  # BufferError while a view is alive: the caller keeps it mapped
         self._mmap.close()
 
     def unlink(self) -> None:

@@ -14,6 +14,19 @@ class BadInput(WorkerException, ValueError):
     """
 
 
+class FrameUnavailable(WorkerException):
+    """A camera frame named by reference (``classify_frame``) cannot be read.
+
+    ``status`` 409: the capture process overwrote its shared-memory slot before
+    the worker read it (a drop, counted by the stream); 410: the ring is gone
+    or was replaced (the capture process stopped or restarted).
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
 class ModelMismatch(WorkerException):
     """The manifest's declared tensors do not match the ONNX model's real ones."""
 

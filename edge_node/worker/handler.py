@@ -2,9 +2,17 @@
 
 Requests: ``{"op": "ping"}``, ``{"op": "meta"}``,
 ``{"op": "infer", "inputs": {name: ndarray}, "outputs": [names] | None}``,
-``{"op": "classify", "image": bytes}``. Replies: ``{"ok": True, ...}`` or
-``{"ok": False, "status": 400 | 500, "error": "..."}`` -- 400 when the request
-is at fault (names, shapes, dtypes, unreadable image), 500 otherwise.
+``{"op": "classify", "image": bytes}``, and for camera streams
+``{"op": "classify_frame", "ring", "owner", "gen", "slot", "seq", "shape", "dtype",
+"keep_scores"}`` (a frame read straight from the stream's shared-memory ring, see
+:mod:`.frames`; the reply is ``{"ok": True, "result": {...}}``) and
+``{"op": "release_frames", "owner", "incarnation"}`` (the stream's capture process
+ended: unmap its ring). ``ping`` answers ``pid``, ``frames`` (read from shared
+memory / ``overwritten`` / ``ring_gone``) and ``frame_rings`` (``{owner: ring}`` mapped).
+Replies: ``{"ok": True, ...}`` or ``{"ok": False, "status": 400 | 409 | 410 | 500,
+"error": "..."}`` -- 400 when the request is at fault (names, shapes, dtypes,
+unreadable image), 409 when a frame's slot was overwritten before it was read,
+410 when its ring is gone, 500 otherwise.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cloud_sync.manifest import TensorSpec
 
-from .errors import BadInput, ModelMismatch
+from .errors import BadInput, FrameUnavailable, ModelMismatch
+from .frames import FrameRequest, RingCache
 from .loader import LoadedApp
 from .postprocess import classify
-from .preprocess import image_to_tensor
+from .preprocess import image_to_tensor, pixels_to_tensor
 from .tensors import check_feeds, check_outputs
 
 logger = logging.getLogger(__name__)
@@ -62,6 +71,10 @@ class Handler:
         self._slots = (contextlib.nullcontext() if self.max_concurrent >= UNLIMITED
                        else threading.Lock() if self.max_concurrent == 1  # C-level, cheapest
                        else threading.BoundedSemaphore(self.max_concurrent))
+        #: the camera streams' frame rings this worker reads (``classify_frame``)
+        self.rings = RingCache()
+        #: frames read from shared memory, and those refused: overwritten (409), ring gone (410)
+        self.frames = {"read": 0, "overwritten": 0, "ring_gone": 0}
         m = app.manifest
         self.can_classify = m.preprocess is not None and m.postprocess is not None
         if self.can_classify:
@@ -82,6 +95,10 @@ class Handler:
             return self._dispatch(msg)
         except BadInput as err:
             return {"ok": False, "status": 400, "error": str(err)}
+        except FrameUnavailable as err:
+            with self._lock:
+                self.frames["overwritten" if err.status == 409 else "ring_gone"] += 1
+            return {"ok": False, "status": err.status, "error": str(err)}
         except Exception as err:  # the worker never dies on a request
             logger.exception("request failed")
             return {"ok": False, "status": 500, "error": f"{type(err).__name__}: {err}"}
@@ -96,11 +113,24 @@ class Handler:
         if op == "classify":
             result, tensor = self.classify(msg.get("image"))
             return {"ok": True, "result": result, "input": tensor}
+        if op == "classify_frame":
+            result = self.classify_frame(FrameRequest.parse(msg))
+            if not msg.get("keep_scores"):
+                result.pop("scores", None)
+            return {"ok": True, "result": result}
+        if op == "release_frames":
+            inc = msg.get("incarnation")
+            return {"ok": True, "released": self.rings.release(
+                str(msg.get("owner")), int(inc) if isinstance(inc, int) else None)}
         if op == "ping":
-            return {"ok": True, "pid": os.getpid()}
+            with self._lock:
+                frames = dict(self.frames)
+            return {"ok": True, "pid": os.getpid(), "frames": frames,
+                    "frame_rings": self.rings.names()}
         if op == "meta":
             return {"ok": True, "meta": self.app.meta()}
-        raise BadInput(f"unknown op {op!r}; one of infer, classify, ping, meta")
+        raise BadInput(f"unknown op {op!r}; one of infer, classify, classify_frame, "
+                       "release_frames, ping, meta")
 
     def _run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
@@ -132,6 +162,37 @@ class Handler:
         scores = self._run([self._out], {self._in.name: x})[0]
         return classify(scores, self.app.manifest.postprocess, self.app.labels), x
 
+    def classify_frame(self, req: FrameRequest) -> dict:
+        """Classify a camera frame read straight from its stream's shared-memory ring.
+
+        The pixels are preprocessed from the slot itself (no copy); the slot's
+        sequence number is checked before and after, so a frame the capture
+        process overwrote meanwhile is refused (409), never classified torn.
+        """
+        if not self.can_classify:
+            raise BadInput(f"app {self.app.manifest.name!r} has no image pre/postprocessing "
+                           "(or more than one input); a camera stream cannot feed it")
+        with self.rings.open(req) as ring:
+            if req.slot >= ring.slots or _nbytes(req.shape) > ring.slot_bytes:
+                raise BadInput(f"slot {req.slot} / shape {list(req.shape)} do not fit ring "
+                               f"{req.ring!r} ({ring.slots} slots of {ring.slot_bytes} bytes)")
+            view = ring.view(req.slot, req.seq, req.shape)
+            if view is None:
+                raise FrameUnavailable(409, f"frame {req.seq} was overwritten in slot {req.slot} "
+                                            f"of {req.ring!r} before the worker read it")
+            try:
+                x = pixels_to_tensor(view, self.app.manifest.preprocess, self._in)
+            finally:
+                del view
+            if not ring.holds(req.slot, req.seq):
+                raise FrameUnavailable(409, f"frame {req.seq} was overwritten in slot {req.slot} "
+                                            f"of {req.ring!r} while the worker read it")
+        with self._lock:
+            self.frames["read"] += 1
+        self.app.inputs[self._in.name].check(x)
+        scores = self._run([self._out], {self._in.name: x})[0]
+        return classify(scores, self.app.manifest.postprocess, self.app.labels)
+
     def self_check(self) -> None:
         """One run before serving: proves pre/postprocessing fits, warms the session."""
         if self.can_classify:
@@ -152,3 +213,10 @@ class Handler:
             self.app.session.run(None, feeds)
         except Exception as err:  # generic models may need real data; serve anyway
             logger.warning("warm-up run on zeros failed (%s); serving anyway", err)
+
+
+def _nbytes(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -65,7 +65,36 @@ def image_to_tensor(image_bytes: bytes, pre: Preprocess, input_spec: TensorSpec)
     """The tensor to feed ``input_spec`` for one encoded image (batch of 1)."""
     if input_spec.dtype == "string":
         raise ValueError(f"input {input_spec.name!r} is a string tensor; images cannot feed it")
-    img = decode_image(image_bytes, pre.color)
+    return _to_tensor(decode_image(image_bytes, pre.color), pre, input_spec)
+
+
+def pixels_to_tensor(frame: np.ndarray, pre: Preprocess, input_spec: TensorSpec) -> np.ndarray:
+    """The tensor for one BGR (HxWx3) or grey (HxW, HxWx1) uint8 frame, as
+    :func:`image_to_tensor` makes it for the same pixels sent as an image.
+
+    ``frame`` may be a view of shared memory: it is only read, and the tensor
+    returned never shares memory with it.
+    """
+    if input_spec.dtype == "string":
+        raise ValueError(f"input {input_spec.name!r} is a string tensor; images cannot feed it")
+    if frame.dtype != np.uint8 or frame.ndim not in (2, 3) or frame.size == 0:
+        raise BadInput(f"a frame is HxW or HxWxC uint8 pixels, not {frame.dtype} {frame.shape}")
+    grey = frame.ndim == 2 or frame.shape[2] == 1
+    if not grey and frame.shape[2] != 3:
+        raise BadInput(f"a frame has 1 or 3 channels, not {frame.shape[2]}")
+    if grey:
+        frame = frame.reshape(frame.shape[:2])
+        img = frame if pre.color == "gray" else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    elif pre.color == "gray":
+        img = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+    elif pre.color == "rgb":
+        img = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    else:
+        img = frame
+    return _to_tensor(img, pre, input_spec)
+
+
+def _to_tensor(img: np.ndarray, pre: Preprocess, input_spec: TensorSpec) -> np.ndarray:
     size = pre.resize or _spec_hw(pre.layout, input_spec.shape)
     if size is not None and tuple(img.shape[:2]) != tuple(size):
         h, w = int(size[0]), int(size[1])
@@ -73,7 +102,7 @@ def image_to_tensor(image_bytes: bytes, pre: Preprocess, input_spec: TensorSpec)
         img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     if img.ndim == 2:
         img = img[:, :, None]
-    x = img.astype(np.float32)
+    x = img.astype(np.float32)  # always a new array (``img`` may be shared memory)
     if pre.invert:
         x = 255.0 - x
     if pre.scale != 1.0:
