@@ -1,14 +1,22 @@
 """Ready-made ``infer`` callables: a frame (BGR pixels) -> the app's classify result.
 
-- :func:`worker_classify` sends the frame to the app's model worker (the same
-  ``classify`` path, preprocessing and postprocessing as ``/v2`` image requests),
-  for the agent: ``worker_classify(lambda app: supervisor.client(app))``.
+- :func:`worker_classify` (a :class:`WorkerClassifier`) for the agent:
+  ``worker_classify(lambda app: supervisor.client(app))``. By default frames go
+  **by reference**: the stream hands :meth:`WorkerClassifier.by_ref` a
+  :class:`~edge_node.streams.proc.FrameRef` (ring name, slot, sequence number,
+  shape) and the worker reads the pixels from the stream's shared-memory ring
+  itself (op ``classify_frame``): the agent neither copies nor sends pixels. A
+  slot the capture process overwrote before the worker read it raises
+  :class:`~.errors.FrameOverwritten` (the stream counts it in ``dropped_torn``);
+  a ring the worker cannot attach raises :class:`~.errors.RingGone`.
+  ``shared_memory=False`` (and calling it with pixels) is the copy path: the
+  frame is sent as a BMP, the same ``classify`` path as ``/v2`` image requests.
 - :class:`LocalClassifier` runs the worker's own :class:`~edge_node.worker.handler.Handler`
-  in this process (tests, benchmarks, a node without workers).
+  in this process (tests, benchmarks, a node without workers): the copy path.
 
-Frames travel as BMP: no compression, so encoding costs a copy (done with numpy:
-the agent process never loads OpenCV), and the worker's decoder takes it like any
-uploaded image.
+On the copy path frames travel as BMP: no compression, so encoding costs a copy
+(done with numpy: the agent process never loads OpenCV), and the worker's decoder
+takes it like any uploaded image.
 """
 
 from __future__ import annotations
@@ -18,6 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from edge_node.worker.errors import WorkerError, WorkerException
+
+from .errors import FrameOverwritten, RingGone
+from .proc import FrameRef
 
 #: result keys kept by default (``scores`` can be thousands of floats)
 RESULT_KEYS = ("label", "index", "score", "top_k")
@@ -51,18 +64,64 @@ def _trim(result: dict, keep_scores: bool) -> dict:
     return result if keep_scores else {k: result[k] for k in RESULT_KEYS if k in result}
 
 
-def worker_classify(get_client: Callable[[str], object | None], keep_scores: bool = False
-                    ) -> Callable[[str, np.ndarray], dict]:
-    """An ``infer`` that calls ``get_client(app).classify(frame as BMP)``."""
+class WorkerClassifier:
+    """``infer`` for frames classified by the app's model worker process.
 
-    def infer(app: str, frame: np.ndarray) -> dict:
-        client = get_client(app)
+    ``get_client(app)`` is the app's :class:`~edge_node.worker.client.WorkerClient`,
+    or None when the app has no running worker (:class:`AppNotReady`, counted as
+    ``failed``). With ``shared_memory`` (the default) a stream calls
+    :meth:`by_ref` and the worker reads the frame from shared memory; calling the
+    object with pixels sends them (the copy path).
+    """
+
+    def __init__(self, get_client: Callable[[str], object | None], keep_scores: bool = False,
+                 shared_memory: bool = True) -> None:
+        self._get_client = get_client
+        self.keep_scores = keep_scores
+        self.shared_memory = shared_memory
+
+    def _client(self, app: str):
+        client = self._get_client(app)
         if client is None:
             raise AppNotReady(f"app {app!r} is not running on this node")
-        result, _tensor = client.classify(encode_frame(frame))
-        return _trim(result, keep_scores)
+        return client
 
-    return infer
+    def __call__(self, app: str, frame: np.ndarray) -> dict:
+        """The copy path: the frame's pixels sent to the worker as a BMP."""
+        result, _tensor = self._client(app).classify(encode_frame(frame))
+        return _trim(result, self.keep_scores)
+
+    def by_ref(self, app: str, ref: FrameRef) -> dict:
+        """The worker reads the frame at ``ref`` from shared memory and classifies it."""
+        client = self._client(app)
+        try:
+            reply = client.request({"op": "classify_frame", **ref.message(),
+                                    "keep_scores": self.keep_scores})
+        except WorkerError as err:
+            if err.status == 409:
+                raise FrameOverwritten(err.message) from None
+            if err.status == 410:
+                raise RingGone(err.message) from None
+            raise
+        return _trim(reply["result"], self.keep_scores)
+
+    def release(self, app: str, owner: str, incarnation: int) -> None:
+        """Tell the worker a stream's capture process ended: unmap the rings of ``owner``
+        up to ``incarnation``. Best effort (a worker that is gone has nothing mapped)."""
+        client = self._get_client(app)
+        if client is None:
+            return
+        try:
+            client.request({"op": "release_frames", "owner": owner, "incarnation": incarnation})
+        except WorkerException:
+            pass
+
+
+def worker_classify(get_client: Callable[[str], object | None], keep_scores: bool = False,
+                    shared_memory: bool = True) -> WorkerClassifier:
+    """An ``infer`` for the agent: the app's worker classifies each frame, reading it
+    from shared memory (``shared_memory``, the default) or sent as a BMP."""
+    return WorkerClassifier(get_client, keep_scores, shared_memory)
 
 
 class LocalClassifier:

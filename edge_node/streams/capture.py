@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from .backoff import Backoff
-from .config import StreamConfig
+from .config import StreamConfig, ring_slots
 from .counters import Counters, now_ms
 from .ring import FrameRing
 from .source import explain_open_failure, open_capture, parse_source, redact
@@ -190,7 +190,7 @@ class CaptureLoop:
         if self.ring is not None and self.ring.fits(frame):
             return self.ring
         gen = self.c.get("ring_gen") + 1
-        ring = FrameRing.create(f"{self.ring_prefix}_{gen}", self.cfg.queue_size + 2, frame.nbytes)
+        ring = FrameRing.create(f"{self.ring_prefix}_{gen}", ring_slots(self.cfg), frame.nbytes)
         self.c.set("ring_gen", gen)
         self._drop_ring()
         self.ring = ring

@@ -6,6 +6,7 @@ checks the list with :func:`validate_streams` (ids must be unique).
 
 from __future__ import annotations
 
+import math
 import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -14,6 +15,9 @@ from .source import parse_source
 
 #: a stream id goes into an MQTT topic level: no wildcards, no slashes
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: seconds of frames the shared-memory ring keeps on top of every frame that can be
+#: referenced at once: the model worker has at least this long to read a frame
+RING_HOLD_S = 0.2
 
 
 class StreamConfig(BaseModel):
@@ -85,3 +89,17 @@ def validate_streams(streams: list[StreamConfig]) -> list[StreamConfig]:
     if dup:
         raise ValueError(f"duplicate stream id(s): {', '.join(dup)}")
     return streams
+
+
+def ring_slots(cfg: StreamConfig) -> int:
+    """Slots in a stream's shared-memory ring, from its config.
+
+    A slot is reused ``slots`` frames later, i.e. ``slots / fps`` seconds after its
+    frame was captured. Enough for every frame that can be referenced at once --
+    ``queue_size`` queued, ``max_in_flight`` inside the model (which reads its
+    frame straight from the ring), the one being written and one spare -- plus
+    ``RING_HOLD_S`` seconds of frames at ``fps``: at the defaults (5 fps, queue 2,
+    1 in flight) 6 slots, so a frame in flight stays readable for 1.2 s.
+    """
+    refs = cfg.queue_size + cfg.max_in_flight + 2
+    return refs + math.ceil(cfg.fps * RING_HOLD_S)

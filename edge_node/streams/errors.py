@@ -11,3 +11,17 @@ class StreamError(EdgeError):
     def __init__(self, stream_id: str, message: str) -> None:
         self.stream_id = stream_id
         super().__init__(f"stream {stream_id!r}: {message}")
+
+
+class FrameGone(EdgeError):
+    """The model worker could not read a frame it was sent by reference."""
+
+
+class FrameOverwritten(FrameGone):
+    """The frame's shared-memory slot was overwritten before the worker read it
+    (counted as ``dropped_torn``)."""
+
+
+class RingGone(FrameGone):
+    """The frame's shared-memory ring is gone or was replaced (its capture process
+    stopped or restarted) -- or the worker cannot attach it."""

@@ -5,6 +5,10 @@ The process writes pixels into a shared-memory ring it owns and sends only
 a second small queue; its counters live in a shared array that survives it.
 :meth:`CaptureProcess.start` may be called again after the process died: the
 counters carry on, the queues and ring names are new.
+
+:meth:`CaptureProcess.get` hands a frame on either as a private copy of its
+pixels (``copy=True``: in-agent inference) or as a :class:`FrameRef`, where it
+sits in shared memory, for a model worker to read itself (no copy in the agent).
 """
 
 from __future__ import annotations
@@ -28,11 +32,37 @@ _ctx = mp.get_context("spawn")
 EVENTS_MAX = 64
 
 
+@dataclass(frozen=True)
+class FrameRef:
+    """Where a frame sits in shared memory: all a model worker needs to read it itself."""
+
+    ring: str  #: the shared-memory segment: ``<owner>_<incarnation>_<gen>``
+    owner: str  #: the stream's ring family: ``aidc<token>_<stream id>``
+    gen: tuple[int, int]  #: (incarnation, ring generation): grows with every new ring
+    slot: int
+    seq: int
+    shape: tuple[int, ...]
+    dtype: str = "uint8"
+
+    def message(self) -> dict:
+        """The reference as the worker's ``classify_frame`` op takes it."""
+        return {"ring": self.ring, "owner": self.owner, "gen": list(self.gen),
+                "slot": self.slot, "seq": self.seq, "shape": list(self.shape),
+                "dtype": self.dtype}
+
+
 @dataclass
 class Frame:
     seq: int
     ts: float  #: wall-clock time the frame was captured
-    image: np.ndarray | None  #: BGR pixels (a private copy), None if overwritten
+    image: np.ndarray | None  #: BGR pixels (a private copy); None by reference or if overwritten
+    ref: FrameRef | None = None  #: where it sits in shared memory (``get(copy=False)``)
+    incarnation: int = 0  #: of the capture process that captured it
+
+    @property
+    def torn(self) -> bool:
+        """Overwritten (or its ring gone) before the agent got to it."""
+        return self.image is None and self.ref is None
 
 
 class CaptureProcess:
@@ -48,8 +78,13 @@ class CaptureProcess:
         self._rings: dict[int, FrameRing] = {}
 
     @property
+    def owner(self) -> str:
+        """What every ring of this stream is named after (a worker maps one per owner)."""
+        return f"aidc{self.token}_{self.cfg.id}"
+
+    @property
     def prefix(self) -> str:
-        return f"aidc{self.token}_{self.cfg.id}_{self.incarnation}"
+        return f"{self.owner}_{self.incarnation}"
 
     @property
     def pid(self) -> int | None:
@@ -95,8 +130,13 @@ class CaptureProcess:
         return (now_ms() - self.counters.get("heartbeat_ms")) / 1000.0
 
     # -- reading --------------------------------------------------------------
-    def get(self, timeout: float) -> Frame | None:
-        """The next frame, or None when none came within ``timeout`` seconds."""
+    def get(self, timeout: float, copy: bool = True) -> Frame | None:
+        """The next frame, or None when none came within ``timeout`` seconds.
+
+        ``copy``: its pixels copied out of shared memory (``image``); otherwise only
+        where it sits (``ref``), for a model worker to read. Either is None when the
+        slot was overwritten already.
+        """
         try:
             msg = self.frames.get(timeout=timeout)
         except (queue.Empty, OSError, EOFError, ValueError):
@@ -105,13 +145,19 @@ class CaptureProcess:
             return None
         gen, slot, seq, ts, shape = msg
         ring = self._ring(gen)
-        return Frame(seq, ts, ring.read(slot, seq, shape) if ring is not None else None)
+        if copy:
+            return Frame(seq, ts, ring.read(slot, seq, shape) if ring is not None else None,
+                         incarnation=self.incarnation)
+        if ring is None or not ring.holds(slot, seq):
+            return Frame(seq, ts, None, incarnation=self.incarnation)
+        return Frame(seq, ts, None, FrameRef(ring.name, self.owner, (self.incarnation, gen), slot,
+                                             seq, tuple(shape)), self.incarnation)
 
     def _ring(self, gen: int) -> FrameRing | None:
         ring = self._rings.get(gen)
         if ring is None:
             try:
-                ring = FrameRing.attach(f"{self.prefix}_{gen}")
+                ring = FrameRing.attach(f"{self.prefix}_{gen}", readonly=True)
             except (FileNotFoundError, ValueError):
                 return None
             for old in [g for g in self._rings if g < gen]:

@@ -1,10 +1,15 @@
 """One stream in the agent: its capture process, the frames it hands to the app, its books.
 
-A reader thread takes frame references off the capture process's queue, copies
-the pixels out of shared memory and hands each frame to ``infer`` on a small
-thread pool -- unless ``max_in_flight`` frames are already inside the model, in
-which case the frame is dropped and counted. Every frame the capture process
-kept ends in exactly one bucket, so at any moment::
+A reader thread takes frame references off the capture process's queue and hands
+each frame to the model on a small thread pool -- unless ``max_in_flight`` frames
+are already inside the model, in which case the frame is dropped and counted.
+With an ``infer`` that takes frames by reference (``infer.shared_memory`` true
+and ``infer.by_ref(app, FrameRef)``: :class:`~.adapters.WorkerClassifier`, the
+agent's wiring) only the reference goes on and the model worker reads the pixels
+from shared memory itself; otherwise (``infer(app, pixels)``, e.g. in-agent
+inference) the reader copies the pixels out first. A frame overwritten before it
+was read -- by the reader, or by the worker -- is ``dropped_torn``. Every frame
+the capture process kept ends in exactly one bucket, so at any moment::
 
     captured == processed + failed + dropped_capture + dropped_inflight
                 + dropped_torn + dropped_stopped + lost + unexplained
@@ -29,6 +34,7 @@ import numpy as np
 from .backoff import Backoff
 from .config import StreamConfig
 from .counters import REPORTED
+from .errors import FrameOverwritten, RingGone
 from .proc import CaptureProcess, Frame
 from .status import StreamStatus
 
@@ -46,7 +52,7 @@ READ_WAIT = 2.0
 WATCHDOG_GRACE = 10.0
 BUCKETS = ("received", "processed", "results", "failed", "dropped_inflight", "dropped_torn",
            "dropped_stopped", "lost", "unexplained", "result_errors", "restarts",
-           "watchdog_kills")
+           "watchdog_kills", "torn_in_worker")
 
 
 class Stream:
@@ -56,6 +62,11 @@ class Stream:
         self.proc = CaptureProcess(cfg, token)
         self.status = StreamStatus(cfg)
         self._infer, self._on_result = infer, on_result
+        by_ref = getattr(infer, "by_ref", None) if getattr(infer, "shared_memory", False) else None
+        #: frames go to the model by reference (read from shared memory by the worker)
+        self._by_ref = by_ref if callable(by_ref) else None
+        release = getattr(infer, "release", None)
+        self._release = release if self._by_ref is not None and callable(release) else None
         self._lock = threading.Lock()
         self.n: Counter[str] = Counter({k: 0 for k in BUCKETS})
         self.in_flight = 0
@@ -105,6 +116,17 @@ class Stream:
             with self._lock:
                 self.n[bucket] += remainder
         self.proc.cleanup()
+        if self._release is not None:  # the worker may unmap this incarnation's ring
+            threading.Thread(target=self._release_ring, args=(self.proc.incarnation,),
+                             name=f"cam-release-{self.cfg.id}", daemon=True).start()
+
+    def _release_ring(self, incarnation: int) -> None:
+        """Off the supervision path: a worker that does not answer holds up nothing."""
+        try:
+            self._release(self.cfg.app, self.proc.owner, incarnation)
+        except Exception:
+            logger.debug("stream %s: releasing its ring in the worker failed", self.cfg.id,
+                         exc_info=True)
 
     def request_stop(self) -> None:
         """Ask the capture process to stop now (so many streams stop in parallel)."""
@@ -124,15 +146,16 @@ class Stream:
 
     # -- frames ---------------------------------------------------------------
     def _read_loop(self) -> None:
+        copy = self._by_ref is None
         while self._reading.is_set():
-            frame = self.proc.get(timeout=READ_WAIT)
+            frame = self.proc.get(timeout=READ_WAIT, copy=copy)
             if frame is not None:
                 self._dispatch(frame)
 
     def _dispatch(self, frame: Frame) -> None:
         with self._lock:
             self.n["received"] += 1
-            if frame.image is None:
+            if frame.torn:
                 self.n["dropped_torn"] += 1
                 return
             if self.in_flight >= self.cfg.max_in_flight:
@@ -149,14 +172,19 @@ class Stream:
     def _run(self, frame: Frame) -> None:
         bucket, result = "processed", None
         try:
-            result = self._infer(self.cfg.app, frame.image)
+            if frame.ref is not None:
+                result = self._by_ref(self.cfg.app, frame.ref)
+            else:
+                result = self._infer(self.cfg.app, frame.image)
+        except FrameOverwritten:  # the worker came too late: the slot holds a newer frame
+            bucket = "dropped_torn"
+            with self._lock:
+                self.n["torn_in_worker"] += 1
+        except RingGone as err:
+            bucket = self._ring_gone(frame, err)
         except Exception as err:
             bucket = "failed"
-            msg = f"{type(err).__name__}: {err}"
-            if msg != self.last_infer_error:
-                logger.warning("stream %s: app %s failed on a frame: %s", self.cfg.id,
-                               self.cfg.app, msg)
-            self.last_infer_error = msg
+            self._failed(err)
         if result is not None and self._on_result is not None:
             try:
                 self._on_result(self.cfg.id, self.cfg.app, result, frame.ts)
@@ -169,6 +197,24 @@ class Stream:
             if result is not None:
                 self.n["results"] += 1
             self.in_flight -= 1
+
+    def _failed(self, err: Exception) -> None:
+        msg = f"{type(err).__name__}: {err}"
+        if msg != self.last_infer_error:
+            logger.warning("stream %s: app %s failed on a frame: %s", self.cfg.id,
+                           self.cfg.app, msg)
+        self.last_infer_error = msg
+
+    def _ring_gone(self, frame: Frame, err: RingGone) -> str:
+        """The bucket of a frame whose ring the worker could not map."""
+        if frame.incarnation != self.proc.incarnation or not self._reading.is_set():
+            return "dropped_stopped"  # its capture process ended (and removed the ring)
+        if frame.ref.gen[1] < self.proc.counters.get("ring_gen"):
+            with self._lock:
+                self.n["torn_in_worker"] += 1
+            return "dropped_torn"  # its ring was replaced by a bigger one: the frame went with it
+        self._failed(err)  # the ring should be there: say why the worker cannot read it
+        return "failed"
 
     # -- supervision (the manager's monitor thread) ---------------------------------
     def poll(self, now: float) -> bool:
