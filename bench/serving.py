@@ -15,7 +15,9 @@ Ours, on the same model and input:
   the agent builds it (Flask app with the v2 blueprint -> ``edge_node.httpd.serve``:
   the event-loop server), from caller *processes* with keep-alive
   ``http.client`` connections (bench/targets.HttpV2Target), so the load
-  generator never shares the server's GIL. JSON tensors for digits; for the
+  generator never shares the server's GIL; with one caller also from ``wrk``
+  (a C client, bench/wrkclient.py; ``apt-get install wrk``), which leaves out
+  Python's ~0.2 ms of client work per request. JSON tensors for digits; for the
   image model the binary-tensor extension both ways (as tritonclient sends
   with ``binary_data=True``), binary in / JSON out, and plain JSON.
 - **werkzeug (before)**: the same Flask app on werkzeug's threaded server, one
@@ -55,7 +57,8 @@ import onnxruntime as ort  # noqa: E402
 
 import harness  # noqa: E402
 import models  # noqa: E402
-from targets import CallableTarget, HttpV2Target, OrtTarget, V2Error  # noqa: E402
+import wrkclient  # noqa: E402
+from targets import CallableTarget, HttpV2Target, OrtTarget, V2Error, v2_body  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -189,6 +192,25 @@ def _client_factory(client, input_name):
     return lambda: (lambda x: client.infer({input_name: x}))
 
 
+def _wrk_rows(url: str, name: str, inp: str, x: np.ndarray, secs: float,
+              digits: bool) -> dict:
+    """One caller from a C client (wrk): the server's latency without Python's
+    client costs (see bench/wrkclient.py)."""
+    path = f"/v2/models/{name}/infer"
+    if digits:
+        body, _ = v2_body(inp, x)
+        return {"HTTP v2 JSON, 1 caller (wrk, C client)": wrkclient.run(
+            url, path, body=body, seconds=secs, label="wrk")}
+    raw = np.ascontiguousarray(x, np.float32).tobytes()
+    head = json.dumps({"inputs": [{"name": inp, "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    return {"HTTP v2 binary in+out, 1 caller (wrk, C client)": wrkclient.run(
+        url, path, body=head + raw, ctype="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))}, seconds=secs,
+        label="wrk")}
+
+
 def scenarios(model: models.BenchModel, app_dir: Path, x: np.ndarray, args) -> dict:
     """One repetition of every row for ``model``: {row: RunResult}."""
     from cloud_sync.manifest import load_manifest
@@ -221,6 +243,9 @@ def scenarios(model: models.BenchModel, app_dir: Path, x: np.ndarray, args) -> d
         finally:
             sup.stop_all()
         with Server(app_dir, threads) as url:
+            if callers == 1 and wrkclient.available():
+                quiet()
+                rows.update(_wrk_rows(url, name, inp, x, secs, digits))
             if digits:
                 quiet()
                 rows[f"HTTP v2 JSON, {callers} caller(s)"] = cl(
