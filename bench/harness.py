@@ -72,6 +72,10 @@ class RunResult:
     #: hypervisor steal: the noise of a shared machine, to judge a figure by
     foreign_cores: float = float("nan")
     steal_cores: float = float("nan")
+    #: cores' worth of CPU used by the callers themselves (process callers), and by
+    #: the processes passed as ``own_pids`` (a server and its workers), during the run
+    caller_cores: float = float("nan")
+    own_cores: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +96,19 @@ def cpu_jiffies() -> tuple[int, int]:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     return v[0] + v[1] + v[2] + v[5] + v[6], v[7]
+
+
+def pids_cpu_s(pids) -> float:
+    """CPU seconds (user + system, all threads) the live processes ``pids`` have used."""
+    hz, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone
+            continue
+        total += (int(fields[11]) + int(fields[12])) / hz  # utime, stime
+    return total
 
 
 def busy_cores(window_s: float = 0.5) -> float:
@@ -233,8 +250,12 @@ def _context():
 
 def run(callers: list[Caller], duration_s: float, warmup_s: float = 0.5,
         arrivals: dict[str, np.ndarray] | None = None, mode: str = "process",
-        warm_calls: int = 3) -> dict[str, RunResult]:
-    """Run all ``callers`` in one window; groups named in ``arrivals`` are open loop."""
+        warm_calls: int = 3, own_pids: tuple[int, ...] = ()) -> dict[str, RunResult]:
+    """Run all ``callers`` in one window; groups named in ``arrivals`` are open loop.
+
+    ``own_pids``: processes that belong to the system under test (a server and
+    its workers); their CPU during the run is counted as ours (``own_cores``),
+    not as other processes' noise (``foreign_cores``)."""
     arrivals = arrivals or {}
     n = len(callers)
     if mode == "process":
@@ -258,10 +279,10 @@ def run(callers: list[Caller], duration_s: float, warmup_s: float = 0.5,
     try:
         barrier.wait(SETUP_TIMEOUT_S)  # all callers opened their targets
         start.value = time.perf_counter() + 0.02  # a common t0, read after the next wait
-        jiffies0, wall0 = cpu_jiffies(), time.perf_counter()
+        jiffies0, own0, wall0 = cpu_jiffies(), pids_cpu_s(own_pids), time.perf_counter()
         barrier.wait(SETUP_TIMEOUT_S)
     except threading.BrokenBarrierError:
-        jiffies0, wall0 = cpu_jiffies(), time.perf_counter()
+        jiffies0, own0, wall0 = cpu_jiffies(), pids_cpu_s(own_pids), time.perf_counter()
     deadline = time.monotonic() + SETUP_TIMEOUT_S + warmup_s + duration_s + DRAIN_S + 60
     while len(reports) < n:
         try:
@@ -271,7 +292,7 @@ def run(callers: list[Caller], duration_s: float, warmup_s: float = 0.5,
         reports[rep[0]] = rep
         if rep[1] is None:  # a caller failed to open: the barrier is broken, stop
             break
-    jiffies1, wall = cpu_jiffies(), time.perf_counter() - wall0
+    jiffies1, own1, wall = cpu_jiffies(), pids_cpu_s(own_pids), time.perf_counter() - wall0
     for wk in workers:
         wk.join(timeout=5)
         if mode == "process" and wk.is_alive():
@@ -281,11 +302,13 @@ def run(callers: list[Caller], duration_s: float, warmup_s: float = 0.5,
         raise HarnessError(failed[0] if failed else f"{n - len(reports)} callers never reported")
     hz = os.sysconf("SC_CLK_TCK")
     ours = sum(r[5] for r in reports.values()) if mode == "process" else float("nan")
-    foreign = ((jiffies1[0] - jiffies0[0]) / hz - ours) / wall
+    own = own1 - own0
+    foreign = ((jiffies1[0] - jiffies0[0]) / hz - ours - own) / wall
     steal = (jiffies1[1] - jiffies0[1]) / hz / wall
     results = _aggregate(callers, reports, warmup_s, duration_s, arrivals)
     for r in results.values():
         r.foreign_cores, r.steal_cores = max(0.0, foreign), steal
+        r.caller_cores, r.own_cores = ours / wall, (own / wall if own_pids else float("nan"))
     return results
 
 
