@@ -86,7 +86,7 @@ def worker_env(threads: int) -> dict:
     return {"AIDC_ORT_SPIN": "0"}
 
 
-def serve(app_dir: Path, run_dir: Path, threads: int, frontend: str) -> None:
+def serve(app_dir: Path, run_dir: Path, threads: int, frontend: str, batch: int = 1) -> None:
     """Server process: supervisor + worker + the agent's HTTP stack; prints its port."""
     from flask import Flask
 
@@ -102,8 +102,10 @@ def serve(app_dir: Path, run_dir: Path, threads: int, frontend: str) -> None:
     client = sup.start(manifest.name, app_dir, threads=threads, env=worker_env(threads))
     labels = app_dir / "labels.txt"
     registry = AppRegistry(result_callback=lambda *a: None)  # the hook runs, as in the agent
+    from edge_node.serving.batching import BatchPolicy
     registry.add(ServedApp(manifest.name, manifest.version, "bench", manifest, client,
-                           labels=labels.read_text().split() if labels.exists() else None))
+                           labels=labels.read_text().split() if labels.exists() else None,
+                           batch=BatchPolicy(batch, 0.002, 1) if batch > 1 else None))
     app = Flask("bench")
     app.register_blueprint(make_v2_blueprint(registry))
     if frontend == "werkzeug":
@@ -129,10 +131,11 @@ def serve(app_dir: Path, run_dir: Path, threads: int, frontend: str) -> None:
 class Server:
     """A server process (see :func:`serve`) for the duration of a ``with`` block."""
 
-    def __init__(self, app_dir: Path, threads: int, frontend: str = "aidc") -> None:
+    def __init__(self, app_dir: Path, threads: int, frontend: str = "aidc",
+                 batch: int = 1) -> None:
         self.args = [sys.executable, __file__, "--serve", tempfile.mkdtemp(prefix="aidc-sb-"),
                      "--app-dir", str(app_dir), "--threads", str(threads),
-                     "--frontend", frontend]
+                     "--frontend", frontend, "--batch", str(batch)]
 
     def __enter__(self) -> str:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE)
@@ -261,6 +264,14 @@ def scenarios(model: models.BenchModel, app_dir: Path, x: np.ndarray, args) -> d
                 quiet()
                 rows["HTTP v2 JSON, 1 caller"] = cl(
                     HttpV2Target(url, name, inp, x, label="http"), 1, secs)
+    # dynamic batching (off by default on CPU): the worker on all cores, requests
+    # joined up to 8 rows / 2 ms while a call is in flight
+    with Server(app_dir, CORES, batch=8) as url:
+        quiet()
+        label = "JSON" if digits else "binary in+out"
+        target = (HttpV2Target(url, name, inp, x, label="http-batch") if digits
+                  else BinaryV2Target(url, name, inp, x, label="http-batch"))
+        rows[f"HTTP v2 {label}, {n} callers, batching 8 / 2 ms"] = cl(target, n, secs)
     with Server(app_dir, CORES, "werkzeug") as url:
         quiet()
         rows["HTTP v2 JSON werkzeug+Flask (before), 1 caller"] = cl(
@@ -315,13 +326,14 @@ def main() -> None:
     ap.add_argument("--app-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--frontend", default="aidc", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--max-busy", type=float, default=0.3,
                     help="before each row, wait until other processes use fewer cores")
     ap.add_argument("--quiet-budget", type=float, default=300.0)
     args = ap.parse_args()
     args.quiet = harness.Quiet(args.max_busy, args.quiet_budget)
     if args.serve:
-        return serve(args.app_dir, args.serve, args.threads, args.frontend)
+        return serve(args.app_dir, args.serve, args.threads, args.frontend, args.batch)
     tmp = Path(tempfile.mkdtemp(prefix="aidc-bench-"))
     print(f"# {platform.machine()}, {CORES} cores, {platform.system()} {platform.release()}; "
           f"python {platform.python_version()}, onnxruntime {ort.__version__}; "

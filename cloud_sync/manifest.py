@@ -75,6 +75,16 @@ class Resources(_Lenient):
     memory_mb: int = Field(default=256, ge=16)
 
 
+class Batching(_Lenient):
+    """Dynamic batching of infer requests (edge_node/serving/batching.py). The
+    model's inputs and outputs must take the batch as their first dimension."""
+
+    max_batch: int = Field(default=1, ge=1, le=1024, description="1: never batch")
+    max_delay_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_in_flight: int = Field(default=1, ge=1, le=64)
+    cpu: bool = Field(default=False, description="batch on CPU slices too (GPU: always)")
+
+
 class HardExamplePolicy(_Lenient):
     policy: Literal["confidence", "margin", "entropy", "none"] = "confidence"
     threshold: float = Field(default=0.6, ge=0)
@@ -96,6 +106,7 @@ class Manifest(_Lenient):
     preprocess: Preprocess | None = None
     postprocess: Postprocess | None = None
     resources: Resources = Field(default_factory=Resources)
+    batching: Batching = Field(default_factory=Batching)
     learning: Learning = Field(default_factory=Learning)
 
     @field_validator("version")

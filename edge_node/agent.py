@@ -93,7 +93,7 @@ class NodeAgent:
             trusted_keys=lambda: trusted_keys(cfg.trusted_keys, d / "trusted_keys"),
             blobs_dir=d / "blobs", apps_dir=d / "apps", on_change=self.reporter.changed,
             on_event=self.emit_event, on_training=self._on_training, placement=self.placement,
-            overrides=cfg.resources.apps,
+            overrides=cfg.resources.apps, batching=cfg.http.batching,
         )
         self.jobs = JobRegistry(d / "node.db", d / "jobs")
         self.scheduler = Scheduler(
@@ -216,6 +216,7 @@ class NodeAgent:
             "capture": _copy(self.capture.stats),
             "rejected": _copy(self.reconciler.rejected),
             "serving": self.v2_service.stats(),
+            "batching": self._http.batching_stats() if self._http else {},
             "streams": self.streams.stats(),
             "cards": self.cards_state(),
         }
@@ -233,6 +234,7 @@ class NodeAgent:
             "mqtt": _copy(self.conn.stats),
             "fetcher": _copy(self.fetcher.stats),
             "training": self.scheduler.status(),
+            "batching": self._http.batching_stats() if self._http else {},
             "streams": self.streams.stats(),
         }
 

@@ -17,6 +17,7 @@ from cloud_sync.topics import validate_node_id
 
 from .errors import ConfigError
 from .scheduling.config import ScheduleConfig
+from .serving.batching import BatchOverride
 from .streams.config import StreamConfig, validate_streams
 
 
@@ -37,6 +38,9 @@ class HttpConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8090, ge=0, le=65535)
     max_body_mb: int = Field(default=16, ge=1, le=1024)
+    #: per-app overrides of the manifest's dynamic batching:
+    #: {"digits": {"enabled": true, "max_batch": 16, "max_delay_ms": 2}}
+    batching: dict[str, BatchOverride] = Field(default_factory=dict)
 
 
 class BlobConfig(_Strict):

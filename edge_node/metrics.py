@@ -80,6 +80,17 @@ class NodeCollector:
                                 float(v.get("latency_seconds_sum", 0.0)))
         yield hist
 
+        batching = s.get("batching", {})
+        yield _counter("aidc_app_batch_calls", "worker calls made by dynamic batching",
+                       [([a], float(b.get("calls", 0))) for a, b in batching.items()],
+                       labels=["app"])
+        yield _counter("aidc_app_batch_rows", "rows (batch items) sent in those calls",
+                       [([a], float(b.get("rows", 0))) for a, b in batching.items()],
+                       labels=["app"])
+        yield _gauge("aidc_app_batch_queued", "requests waiting to join a batch",
+                     [([a], float(b.get("queued", 0))) for a, b in batching.items()],
+                     labels=["app"])
+
         workers = s.get("workers", {})
         yield _counter("aidc_worker_restarts", "worker restarts",
                        [([k], float(w.get("restarts", 0))) for k, w in workers.items()],

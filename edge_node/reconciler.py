@@ -36,6 +36,7 @@ from cloud_sync.package import read_package
 
 from .errors import InstallError
 from .resources import Placement, PlacementError, SliceRequest, discover_cards, worker_settings
+from .serving.batching import policy_for
 from .serving.registry import ServedApp
 from .store import NodeStore
 
@@ -61,6 +62,7 @@ class Reconciler:
         on_training: Callable[[schemas.TrainingSchedule | None], None] | None = None,
         placement: Placement | None = None,
         overrides: dict[str, dict] | None = None,
+        batching: dict[str, Any] | None = None,
         retry_max: float = 60.0,
         check_interval: float = 10.0,
         keep_versions: int = 2,
@@ -80,6 +82,7 @@ class Reconciler:
         self.on_training = on_training or (lambda _t: None)
         self.placement = placement or Placement(discover_cards())
         self.overrides = overrides or {}
+        self.batching = batching or {}  # app -> BatchOverride (the node's config)
         self.retry_max = retry_max
         self.check_interval = check_interval
         self.keep_versions = keep_versions
@@ -343,8 +346,10 @@ class Reconciler:
         if pp and pp.labels_file and (app_dir / pp.labels_file).exists():
             labels = [ln.strip() for ln in (app_dir / pp.labels_file).read_text().splitlines()
                       if ln.strip()]
+        batch = policy_for(manifest.batching, sl.kind, self.batching.get(ref.name))
         self.registry.add(ServedApp(name=ref.name, version=ref.version, sha256=ref.sha256,
-                                    manifest=manifest, client=client, labels=labels, ready=True))
+                                    manifest=manifest, client=client, labels=labels, ready=True,
+                                    batch=batch))
         old = self._running.get(ref.name)
         self._running[ref.name] = (ref.sha256, key)
         if old and old[1] != key:

@@ -12,6 +12,8 @@ import numpy as np
 from cloud_sync.manifest import Manifest
 from edge_node.worker.client import WorkerClient
 
+from .batching import BatchPolicy
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,6 +28,8 @@ class ServedApp:
     client: WorkerClient
     labels: list[str] | None = None
     ready: bool = True
+    #: dynamic batching (edge_node/serving/batching.py); None: every request alone
+    batch: BatchPolicy | None = None
 
 
 ResultCallback = Callable[[ServedApp, dict, "np.ndarray | None", "bytes | None", str], None]

@@ -32,6 +32,7 @@ from edge_node.worker.client import WorkerClient
 from edge_node.worker.errors import WorkerError, WorkerUnavailable
 
 from .aworker import AsyncWorker
+from .batching import Batcher
 from .codec import V2Error
 from .service import Reply, V2Service, error_reply, json_reply, worker_error
 from .wsgi import call_wsgi, environ_for
@@ -272,6 +273,8 @@ class HttpServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._pool = ThreadPoolExecutor(max_workers=wsgi_threads, thread_name_prefix="http-wsgi")
         self._workers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        #: WorkerClient -> (app name, Batcher) for apps with dynamic batching
+        self._batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -384,6 +387,17 @@ class HttpServer:
             aw = self._workers[client] = AsyncWorker(client, self.loop)
         return aw
 
+    def _batcher(self, app, aw: AsyncWorker) -> Batcher:
+        entry = self._batchers.get(app.client)
+        if entry is None or entry[1].policy != app.batch:
+            entry = self._batchers[app.client] = (app.name, Batcher(aw, app.batch, self.loop,
+                                                                    app.name))
+        return entry[1]
+
+    def batching_stats(self) -> dict[str, dict]:
+        """{app: the batcher's policy and counters} for apps that batch."""
+        return {name: b.snapshot() for name, b in list(self._batchers.values())}
+
     async def _ask_timed(self, app, t0: float, msg: dict, blocking) -> dict:
         """:meth:`_ask`, counting a failure in the app's stats."""
         try:
@@ -428,7 +442,8 @@ class HttpServer:
             svc.record(call.app.name, answer.status, time.perf_counter() - t0)
             conn.finish(req, answer, hook)
 
-        aw.submit({"op": "infer", "inputs": call.inputs, "outputs": call.ask}, done)
+        submit = aw.submit if call.app.batch is None else self._batcher(call.app, aw).submit
+        submit({"op": "infer", "inputs": call.inputs, "outputs": call.ask}, done)
         return None
 
     def _classify_now(self, req: _Request, conn: _Conn, name: str, version: str | None):
