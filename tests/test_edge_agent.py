@@ -52,10 +52,10 @@ def test_upgrade_without_failed_requests_then_old_versions_are_cleaned(loop, dig
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        time.sleep(0.3)
+        wait_until(lambda: "1.0.0" in versions or failures, timeout=30)  # a busy box is slow
         assign(store, "1.1.0")
         wait_until(lambda: _ready(store, "1.1.0"), timeout=60)
-        time.sleep(0.3)
+        wait_until(lambda: "1.1.0" in versions or failures, timeout=30)
     finally:
         stop.set()
         t.join()
