@@ -10,7 +10,10 @@ Targets (DESIGN.md): <= 100 MB RSS and <= 2 % of a core at idle with 4 apps
 and 4 streams; the published bar for this class is 1 core / 1 GB, and the
 Java Greengrass nucleus's floor is 96 MB.
 
-    .venv/bin/python bench/footprint.py [--apps 4] [--idle 60]
+    .venv/bin/python bench/footprint.py [--apps 4] [--streams 4] [--idle 60] [--threads]
+
+``--threads`` also splits the agent's CPU by thread (utime + stime of each
+``/proc/<pid>/task``), named with ``py-spy dump`` when py-spy is installed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -47,11 +51,46 @@ def children(pid: int) -> list[int]:
     return out
 
 
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (utime + stime) of every thread of ``pid``, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[task.name] = (int(fields[11]) + int(fields[12])) / CLK
+    return out
+
+
+def thread_names(pid: int) -> dict[str, str]:
+    """Thread id -> Python thread name and where it runs, from ``py-spy dump`` (or {})."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    try:
+        dump = subprocess.run([spy, "dump", "-p", str(pid)], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names = {}
+    for block in re.split(r"\n(?=Thread )", dump):
+        m = re.match(r'Thread (\d+) \(\w+\): "([^"]*)"', block)
+        if m:
+            frames = [ln.strip() for ln in block.splitlines()[1:] if ln.strip()]
+            where = next((f for f in frames if "edge_node" in f or "cloud_sync" in f),
+                         frames[0] if frames else "")
+            names[m.group(1)] = f"{m.group(2)} ({where})"
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--apps", type=int, default=4)
     ap.add_argument("--idle", type=float, default=60.0)
     ap.add_argument("--streams", type=int, default=4, help="camera streams (video files, 5 fps)")
+    ap.add_argument("--threads", action="store_true", help="split the agent's CPU by thread")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aidc-fp-"))
     port, sport, eport = pick_port(0), pick_port(0), pick_port(0)
@@ -105,13 +144,16 @@ def main() -> None:
                    120, "all apps ready")
         time.sleep(5)  # let start-up work settle
         rss0, cpu0 = proc_usage(agent.pid)
+        threads0 = thread_cpu(agent.pid)
         t0 = time.monotonic()
         peak = rss0
         while time.monotonic() - t0 < args.idle:
             time.sleep(1)
             peak = max(peak, proc_usage(agent.pid)[0])
         rss1, cpu1 = proc_usage(agent.pid)
+        threads1 = thread_cpu(agent.pid)
         wall = time.monotonic() - t0
+        names = thread_names(agent.pid) if args.threads else {}
         kids = children(agent.pid)
         workers = [u for p in kids if (u := proc_usage(p)) and b"edge_node.worker" in
                    Path(f"/proc/{p}/cmdline").read_bytes()]
@@ -124,6 +166,13 @@ def main() -> None:
               f"{sum(w[0] for w in workers) / 1e6:.1f} MB total")
         print("reference: 1 core / 1 GB published bar; 96 MB Greengrass nucleus floor; "
               "target <= 100 MB and <= 2 % of a core")
+        if args.threads:
+            used = sorted(((c - threads0.get(tid, 0.0), tid) for tid, c in threads1.items()),
+                          reverse=True)
+            print("agent CPU by thread (% of one core):")
+            for sec, tid in used:
+                if sec > 0:
+                    print(f"  {100 * sec / wall:5.2f}  {names.get(tid, tid)}")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)

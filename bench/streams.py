@@ -5,15 +5,17 @@ Each stream is a generated MJPG .avi (``--size``, default 640x480, 25 fps, the h
 digits drawn full frame), looped, played in real time by its own capture process and
 decimated to ``--fps``; the capture process resizes to ``--resize`` (default 120x160)
 before the frame enters shared memory. Frames go to the digits model through
-``--infer worker`` (the real worker process over its Unix socket, the agent's wiring) or
-``--infer local`` (ONNX Runtime inside this process). Measured after every stream is
+``--infer worker`` (the real worker process, the agent's wiring: the agent sends a
+reference and the worker reads the frame from shared memory), ``--infer worker-copy``
+(the copy path: the agent copies each frame out and sends it as a BMP over the socket)
+or ``--infer local`` (ONNX Runtime inside this process). Measured after every stream is
 online, for ``--seconds``; then everything is stopped and the books are closed.
 
 Reference, same run: one loop in this process decoding the same files the same way (grab
 every frame, retrieve one in ``25/fps``) -- the CPU floor of decoding alone.
 
     .venv/bin/python bench/streams.py [--streams 8] [--fps 5] [--seconds 60]
-                                      [--size 480x640] [--infer worker|local]
+                                      [--size 480x640] [--infer worker|worker-copy|local]
                                       [--idle-seconds 20] [--json out.json]
 
 Then, for ``--idle-seconds``, the same number of streams whose camera is down (a closed
@@ -170,7 +172,7 @@ def report(res: dict, ref: dict, args) -> None:
           f"{args.resize[1]}x{args.resize[0]}, infer={args.infer}, window {res['window_s']} s, "
           f"all online after {res['all_online_s']} s")
     cols = ("captured", "processed", "dropped_capture", "dropped_inflight", "dropped_torn",
-            "dropped_stopped", "lost", "unexplained")
+            "torn_in_worker", "dropped_stopped", "lost", "unexplained")
     print(f"{'stream':8}" + "".join(f"{c:>17}" for c in cols) + f"{'fps(window)':>13}")
     tot = dict.fromkeys(cols, 0)
     for sid, s in sorted(res["final"].items()):
@@ -185,6 +187,9 @@ def report(res: dict, ref: dict, args) -> None:
     print(f"CPU % of one core: agent {cpu['agent']}, capture processes {cpu['capture']} "
           f"(all {len(res['window'])}), worker {cpu['worker']}; "
           f"total {round(sum(cpu.values()), 1)} of {os.cpu_count() * 100}")
+    done = sum(w["processed_fps"] for w in res["window"].values())
+    per_frame = round(10 * cpu["agent"] / max(done, 1e-9), 3)
+    print(f"agent CPU per frame handed to the model: {per_frame} ms ({done:.1f} frames/s)")
     print(f"capture CPU per kept frame: {round(10 * cpu['capture'] / max(kept, 1e-9), 3)} ms "
           f"(reference, raw OpenCV decode in one loop: {ref['cpu_ms_per_kept_frame']} ms)")
     print(f"RSS MB: agent {res['rss']['agent_mb']}, capture each {res['rss']['capture_mb_each']}, "
@@ -198,7 +203,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--size", default="480x640", help="source HxW")
     ap.add_argument("--resize", default="120x160", help="HxW the capture process resizes to")
-    ap.add_argument("--infer", choices=("worker", "local"), default="worker")
+    ap.add_argument("--infer", choices=("worker", "worker-copy", "local"), default="worker")
     ap.add_argument("--idle-seconds", type=float, default=20.0,
                     help="then measure --streams cameras that are down for this long (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -215,10 +220,11 @@ def main() -> None:
     paths = make_videos(tmp, args.streams, args.size, app_dir)
     ref = reference(paths, args.fps, 5.0)
     sup = None
-    if args.infer == "worker":
+    if args.infer in ("worker", "worker-copy"):
         sup = WorkerSupervisor(Path(tempfile.mkdtemp(prefix="aidc-w-", dir="/tmp")))
         sup.start("digits", app_dir)
-        infer, worker_pids = worker_classify(sup.client), [sup.status()["digits"]["pid"]]
+        infer = worker_classify(sup.client, shared_memory=args.infer == "worker")
+        worker_pids = [sup.status()["digits"]["pid"]]
     else:
         infer, worker_pids = LocalClassifier({"digits": app_dir}), []
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import struct
 from multiprocessing import resource_tracker, shared_memory
 
 import _posixshmem
@@ -29,6 +30,7 @@ MAGIC = 0x41494443_52494E47  # "AIDCRING"
 HEADER = 64
 SLOT_HEADER = 64
 _BUSY = -1
+_SEQ = struct.Struct("=q")  # a slot's seq, read without making an array (the hot check)
 
 
 def _align(n: int, to: int = 64) -> int:
@@ -92,7 +94,8 @@ class FrameRing:
 
     def holds(self, slot: int, seq: int) -> bool:
         """Whether ``slot`` holds frame ``seq`` now (not overwritten, not being written)."""
-        return 0 <= slot < self.slots and int(self._seq(slot)[0]) == seq
+        return (0 <= slot < self.slots
+                and _SEQ.unpack_from(self.shm.buf, HEADER + slot * self._stride)[0] == seq)
 
     def view(self, slot: int, seq: int, shape: tuple[int, ...]) -> np.ndarray | None:
         """Frame ``seq`` in ``slot`` as a view of the shared memory (no copy), or None if
