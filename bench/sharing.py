@@ -386,8 +386,8 @@ def per_rep(a: refs.Measured, ga: str, b: refs.Measured, gb: str, attr: str) -> 
 
 def halves_table(pairs: list[Pair], ms: dict) -> list[str]:
     out = ["| pair | app | path | alone /s (whole card) | on its half, other idle /s | "
-           "on its half, both saturated /s | half / alone | ≥ 0.45 |",
-           "|---|---|---|---|---|---|---|---|"]
+           "on its half, both saturated /s | half / alone | ≥ 0.45 | half / raw B1 |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for pair in pairs:
         p = pair.key
         for g, m in (("a", pair.ma), ("b", pair.mb)):
@@ -406,13 +406,15 @@ def halves_table(pairs: list[Pair], ms: dict) -> list[str]:
                              ms[f"{p}/{path}/halves sliced"]))
                 rows.append((f"{PATH_LABEL[path]}, no slices", al, alone_g, None,
                              ms[f"{p}/{path}/halves shared"]))
+            b1 = ms[f"{p}/raw/B1 {m.name}"]
             for label, al, alg, idle, both in rows:
                 r = per_rep(both, g, al, alg, "throughput")
+                rb1 = per_rep(both, g, b1, alg, "throughput")
                 out.append(f"| {pair.ma.name} + {pair.mb.name} | {name} | {label} | "
                            f"{fmt(al.stat('throughput', alg))} | "
                            f"{fmt(idle.stat('throughput', 'a')) if idle else '—'} | "
                            f"{fmt(both.stat('throughput', g))} | {fmt(r, 3)} | "
-                           f"{'met' if r[0] >= 0.45 else '**not met**'} |")
+                           f"{'met' if r[0] >= 0.45 else '**not met**'} | {fmt(rb1, 3)} |")
     return out
 
 
@@ -498,6 +500,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--retries", type=int, default=30)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 rep, 1 s windows, 2 s Poisson")
+    ap.add_argument("--poisson-seconds", type=float, default=None,
+                    help="Poisson window of every model (default: 10 s CNNs, 4 s digits)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="render the tables of an earlier run's .json instead of measuring")
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
@@ -508,6 +514,9 @@ def main(argv: list[str] | None = None) -> dict:
         for d in (CLOSED_S, POISSON_S):
             for k in d:
                 d[k] = 1.0 if d is CLOSED_S else 2.0
+    if args.poisson_seconds:
+        for k in POISSON_S:
+            POISSON_S[k] = args.poisson_seconds
     args.quiet = Quiet(args.max_busy, args.quiet_budget, retries=args.retries)
     t0 = time.time()
     mach = report.machine()
@@ -515,11 +524,43 @@ def main(argv: list[str] | None = None) -> dict:
     models.OUT.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_file = models.OUT / f"sharing-{stamp}-node.log"
+    if args.from_json:
+        return render_json(args, tmp)
     pairs = [Pair(s, tmp) for s in args.pairs.split(",")]
     print(f"# {args.reps} reps; {args.callers} callers per saturated app; victim at "
           f"{args.load:.0%} of its half-card capacity; node log {log_file}", flush=True)
     ms = measure(pairs, args, log_file)
     mach["wall_s"] = time.time() - t0
+    text = render(mach, pairs, ms, args)
+    print(text)
+    (models.OUT / f"sharing-{stamp}.md").write_text(text)
+    data = {"machine": mach, "reps": args.reps, "callers": args.callers, "load": args.load,
+            "pairs": args.pairs, "rates": args.rates, "retries": sum(m.retries for m in ms.values()),
+            "quiet_wait_s": args.quiet.waited_s, "max_busy": args.max_busy,
+            "measured": {k: {"retries": v.retries,
+                             "runs": [{g: asdict(r) for g, r in run_.items()} for run_ in v.runs]}
+                         for k, v in ms.items()}}
+    (models.OUT / f"sharing-{stamp}.json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {models.OUT / f'sharing-{stamp}.md'} and .json ({mach['wall_s']:.0f} s)")
+    return data
+
+
+def render_json(args, tmp: Path) -> dict:
+    """The tables of an earlier run, from its .json (``--from-json``)."""
+    data = json.loads(args.from_json.read_text())
+    ms = {k: refs.Measured(k, [{g: harness.RunResult(**r) for g, r in run_.items()}
+                               for run_ in v["runs"]], v["retries"])
+          for k, v in data["measured"].items()}
+    pair_keys = data.get("pairs") or ",".join(dict.fromkeys(k.split("/")[0] for k in ms))
+    pairs = [Pair(s, tmp) for s in pair_keys.split(",")]
+    args.reps, args.rates = data["reps"], data["rates"]
+    args.max_busy = data.get("max_busy", args.max_busy)
+    args.quiet.waited_s = data.get("quiet_wait_s", float("nan"))
+    print(render(data["machine"], pairs, ms, args))
+    return data
+
+
+def render(mach: dict, pairs: list[Pair], ms: dict, args) -> str:
     md = [report.machine_line(mach), "",
           f"Each cell: median of {args.reps} repetitions (min–max); ratios and changes are "
           "taken per repetition, then the median.", "",
@@ -530,17 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
           *cross_table(pairs, ms), "",
           "### Where the CPU went (median per row)", "", *cpu_table(pairs, ms), "",
           noise_line(ms, args)]
-    text = "\n".join(md)
-    print(text)
-    (models.OUT / f"sharing-{stamp}.md").write_text(text)
-    data = {"machine": mach, "reps": args.reps, "callers": args.callers, "load": args.load,
-            "rates": args.rates,
-            "measured": {k: {"retries": v.retries,
-                             "runs": [{g: asdict(r) for g, r in run_.items()} for run_ in v.runs]}
-                         for k, v in ms.items()}}
-    (models.OUT / f"sharing-{stamp}.json").write_text(json.dumps(data, indent=1))
-    print(f"wrote {models.OUT / f'sharing-{stamp}.md'} and .json ({mach['wall_s']:.0f} s)")
-    return data
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
