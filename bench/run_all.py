@@ -96,6 +96,9 @@ def shared_plan(models: dict[str, BenchModel], mode: str) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sharing", action="store_true",
+                    help="instead: bench/sharing.py (two halves and noisy neighbour through the "
+                         "node's serving path, raw references beside); other args go to it")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--basics", action="store_true",
                     help="only B0, B1, B2 and B2 with spinning off (the oversubscription check)")
@@ -116,6 +119,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--sharing" in argv:
+        import sharing
+        return sharing.main([a for a in argv if a != "--sharing"])
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
     reps = args.reps or (1 if args.quick else 3)
