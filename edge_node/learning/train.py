@@ -177,7 +177,7 @@ class HeadTrainer:
         b0 = np.asarray(b0, np.float64).reshape(-1)
         d, k = W0.shape
         self.n_features, self.n_classes, self.fit_bias = d, k, fit_bias
-        F_site = np.asarray(F_site, np.float32).reshape(len(F_site), -1)
+        F_site = np.asarray(F_site, np.float32).reshape(len(F_site), d)
         y_site = np.asarray(y_site).astype(np.int64).reshape(-1)
         if F_replay is None or len(F_replay) == 0:
             F_replay, y_replay = np.zeros((0, d), np.float32), np.zeros(0, np.int64)
