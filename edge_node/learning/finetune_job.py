@@ -2,8 +2,8 @@
 
 ``python -m edge_node.learning.finetune_job --checkpoint-dir D [--resume]
 --app-dir APP --samples S.npz [--replay R.npz] --out OUT [--l2 1e-3]
-[--replay-weight 0.5] [--class-weight balanced|none] [--val-fraction 0.2]
-[--max-iter 200] [--patience 10] [--seed 0] [--head NODE] [--output NAME]
+[--replay-weight 0.5] [--class-weight balanced|none] [--val-fraction 0]
+[--max-iter 300] [--patience 10] [--seed 0] [--head NODE] [--output NAME]
 [--threads N] [--checkpoint-every 5] [--probe 64] [--throttle 0]``
 
 ``S.npz`` and ``R.npz`` hold ``X`` (the model's input tensors, as the worker
@@ -225,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         "validation": validation,
     }
     _write_json(args.out / "finetune.json", doc)
-    site_val = result.metrics.get("site_val", {})
+    site = result.metrics["site_train"]
     ctx.emit("done", step=trainer.iteration, total=total, out=str(out_model),
              stop_reason=result.stop_reason,
-             site_val_accuracy_before=site_val.get("accuracy_before"),
-             site_val_accuracy_after=site_val.get("accuracy_after"),
+             site_accuracy_before=site["accuracy_before"],
+             site_accuracy_after=site["accuracy_after"],
              seconds=round(time.perf_counter() - t_start, 3))
     return 0
 

@@ -58,8 +58,8 @@ class TrainConfig:
     l2: float = 1e-3              #: strength of the pull toward the original head
     replay_weight: float = 0.5    #: share of the loss on replay samples (0 without replay)
     class_weight: str = "balanced"  #: "balanced" or "none"
-    val_fraction: float = 0.2     #: held out of each group for early stopping (0: none)
-    max_iter: int = 200           #: L-BFGS iterations at most
+    val_fraction: float = 0.0     #: held out of each group for early stopping (0: none)
+    max_iter: int = 300           #: L-BFGS iterations at most
     patience: int = 10            #: iterations without a better validation loss before stopping
     min_delta: float = 1e-4       #: an improvement smaller than this does not count
     tol: float = 1e-7             #: gradient (max abs) / relative loss change for convergence
