@@ -21,7 +21,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from appstore.samples.digits import SPLIT_SEED, TEST_SIZE
+from edge_node.learning import finetune_job
 from edge_node.learning.evaluate import evaluate_app
+from edge_node.learning.train import TrainConfig
 from edge_node.scheduling.clock import FakeClock
 from edge_node.scheduling.config import ScheduleConfig
 from edge_node.scheduling.jobs import JobRegistry, JobSpec
@@ -29,7 +31,7 @@ from edge_node.scheduling.scheduler import Scheduler
 from tests.models import build_digits_app_dir, load_test_split
 
 SH = ZoneInfo("Asia/Shanghai")
-JOB = "edge_node.learning.finetune_job"
+JOB = finetune_job.MODULE
 NIGHTS = {"card": "cpu", "days": "*", "start": "20:00", "end": "06:00",
           "training_fraction": 1.0}
 
@@ -49,11 +51,11 @@ def inputs(tmp_path_factory):
     return {"root": root, "app": app, "eval": (16.0 - X_held[150:], y_held[150:])}
 
 
-def job_args(inputs, out: Path) -> list[str]:
+def job_args(inputs, out: Path, app: Path | None = None) -> list[str]:
     r = inputs["root"]
-    return ["--app-dir", str(inputs["app"]), "--samples", str(r / "samples.npz"),
-            "--replay", str(r / "replay.npz"), "--out", str(out), "--max-iter", "50",
-            "--checkpoint-every", "5"]
+    return finetune_job.job_args(app or inputs["app"], r / "samples.npz", out,
+                                 replay=r / "replay.npz", config=TrainConfig(max_iter=50),
+                                 checkpoint_every=5)
 
 
 class Harness:
@@ -156,8 +158,7 @@ def test_a_model_without_a_head_fails_with_the_reason(harness, inputs, tmp_path)
     (app / "manifest.json").write_text(json.dumps({
         "name": "conv", "version": "1.0.0", "model": {"file": "model.onnx"},
         "postprocess": {"output": "scores"}}))
-    args = job_args(inputs, tmp_path / "out")
-    args[args.index("--app-dir") + 1] = str(app)
+    args = job_args(inputs, tmp_path / "out", app)
     h = harness
     job = h.reg.submit(JobSpec(name="finetune-conv", module=JOB, args=args)).job_id
     h.clock.set(datetime(2025, 1, 3, 20, 0, tzinfo=SH))

@@ -3,8 +3,9 @@
 ``python -m edge_node.learning.finetune_job --checkpoint-dir D [--resume]
 --app-dir APP --samples S.npz [--replay R.npz] --out OUT [--l2 1e-3]
 [--replay-weight 0.5] [--class-weight balanced|none] [--val-fraction 0]
-[--max-iter 300] [--patience 10] [--seed 0] [--head NODE] [--output NAME]
-[--threads N] [--checkpoint-every 5] [--probe 64] [--throttle 0]``
+[--max-iter 300] [--patience 10] [--seed 0] [--min-delta 1e-4] [--tol 1e-7]
+[--history 10] [--head NODE] [--output NAME]
+[--threads N] [--checkpoint-every 20] [--probe 64] [--throttle 0]``
 
 ``S.npz`` and ``R.npz`` hold ``X`` (the model's input tensors, as the worker
 feeds them after preprocessing) and ``y`` (class indices). Steps: find the head
@@ -37,6 +38,7 @@ import numpy as np
 from edge_node.scheduling.jobkit import JobContext, load_latest, save_checkpoint
 
 logger = logging.getLogger(__name__)
+MODULE = "edge_node.learning.finetune_job"
 FORMAT = "aidc.finetune/1"
 EXIT_NOT_FINE_TUNABLE = 2
 EXIT_BAD_INPUT = 3
@@ -68,6 +70,30 @@ def class_counts(y: np.ndarray) -> dict[str, int]:
     return {str(int(c)): int(n) for c, n in zip(classes, counts)}
 
 
+def job_args(app_dir: Path, samples: Path, out: Path, replay: Path | None = None,
+             config: Any = None, head: str | None = None, output: str | None = None,
+             checkpoint_every: int | None = None) -> list[str]:
+    """The ``args`` of a scheduler ``JobSpec`` for this module, e.g.
+    ``JobSpec(name="finetune-digits", module=MODULE, args=job_args(...))``; ``config``
+    is a :class:`~edge_node.learning.train.TrainConfig` (only values that differ from
+    the defaults are passed)."""
+    args = ["--app-dir", str(app_dir), "--samples", str(samples), "--out", str(out)]
+    if replay is not None:
+        args += ["--replay", str(replay)]
+    if config is not None:
+        from .train import TrainConfig
+
+        default = TrainConfig().to_dict()
+        for key, value in config.to_dict().items():
+            if value != default[key]:
+                args += [f"--{key.replace('_', '-')}", str(value)]
+    for flag, value in (("--head", head), ("--output", output),
+                        ("--checkpoint-every", checkpoint_every)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     from .export import _atomic_write
 
@@ -89,12 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-iter", type=int, default=None)
     parser.add_argument("--patience", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--min-delta", type=float, default=None)
+    parser.add_argument("--tol", type=float, default=None)
+    parser.add_argument("--history", type=int, default=None)
     parser.add_argument("--head", default=None, help="pin the head node (else learning.head)")
     parser.add_argument("--output", default=None, help="class-score output "
                         "(else postprocess.output)")
     parser.add_argument("--threads", type=int, default=None, help="ORT threads "
                         "(default AIDC_JOB_CORES)")
-    parser.add_argument("--checkpoint-every", type=int, default=5, help="iterations")
+    parser.add_argument("--checkpoint-every", type=int, default=20, help="iterations "
+                        "(and always on SIGTERM and at the end of training)")
     parser.add_argument("--probe", type=int, default=64, help="sample inputs to validate "
                         "the exported model on")
     parser.add_argument("--throttle", type=float, default=0.0, help="seconds per iteration")
@@ -124,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in {
         "l2": args.l2, "replay_weight": args.replay_weight, "class_weight": args.class_weight,
         "val_fraction": args.val_fraction, "max_iter": args.max_iter,
-        "patience": args.patience, "seed": args.seed}.items() if v is not None}
+        "patience": args.patience, "seed": args.seed, "min_delta": args.min_delta,
+        "tol": args.tol, "history": args.history}.items() if v is not None}
     config = TrainConfig(**overrides)
     threads = args.threads or ctx.cores
 
