@@ -487,7 +487,7 @@ def report(res: dict) -> str:
              f"{res['split']['y_held']} held-out.", ""]
     lines += ["| site shift | base acc. original | base acc. shifted | n | fine-tuned acc. "
               "shifted | fine-tuned acc. original | recovered | fine-tune wall s (1 core) | "
-              "peak MB (tracemalloc / RSS delta) | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "peak MB (tracemalloc / RSS delta) | verdict |", "|---" * 10 + "|"]
     for s in SHIFTS:
         for n in sorted({r["n"] for r in res["fine_tune"]}):
             rows = [r for r in res["fine_tune"] if r["shift"] == s and r["n"] == n]
@@ -520,8 +520,11 @@ def report(res: dict) -> str:
                   "| scored on | base acc. | retrained acc. | recovered |", "|---|---|---|---|"]
         for s in ("none",) + CLOUD_SITES:
             accs = stat(r["acc"][s] for r in res["cloud"])
-            rec = fmt(stat(r["recovered"][s] for r in res["cloud"]), 2) if s != "none" else \
-                f"regression {fmt(stat((base['none'] - r['acc'][s]) * 100 for r in res['cloud']), 1)} pt"
+            if s == "none":
+                lost = stat((base["none"] - r["acc"][s]) * 100 for r in res["cloud"])
+                rec = f"regression {fmt(lost, 1)} pt"
+            else:
+                rec = fmt(stat(r["recovered"][s] for r in res["cloud"]), 2)
             lines.append(f"| {'original' if s == 'none' else s} | {base[s] * 100:.1f} | "
                          f"{fmt(accs, 1, 100)} | {rec} |")
         lines.append(f"| (fine-tune wall s, 1 core) | | "
