@@ -147,7 +147,11 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
                 e = err.errors()[0]
                 raise BadRequest("bad_resources", f"{'.'.join(map(str, e['loc']))}: "
                                  f"{e['msg']}") from err
-        ds = ctx.fleet.assign(node_id, name, version, resources)
+        upload = body.get("upload")
+        if upload not in (None, "full", "metadata", "none"):
+            raise BadRequest("bad_upload", "upload is one of full, metadata, none (or absent: "
+                             "the site's own policy)")
+        ds = ctx.fleet.assign(node_id, name, version, resources, upload)
         return jsonify({"desired": ds.model_dump()})
 
     @bp.put("/nodes/<node_id>/training")

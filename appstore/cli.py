@@ -188,7 +188,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
                                    ("memory_mb", args.memory_mb), ("card", args.card))
                  if v is not None}
     ds = ApiClient(args.api).assign(args.node, args.app, args.version,
-                                    resources or None)["desired"]
+                                    resources or None, args.upload)["desired"]
     print(f"node {args.node}: desired revision {ds['revision']}: "
           + ", ".join(f"{a['name']} {a['version']}" for a in ds["apps"]))
     return 0
@@ -328,6 +328,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, help="override the app's card fraction (0-1]")
     p.add_argument("--memory-mb", type=int, help="override the app's memory budget")
     p.add_argument("--card", help="pin to this card, e.g. cpu or gpu0")
+    p.add_argument("--upload", choices=("full", "metadata", "none"),
+                   help="what of the app's samples may leave the site (the site's own "
+                   "policy can only make it stricter)")
     _api_opt(p)
     p.set_defaults(func=_guard(cmd_assign))
 

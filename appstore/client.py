@@ -72,10 +72,13 @@ class ApiClient:
                             content_type="application/zip")
 
     def assign(self, node_id: str, app: str, version: str,
-               resources: dict[str, Any] | None = None) -> dict[str, Any]:
+               resources: dict[str, Any] | None = None,
+               upload: str | None = None) -> dict[str, Any]:
         req: dict[str, Any] = {"version": version}
         if resources:
             req["resources"] = resources
+        if upload:
+            req["upload"] = upload
         body = json.dumps(req).encode()
         return self.request("PUT", f"/nodes/{_q(node_id)}/apps/{_q(app)}", body)
 

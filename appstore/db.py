@@ -100,6 +100,21 @@ def m004_node_training(db: Database) -> None:
     db["nodes"].add_column("training", str)
 
 
+@migrations()
+def m005_feedback_sharing(db: Database) -> None:
+    """What each sample's site let travel, its usefulness and held-out flag, and
+    labels set on site after the sample was sent (the ``sample_labelled`` event)."""
+    for col, typ in (("shared", str), ("usefulness", float), ("heldout", int),
+                     ("labelled_at", float), ("labelled_by", str)):
+        db["feedback"].add_column(col, typ)
+    db.execute("UPDATE feedback SET shared = 'full', usefulness = 0, heldout = 0")
+    db["feedback"].create_index(["node_id", "sample_id"])
+    db["assignments"].add_column("upload", str)  # full | metadata | none | NULL
+    db["site_labels"].create({"node_id": str, "sample_id": str, "label": str,
+                              "labelled_at": float, "labelled_by": str},
+                             pk=("node_id", "sample_id"))
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

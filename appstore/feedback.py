@@ -53,21 +53,50 @@ class FeedbackStore:
         if _exists(db, "feedback", msg.msg_id):
             return False
         s = msg.sample
-        try:
-            data = base64.b64decode(s.input_b64, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise MessageRejected("bad_input", f"input_b64 is not base64: {err}") from err
-        if not data:
-            raise MessageRejected("bad_input", "empty input")
-        sha, path = self.samples.put_bytes(data, INPUT_TYPES[s.input_type][0])
+        sha = path = None
+        if s.input_type != "none":  # metadata only: the site kept the input home
+            try:
+                data = base64.b64decode(s.input_b64, validate=True)
+            except (binascii.Error, ValueError) as err:
+                raise MessageRejected("bad_input", f"input_b64 is not base64: {err}") from err
+            if not data:
+                raise MessageRejected("bad_input", "empty input")
+            sha, path = self.samples.put_bytes(data, INPUT_TYPES[s.input_type][0])
+        # a label set on site may have arrived (as an event) before the sample
+        early = list(db.query("select label, labelled_at, labelled_by from site_labels "
+                              "where node_id = ? and sample_id = ?", [node_id, s.sample_id]))
+        label = early[0] if early else {"label": s.label, "labelled_at": None,
+                                        "labelled_by": None}
         db["feedback"].insert({
             "msg_id": msg.msg_id, "node_id": node_id, "app": s.app, "version": s.version,
             "sample_id": s.sample_id, "created_at": s.created_at, "received_at": received_at,
             "reason": s.reason, "input_type": s.input_type, "input_sha256": sha,
-            "input_path": str(path), "prediction": s.prediction.model_dump_json(),
-            "scores": json.dumps(s.scores), "label": s.label, "source": s.source,
+            "input_path": str(path) if path else None,
+            "prediction": s.prediction.model_dump_json(),
+            "scores": json.dumps(s.scores), "label": label["label"], "source": s.source,
+            "shared": s.shared, "usefulness": s.usefulness, "heldout": int(s.heldout),
+            "labelled_at": label["labelled_at"], "labelled_by": label["labelled_by"],
         })
         return True
+
+    @staticmethod
+    def record_site_label(db: Database, node_id: str, data: dict[str, Any]) -> None:
+        """A ``sample_labelled`` event: the label a technician gave on site. Kept
+        apart too, so a label that overtakes its sample is applied on arrival."""
+        sid, label = data.get("sample_id"), data.get("label")
+        if not isinstance(sid, str) or not isinstance(label, str):
+            raise MessageRejected("bad_label_event", "sample_labelled needs sample_id and label")
+        at, by = data.get("labelled_at"), data.get("by")
+        db.execute("insert into site_labels (node_id, sample_id, label, labelled_at, labelled_by)"
+                   " values (?, ?, ?, ?, ?) on conflict(node_id, sample_id) do update set "
+                   "label = excluded.label, labelled_at = excluded.labelled_at, "
+                   "labelled_by = excluded.labelled_by "
+                   "where excluded.labelled_at >= coalesce(site_labels.labelled_at, 0)",
+                   [node_id, sid, label, at, by])
+        db.execute("update feedback set label = ?, labelled_at = ?, labelled_by = ? "
+                   "where node_id = ? and sample_id = ? and "
+                   "coalesce(labelled_at, 0) <= coalesce(?, 0)",
+                   [label, at, by, node_id, sid, at])
 
     @staticmethod
     def record_event(db: Database, node_id: str, msg: EventMessage, received_at: float) -> bool:
@@ -78,6 +107,8 @@ class FeedbackStore:
             "type": msg.type, "severity": msg.severity, "app": msg.app,
             "data": json.dumps(msg.data),
         })
+        if msg.type == "sample_labelled":
+            FeedbackStore.record_site_label(db, node_id, msg.data)
         return True
 
     @staticmethod
@@ -136,6 +167,9 @@ class FeedbackStore:
     def input_file(self, msg_id: str) -> tuple[Path, str]:
         """The stored input of a sample and its HTTP content type."""
         row = self.get(msg_id)
+        if row["input_type"] == "none":
+            raise NotFound("input_not_shared", f"the site of {msg_id!r} does not share inputs "
+                           f"(upload policy: {row.get('shared')})")
         ext, ctype = INPUT_TYPES[row["input_type"]]
         path = self.samples.path(row["input_sha256"], ext)
         if path is None:

@@ -258,13 +258,13 @@ class Fleet:
 
     # -- desired state -----------------------------------------------------------
     def assign(self, node_id: str, app: str, version: str,
-               resources: dict | None = None) -> DesiredState:
+               resources: dict | None = None, upload: str | None = None) -> DesiredState:
         """Want ``app`` ``version`` on ``node_id`` (with an optional resource
         override); publishes the new desired state."""
         check_node_id(node_id)
         with self._desired_lock:
             self.catalog.get_version(app, version)  # NotFound for an unknown version
-            self.registry.assign(node_id, app, version, resources)
+            self.registry.assign(node_id, app, version, resources, upload)
             return self._publish_desired(node_id)
 
     def set_training(self, node_id: str, training: TrainingSchedule | None) -> DesiredState:

@@ -74,7 +74,7 @@ class Registry:
 
     # -- operators -------------------------------------------------------------
     def assign(self, node_id: str, app: str, version: str,
-               resources: dict[str, Any] | None = None) -> int:
+               resources: dict[str, Any] | None = None, upload: str | None = None) -> int:
         """Want ``app`` at ``version`` on the node, with an optional resource
         override; returns the desired revision (bumped only when something
         changed). The caller checked the version exists."""
@@ -84,12 +84,13 @@ class Registry:
             db.execute(_UPSERT, {"node_id": node_id, "online": None, "seen": 0,
                                  "agent_version": ""})
             res = json.dumps(resources, sort_keys=True) if resources else None
-            cur = list(db.query("select version, resources from assignments "
+            cur = list(db.query("select version, resources, upload from assignments "
                                 "where node_id = ? and app = ?", [node_id, app]))
-            if not cur or (cur[0]["version"], cur[0]["resources"]) != (version, res):
+            if not cur or (cur[0]["version"], cur[0]["resources"], cur[0]["upload"]) != \
+                    (version, res, upload):
                 db["assignments"].upsert(
                     {"node_id": node_id, "app": app, "version": version, "assigned_at": now,
-                     "resources": res},
+                     "resources": res, "upload": upload},
                     pk=("node_id", "app"))
                 db.execute("update nodes set desired_revision = desired_revision + 1 "
                            "where node_id = ?", [node_id])
@@ -146,7 +147,8 @@ class Registry:
     @staticmethod
     def _desired(db: Database, node_id: str) -> DesiredState:
         rows = list(db.query(
-            "select a.app, a.version, a.resources, v.sha256, v.size from assignments a "
+            "select a.app, a.version, a.resources, a.upload, v.sha256, v.size "
+            "from assignments a "
             "join app_versions v on v.name = a.app and v.version = a.version "
             "where a.node_id = ? order by a.app", [node_id]))
         node = list(db.query("select desired_revision, training from nodes where node_id = ?",
@@ -155,7 +157,8 @@ class Registry:
         return DesiredState(
             node_id=node_id, revision=node[0]["desired_revision"] if node else 0, epoch=epoch,
             apps=[AppRef(name=r["app"], version=r["version"], sha256=r["sha256"], size=r["size"],
-                         resources=json.loads(r["resources"]) if r["resources"] else None)
+                         resources=json.loads(r["resources"]) if r["resources"] else None,
+                         upload=r["upload"])
                   for r in rows],
             training=TrainingSchedule.model_validate_json(node[0]["training"])
             if node and node[0]["training"] else None,
@@ -163,7 +166,8 @@ class Registry:
 
     def assignments(self, node_id: str) -> list[dict[str, Any]]:
         with self.store.read() as db:
-            return list(db.query("select app, version, assigned_at, resources from assignments "
+            return list(db.query("select app, version, assigned_at, resources, upload "
+                                 "from assignments "
                                  "where node_id = ? order by app", [node_id]))
 
     def list_nodes(self) -> list[dict[str, Any]]:

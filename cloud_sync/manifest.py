@@ -86,8 +86,12 @@ class Batching(_Lenient):
 
 
 class HardExamplePolicy(_Lenient):
-    policy: Literal["confidence", "margin", "entropy", "none"] = "confidence"
+    """Which results are kept for labelling (edge_node/hardex.py)."""
+
+    policy: Literal["confidence", "margin", "entropy", "box", "none"] = "confidence"
     threshold: float = Field(default=0.6, ge=0)
+    #: box policy: a detection whose score is in [box_low, threshold) is doubtful
+    box_low: float = Field(default=0.3, ge=0, le=1)
 
 
 class Learning(_Lenient):

@@ -17,7 +17,8 @@ import time
 import uuid
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import MessageRejected
 from .windows import TrainingWindow, zone
@@ -75,6 +76,9 @@ class AppRef(BaseModel):
     sha256: str = Field(pattern=SHA256_RE)
     size: int = Field(ge=1)
     resources: ResourceOverride | None = None
+    #: what of this app's samples may leave the site ("full", "metadata", "none");
+    #: the stricter of this and the site's own config applies; None: the site's
+    upload: Literal["full", "metadata", "none"] | None = None
 
 
 #: most windows one schedule may hold (a week of hourly windows is 168; nobody
@@ -124,6 +128,8 @@ class AppReport(BaseModel):
     status: AppStatus
     error: str | None = None
     progress: float | None = Field(default=None, ge=0, le=1)
+    #: the upload level in force for this app's samples on this node
+    upload: Literal["full", "metadata", "none"] | None = None
 
 
 class ReportedState(Message):
@@ -184,12 +190,27 @@ class FeedbackSample(BaseModel):
     version: str
     created_at: float
     reason: str = Field(description="why it was kept, e.g. 'confidence<0.6'")
-    input_type: Literal["image/png", "image/jpeg", "tensor/npy"]
-    input_b64: str = Field(max_length=MAX_MESSAGE_BYTES)
+    #: "none" (with an empty input_b64) when the site's upload policy keeps inputs home
+    input_type: Literal["image/png", "image/jpeg", "tensor/npy", "none"]
+    input_b64: str = Field(default="", max_length=MAX_MESSAGE_BYTES)
     prediction: Prediction
     scores: list[float] = Field(default_factory=list, max_length=10000)
     label: str | None = Field(default=None, description="confirmed label, if any")
     source: str | None = Field(default=None, description="stream or 'api'")
+    #: what the site's upload policy let travel: "full" (with the input) or "metadata"
+    shared: Literal["full", "metadata"] = "full"
+    #: how informative the policy judged it (0..1): the labelling queue's order
+    usefulness: float = Field(default=0.0, ge=0, le=1)
+    #: kept apart on the node to judge fine-tuned models (never trained on there)
+    heldout: bool = False
+
+    @model_validator(mode="after")
+    def _input(self) -> FeedbackSample:
+        if (self.input_type == "none") != (self.input_b64 == ""):
+            raise ValueError("input_type 'none' goes with an empty input_b64, and only then")
+        if self.shared == "metadata" and self.input_type != "none":
+            raise ValueError("a metadata-only sample carries no input")
+        return self
 
 
 class FeedbackMessage(Message):

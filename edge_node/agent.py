@@ -46,6 +46,8 @@ from .scheduling.scheduler import Scheduler
 from .serving.registry import AppRegistry, ServedApp
 from .serving.v2 import make_v2_blueprint
 from .store import NodeStore
+from . import hardex
+from .labelling import Labeller
 from .streams import StreamManager
 from .streams.adapters import worker_classify
 from .worker.supervisor import WorkerSupervisor
@@ -92,7 +94,8 @@ class NodeAgent:
             supervisor=self.supervisor, registry=self.registry,
             trusted_keys=lambda: trusted_keys(cfg.trusted_keys, d / "trusted_keys"),
             blobs_dir=d / "blobs", apps_dir=d / "apps", on_change=self.reporter.changed,
-            on_event=self.emit_event, on_training=self._on_training, placement=self.placement,
+            on_event=self.emit_event, on_training=self._on_training,
+            on_desired=self._on_desired, placement=self.placement,
             overrides=cfg.resources.apps, batching=cfg.http.batching,
         )
         self.jobs = JobRegistry(d / "node.db", d / "jobs")
@@ -105,6 +108,8 @@ class NodeAgent:
                                      on_result=self._on_stream_result,
                                      on_status=self._on_stream_status)
         self._stream_labels: dict[str, str | None] = {}
+        self._policies: dict[tuple[str, str], hardex.Policy] = {}  # (app, sha256) ->
+        self.labeller = Labeller(self.store, self.registry, self.capture, self.emit_event)
         self.flask = Flask("edge_node")
         self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
         v2 = make_v2_blueprint(self.registry, max_body_bytes=cfg.http.max_body_mb << 20,
@@ -122,9 +127,18 @@ class NodeAgent:
         return f"http://{self.cfg.http.host}:{port}"
 
     def _on_result(self, app: ServedApp, result: dict, tensor, image, source: str) -> None:
-        he = app.manifest.learning.hard_examples
-        threshold = he.threshold if he.policy == "confidence" else None
-        self.capture.on_result(app.name, app.version, threshold, result, tensor, image, source)
+        key = (app.name, app.sha256)
+        policy = self._policies.get(key)
+        if policy is None:
+            site = self.cfg.feedback.apps.get(app.name)
+            policy = self._policies[key] = hardex.resolve(
+                app.manifest.learning.hard_examples,
+                site.model_dump(exclude_none=True) if site else None,
+                self.cfg.feedback.threshold)
+        self.capture.on_result(app.name, app.version, policy, result, tensor, image, source)
+
+    def _on_desired(self, desired: schemas.DesiredState) -> None:
+        self.capture.cloud_upload = {a.name: a.upload for a in desired.apps if a.upload}
 
     # -- time division -------------------------------------------------------
     def _on_training(self, training: schemas.TrainingSchedule | None) -> None:
@@ -197,7 +211,9 @@ class NodeAgent:
         return schemas.ReportedState(
             node_id=self.cfg.node_id, agent_version=__version__,
             desired_revision=desired.revision if desired else -1,
-            apps=self.reconciler.reports(), rejected=_copy(self.reconciler.rejected),
+            apps=[a.model_copy(update={"upload": self.capture.upload_level(a.name)})
+                  for a in self.reconciler.reports()],
+            rejected=_copy(self.reconciler.rejected),
             http_url=self.http_url, outbox_pending=self.outbox.pending(),
             cards=self.cards_state(), training=self.scheduler.windows_in_force(),
         )
@@ -214,6 +230,7 @@ class NodeAgent:
             "workers": self.supervisor.status(),
             "outbox": self.outbox.stats(),
             "capture": _copy(self.capture.stats),
+            "samples": self.store.sample_counts(),
             "rejected": _copy(self.reconciler.rejected),
             "serving": self.v2_service.stats(),
             "batching": self._http.batching_stats() if self._http else {},
@@ -231,6 +248,7 @@ class NodeAgent:
             "workers": self.supervisor.status(),
             "outbox": self.outbox.stats(),
             "capture": _copy(self.capture.stats),
+            "samples": self.store.sample_counts(),
             "mqtt": _copy(self.conn.stats),
             "fetcher": _copy(self.fetcher.stats),
             "training": self.scheduler.status(),

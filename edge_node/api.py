@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from .labelling import LabelError, public
 from .metrics import render
 from .scheduling.jobs import UnknownJob
 
@@ -22,17 +24,72 @@ def make_local_blueprint(agent: Any) -> Blueprint:
     def status():
         return jsonify(agent.status())
 
+    def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+        try:
+            return min(hi, max(lo, int(request.args.get(name, default))))
+        except ValueError:
+            raise LabelError(400, "bad_request", f"{name} must be an integer") from None
+
+    @bp.errorhandler(LabelError)
+    def _label_error(err: LabelError):
+        return jsonify(error=err.reason, detail=err.detail), err.status
+
     @bp.get("/api/v1/samples")
     def samples():
-        app = request.args.get("app")
-        try:
-            limit = min(1000, max(1, int(request.args.get("limit", 100))))
-        except ValueError:
-            return jsonify(error="bad_request", detail="limit must be an integer"), 400
-        rows = agent.store.samples(app=app, limit=limit)
+        """Kept samples: ?app=&state=unlabelled|labelled|all&order=newest|usefulness
+        &heldout=true|false&limit=&offset="""
+        a = request.args
+        state, order = a.get("state", "all"), a.get("order", "newest")
+        if state not in ("all", "labelled", "unlabelled"):
+            raise LabelError(400, "bad_request", "state is one of all, labelled, unlabelled")
+        if order not in ("newest", "usefulness"):
+            raise LabelError(400, "bad_request", "order is newest or usefulness")
+        heldout = {"true": True, "false": False, None: None}.get(a.get("heldout"), "bad")
+        if heldout == "bad":
+            raise LabelError(400, "bad_request", "heldout is true or false")
+        rows = agent.store.query_samples(
+            app=a.get("app"), state=state, order=order, heldout=heldout,
+            limit=_int_arg("limit", 100, 1, 1000), offset=_int_arg("offset", 0, 0, 10**9))
+        out = []
         for r in rows:
-            r["outbox"] = agent.outbox.status(r["msg_id"])
-        return jsonify(samples=rows)
+            p = public(r)
+            p["outbox"] = agent.outbox.status(r["msg_id"])
+            out.append(p)
+        return jsonify(samples=out, counts=agent.store.sample_counts())
+
+    @bp.get("/api/v1/labelling/queue")
+    def labelling_queue():
+        """The next samples to label, most useful first (?app=&limit=)."""
+        rows = agent.store.query_samples(app=request.args.get("app"), state="unlabelled",
+                                         order="usefulness",
+                                         limit=_int_arg("limit", 20, 1, 200))
+        items = []
+        for r in rows:
+            p = public(r)
+            n = len(json.loads(r["scores"])) if r.get("scores") else 0
+            p["classes"] = agent.labeller.classes(r["app"], n)
+            items.append(p)
+        return jsonify(queue=items, counts=agent.store.sample_counts())
+
+    @bp.get("/api/v1/samples/<sample_id>")
+    def sample(sample_id: str):
+        return jsonify(public(agent.labeller.get(sample_id)))
+
+    @bp.get("/api/v1/samples/<sample_id>/input")
+    def sample_input(sample_id: str):
+        """The stored input (?format=png renders an image-shaped tensor)."""
+        data, ctype = agent.labeller.input(sample_id, request.args.get("format") == "png")
+        return Response(data, content_type=ctype)
+
+    @bp.put("/api/v1/samples/<sample_id>/label")
+    def label_sample(sample_id: str):
+        """{"label": "7", "by": "tech-1", "overwrite": false}"""
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise LabelError(400, "bad_json", 'expected {"label": "...", "by": "..."}')
+        row = agent.labeller.label(sample_id, body.get("label"), body.get("by"),
+                                   bool(body.get("overwrite", False)))
+        return jsonify(public(row))
 
     @bp.get("/api/v1/training")
     def training():

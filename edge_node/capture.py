@@ -5,11 +5,16 @@ result. That only enqueues (bounded; when full the result is dropped and
 *counted*). A background thread then, in order:
 
 1. writes results to SQLite in batches;
-2. keeps a hard example when the app's policy says so (confidence below the
-   threshold), within a per-app rate limit (excess counted), by writing the
-   input to ``<data_dir>/samples`` and a ``samples`` row, and then
-3. puts a :class:`~cloud_sync.schemas.FeedbackMessage` into the outbox, whose
-   msg_id is the sample id, so a retry is deduplicated by the cloud.
+2. keeps a hard example when the app's policy says so (edge_node/hardex.py:
+   confidence, margin, entropy, box), within a per-app rate limit and the
+   node's disk quota (both counted; past the quota the oldest unlabelled samples
+   are evicted), by writing the input to ``<data_dir>/samples`` and a
+   ``samples`` row with its usefulness (the labelling queue's order) and
+   whether it is kept apart (held out) for judging fine-tuned models, and then
+3. puts a :class:`~cloud_sync.schemas.FeedbackMessage` into the outbox as far
+   as the app's upload level lets it (``full``: with the input; ``metadata``:
+   without; ``none``: nothing leaves), whose msg_id is the sample id, so a
+   retry is deduplicated by the cloud.
 
 On start, samples that never reached the outbox (a crash between steps 2 and 3)
 are put there again: nothing is lost.
@@ -18,6 +23,7 @@ are put there again: nothing is lost.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -35,7 +41,8 @@ import numpy as np
 from cloud_sync import schemas
 from cloud_sync.errors import CloudSyncError
 
-from .config import FeedbackConfig
+from .config import UPLOAD_LEVELS, FeedbackConfig
+from .hardex import Policy, judge
 from .store import NodeStore
 
 logger = logging.getLogger(__name__)
@@ -50,12 +57,18 @@ MAX_UPLOAD_SCORES = 1000
 class Observation:
     app: str
     version: str
-    threshold: float | None
+    reason: str | None  # None: not a hard example
+    usefulness: float
     result: dict
     tensor: np.ndarray | None
     image: bytes | None
     source: str
     ts: float
+
+
+def is_heldout(sample_id: str, fraction: float) -> bool:
+    """Kept apart for judging? Decided once, from the id: the same on every restart."""
+    return int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 class RateLimit:
@@ -109,21 +122,39 @@ class Capture:
         self._q: queue.Queue[Observation | None] = queue.Queue(maxsize)
         self._limits: dict[str, RateLimit] = {}
         self._thread: threading.Thread | None = None
+        #: app -> upload level the cloud asks for (the desired state); the site's
+        #: own config can only make it stricter
+        self.cloud_upload: dict[str, str] = {}
 
     # -- called on the request path: never blocks -----------------------
-    def on_result(self, app: str, version: str, threshold: float | None, result: dict,
+    def on_result(self, app: str, version: str, policy: Policy | None, result: dict,
                   tensor: np.ndarray | None, image: bytes | None, source: str = "api") -> None:
-        if self.cfg.threshold is not None:
-            threshold = self.cfg.threshold
-        if (not self.cfg.enabled or threshold is None
-                or float(result.get("score", 1.0)) >= threshold):
+        """``policy``: the app's hard-example policy (:func:`edge_node.hardex.resolve`)."""
+        reason, usefulness = None, 0.0
+        if self.cfg.enabled and policy is not None:
+            try:
+                hard, usefulness, why = judge(policy, result)
+            except ValueError:
+                hard, why = False, ""
+                self.stats["policy_errors"] += 1
+            if hard:
+                reason = why
+        if reason is None:
             tensor = image = None  # not a candidate: keep only the result, not its input
-            threshold = None
         try:
-            self._q.put_nowait(Observation(app, version, threshold, result, tensor, image,
-                                           source, time.time()))
+            self._q.put_nowait(Observation(app, version, reason, usefulness, result, tensor,
+                                           image, source, time.time()))
         except queue.Full:
             self.stats["observations_dropped"] += 1
+
+    def upload_level(self, app: str) -> str:
+        """What of ``app``'s samples may leave: the stricter of the site's config
+        and the cloud's setting (:attr:`cloud_upload`)."""
+        site = (self.cfg.apps.get(app).upload if app in self.cfg.apps else None) \
+            or self.cfg.upload
+        cloud = self.cloud_upload.get(app)
+        levels = [lv for lv in (site, cloud) if lv is not None]
+        return min(levels, key=UPLOAD_LEVELS.index)
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -164,43 +195,73 @@ class Capture:
         ])
         self.stats["results"] += len(obs)
         for o in obs:
-            threshold = o.threshold  # None: not a hard example (decided in on_result)
-            if threshold is None or (o.tensor is None and o.image is None):
-                continue
+            if o.reason is None or (o.tensor is None and o.image is None):
+                continue  # not a hard example (decided in on_result)
             limit = self._limits.setdefault(o.app, RateLimit(self.cfg.max_per_minute))
             if not limit.allow():
                 self.stats["samples_rate_limited"] += 1
                 continue
-            self._keep(o, f"confidence<{threshold:g}")
+            self._keep(o)
 
-    def _keep(self, o: Observation, reason: str) -> None:
+    def _keep(self, o: Observation, label: str | None = None,
+              label_source: str | None = None) -> dict | None:
+        """Store one sample (within the quota) and queue what may leave; its row."""
         sample_id = uuid.uuid4().hex
         input_type, data = encode_input(o.tensor, o.image)
+        if not self._make_room(len(data)):
+            self.stats["samples_quota_full"] += 1
+            return None
         ext = {"image/png": "png", "image/jpeg": "jpg"}.get(input_type, "npy")
         path = self.dir / f"{sample_id}.{ext}"
         path.write_bytes(data)
         pred = {"label": str(o.result.get("label")), "index": int(o.result.get("index", -1)),
                 "score": float(o.result.get("score", 0.0))}
         row = {"sample_id": sample_id, "created_at": o.ts, "app": o.app, "version": o.version,
-               "reason": reason, "input_type": input_type, "input_path": str(path),
+               "reason": o.reason, "input_type": input_type, "input_path": str(path),
                "prediction": json.dumps(pred),
                "scores": json.dumps([float(s) for s in o.result.get("scores", [])]),
-               "label": None, "source": o.source, "msg_id": sample_id}
+               "label": label, "source": o.source, "msg_id": sample_id,
+               "usefulness": float(o.usefulness), "nbytes": len(data),
+               "heldout": int(is_heldout(sample_id, self.cfg.heldout_fraction)),
+               "labelled_at": time.time() if label is not None else None,
+               "label_source": label_source}
         self.store.add_sample(row)
         self.stats["samples_kept"] += 1
         self._enqueue(row, data)
+        return row
 
-    def _message(self, row: dict, data: bytes) -> bytes:
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict the oldest unlabelled samples until ``nbytes`` more fit the quota;
+        False when it cannot (only labelled samples are left)."""
+        max_bytes = self.cfg.max_disk_mb * 1024 * 1024
+        count, used = self.store.sample_usage()
+        while count + 1 > self.cfg.max_samples or used + nbytes > max_bytes:
+            victims = self.store.oldest_unlabelled(limit=50)
+            if not victims:
+                return False
+            for v in victims:
+                Path(v["input_path"]).unlink(missing_ok=True)
+                self.store.delete_sample(v["sample_id"])
+                self.stats["samples_evicted"] += 1
+                count, used = count - 1, used - (v["nbytes"] or 0)
+                if count + 1 <= self.cfg.max_samples and used + nbytes <= max_bytes:
+                    break
+        return True
+
+    def _message(self, row: dict, data: bytes, shared: str) -> bytes:
         scores = json.loads(row["scores"])
         if len(scores) > MAX_UPLOAD_SCORES:  # only the top ones travel
             keep = set(np.argsort(scores)[-MAX_UPLOAD_SCORES:].tolist())
             scores = [s if i in keep else 0.0 for i, s in enumerate(scores)][:10000]
         sample = schemas.FeedbackSample(
             sample_id=row["sample_id"], app=row["app"], version=row["version"],
-            created_at=row["created_at"], reason=row["reason"], input_type=row["input_type"],
-            input_b64=base64.b64encode(data).decode(),
+            created_at=row["created_at"], reason=row["reason"],
+            input_type=row["input_type"] if shared == "full" else "none",
+            input_b64=base64.b64encode(data).decode() if shared == "full" else "",
             prediction=schemas.Prediction(**json.loads(row["prediction"])),
-            scores=scores, label=row["label"], source=row["source"],
+            scores=scores, label=row["label"], source=row["source"], shared=shared,
+            usefulness=min(1.0, max(0.0, float(row.get("usefulness") or 0.0))),
+            heldout=bool(row.get("heldout")),
         )
         payload = schemas.FeedbackMessage(msg_id=row["msg_id"], sample=sample).to_bytes()
         if len(payload) > schemas.MAX_MESSAGE_BYTES:
@@ -211,14 +272,20 @@ class Capture:
         """Put one stored sample into the outbox; a sample that cannot travel
         stays local, marked and counted, so it is never retried at every boot."""
         sid = row["sample_id"]
-        if len(data) > MAX_UPLOAD_INPUT:
+        shared = self.upload_level(row["app"])
+        if shared == "none":  # the site keeps everything home: counted, never sent
+            self.stats["samples_kept_home"] += 1
+            self.store.set_shared(sid, "none")
+            self.store.mark_queued(sid)
+            return
+        if shared == "full" and len(data) > MAX_UPLOAD_INPUT:
             self.stats["samples_too_large_to_upload"] += 1
             logger.warning("sample %s: input of %d bytes kept locally, too large to upload",
                            sid, len(data))
             self.store.mark_queued(sid)
             return
         try:
-            payload = self._message(row, data)
+            payload = self._message(row, data, shared)
         except ValueError as err:  # pydantic ValidationError is a ValueError
             self.stats["samples_unuploadable"] += 1
             logger.warning("sample %s kept locally, cannot be uploaded: %s", sid, err)
@@ -227,6 +294,8 @@ class Capture:
         try:
             if self.outbox.put(self.topic, payload, row["msg_id"], kind="feedback"):
                 self.stats["samples_queued"] += 1
+                self.stats[f"samples_shared_{shared}"] += 1
+            self.store.set_shared(sid, shared)
             self.store.mark_queued(sid)
         except CloudSyncError as err:  # outbox full: kept locally, counted, retried on start
             self.stats["samples_outbox_full"] += 1

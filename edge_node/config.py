@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -59,12 +59,36 @@ class OutboxConfig(_Strict):
     max_rows: int = Field(default=100_000, ge=10)
 
 
+#: what of a sample may leave the site, least to most (docs/learning.md, data residency)
+UPLOAD_LEVELS = ("none", "metadata", "full")
+UploadLevel = Literal["none", "metadata", "full"]
+
+
+class AppFeedbackConfig(_Strict):
+    """Per-app overrides of the manifest's hard-example policy, and its upload level."""
+
+    policy: Literal["confidence", "margin", "entropy", "box", "none"] | None = None
+    threshold: float | None = Field(default=None, ge=0)
+    box_low: float | None = Field(default=None, ge=0, le=1)
+    upload: UploadLevel | None = None
+
+
 class FeedbackConfig(_Strict):
     enabled: bool = True
     #: hard examples kept per app per minute at most (excess counted, not kept)
     max_per_minute: int = Field(default=60, ge=0)
-    #: override the manifest's confidence threshold for every app
+    #: override the manifest's threshold for every app
     threshold: float | None = Field(default=None, ge=0, le=1)
+    #: disk quota of the kept samples: past it the oldest unlabelled are evicted
+    #: (counted); when only labelled ones are left, new samples are not kept
+    max_disk_mb: float = Field(default=1024, gt=0)
+    max_samples: int = Field(default=100_000, ge=1)
+    #: share of samples kept apart (never trained on) to judge a fine-tuned model
+    heldout_fraction: float = Field(default=0.2, ge=0, lt=1)
+    #: what leaves the site by default: "full" (input + prediction + label),
+    #: "metadata" (no input), "none"; the stricter of this and the cloud's applies
+    upload: UploadLevel = "full"
+    apps: dict[str, AppFeedbackConfig] = Field(default_factory=dict)
 
 
 class ResourcesConfig(_Strict):

@@ -115,6 +115,14 @@ class NodeCollector:
         yield _counter("aidc_results", "results recorded", [([], float(cap.get("results", 0)))])
         yield _counter("aidc_samples_kept", "hard examples kept",
                        [([], float(cap.get("samples_kept", 0)))])
+        yield _counter("aidc_sample_ops", "what happened to hard examples: kept, evicted, "
+                       "quota_full, labelled, kept_home, shared_full, shared_metadata, ...",
+                       [([k.removeprefix("samples_")], float(v)) for k, v in cap.items()
+                        if k.startswith("samples_")], labels=["op"])
+        yield _gauge("aidc_samples_stored", "samples on the node's disk, by app and state",
+                     [([app, k], float(c.get(k, 0))) for app, c in s.get("samples", {}).items()
+                      for k in ("kept", "labelled", "unlabelled", "heldout")],
+                     labels=["app", "state"])
         drops = [([k], float(v)) for k, v in cap.items()
                  if k.endswith("dropped") or k.endswith("rate_limited")]
         yield _counter("aidc_capture_dropped", "observations not kept, by reason", drops,

@@ -60,6 +60,7 @@ class Reconciler:
         on_change: Callable[[], None],
         on_event: Callable[..., None] | None = None,
         on_training: Callable[[schemas.TrainingSchedule | None], None] | None = None,
+        on_desired: Callable[[schemas.DesiredState], None] | None = None,
         placement: Placement | None = None,
         overrides: dict[str, dict] | None = None,
         batching: dict[str, Any] | None = None,
@@ -80,6 +81,8 @@ class Reconciler:
         #: called with the desired state's training windows (None: the node's
         #: config) when they change, and once at start from the saved state
         self.on_training = on_training or (lambda _t: None)
+        #: called with every accepted desired state (and the saved one at start)
+        self.on_desired = on_desired or (lambda _d: None)
         self.placement = placement or Placement(discover_cards())
         self.overrides = overrides or {}
         self.batching = batching or {}  # app -> BatchOverride (the node's config)
@@ -120,6 +123,7 @@ class Reconciler:
             training_changed = self.desired is None or desired.training != self.desired.training
             self.desired = desired
         self.store.put_json(DESIRED_KEY, desired.model_dump())
+        self._hook(self.on_desired, desired)
         if training_changed:
             self._apply_training(desired.training)
         if changed:
@@ -128,10 +132,14 @@ class Reconciler:
             self._wake.put("desired")
 
     def _apply_training(self, training: schemas.TrainingSchedule | None) -> None:
+        self._hook(self.on_training, training)
+
+    @staticmethod
+    def _hook(fn: Callable[[Any], None], arg: Any) -> None:
         try:
-            self.on_training(training)
+            fn(arg)
         except Exception:  # a bad hook must not stop app reconciliation
-            logger.exception("applying the desired training windows failed")
+            logger.exception("a desired-state hook (%s) failed", getattr(fn, "__name__", fn))
 
     def count_rejected(self, reason: str, detail: str = "") -> None:
         self.rejected[reason] += 1
@@ -147,8 +155,9 @@ class Reconciler:
                 logger.info("resuming last desired state, revision %d", self.desired.revision)
             except ValueError:
                 logger.warning("stored desired state unreadable; waiting for the cloud")
-        if self.desired is not None:
-            self._apply_training(self.desired.training)  # offline restart: the cloud's windows
+        if self.desired is not None:  # offline restart: what the cloud last said
+            self._hook(self.on_desired, self.desired)
+            self._apply_training(self.desired.training)
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
         self._wake.put("start")

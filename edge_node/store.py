@@ -50,6 +50,18 @@ def m002_samples_queued(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE samples SET queued = created_at")
 
 
+@migrations()
+def m003_sample_labelling(db: sqlite_utils.Database) -> None:
+    """Labelling on site: how useful a sample is (queue order), its size (quota),
+    whether it is kept apart for judging, who labelled it when, and what left."""
+    for col, typ in (("usefulness", float), ("nbytes", int), ("heldout", int),
+                     ("labelled_at", float), ("labelled_by", str), ("label_source", str),
+                     ("shared", str)):
+        db["samples"].add_column(col, typ)
+    db.execute("UPDATE samples SET usefulness = 0, nbytes = 0, heldout = 0")
+    db["samples"].create_index(["app", "label", "usefulness"])
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -118,15 +130,88 @@ class NodeStore:
 
     def add_sample(self, row: dict) -> bool:
         """Insert a sample; False if its id exists already (idempotent)."""
+        row = {"usefulness": 0.0, "nbytes": 0, "heldout": 0, "labelled_at": None,
+               "labelled_by": None, "label_source": None, "shared": None, **row}
         with self._lock, self._db.conn:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO samples (sample_id, created_at, app, version, reason, "
-                "input_type, input_path, prediction, scores, label, source, msg_id) "
+                "input_type, input_path, prediction, scores, label, source, msg_id, "
+                "usefulness, nbytes, heldout, labelled_at, labelled_by, label_source, shared) "
                 "VALUES (:sample_id, :created_at, :app, :version, :reason, :input_type, "
-                ":input_path, :prediction, :scores, :label, :source, :msg_id)",
+                ":input_path, :prediction, :scores, :label, :source, :msg_id, :usefulness, "
+                ":nbytes, :heldout, :labelled_at, :labelled_by, :label_source, :shared)",
                 row,
             )
             return cur.rowcount == 1
+
+    def get_sample(self, sample_id: str) -> dict | None:
+        with self._lock:
+            rows = list(self._db["samples"].rows_where("sample_id = ?", [sample_id]))
+        return rows[0] if rows else None
+
+    def set_label(self, sample_id: str, label: str, by: str | None, source: str) -> None:
+        with self._lock, self._db.conn:
+            self._db.execute("UPDATE samples SET label = ?, labelled_at = ?, labelled_by = ?, "
+                             "label_source = ? WHERE sample_id = ?",
+                             [label, time.time(), by, source, sample_id])
+
+    def set_shared(self, sample_id: str, shared: str) -> None:
+        with self._lock, self._db.conn:
+            self._db.execute("UPDATE samples SET shared = ? WHERE sample_id = ?",
+                             [shared, sample_id])
+
+    def sample_usage(self) -> tuple[int, int]:
+        """(samples, bytes of their inputs) kept on this node."""
+        with self._lock:
+            r = next(self._db.query("SELECT count(*) AS n, coalesce(sum(nbytes), 0) AS b "
+                                    "FROM samples"))
+        return r["n"], r["b"]
+
+    def oldest_unlabelled(self, limit: int = 50) -> list[dict]:
+        with self._lock:
+            return list(self._db["samples"].rows_where(
+                "label IS NULL", order_by="created_at", limit=limit,
+                select="sample_id, input_path, nbytes"))
+
+    def delete_sample(self, sample_id: str) -> None:
+        with self._lock, self._db.conn:
+            self._db.execute("DELETE FROM samples WHERE sample_id = ?", [sample_id])
+
+    def query_samples(self, app: str | None = None, state: str = "all",
+                      order: str = "newest", heldout: bool | None = None,
+                      limit: int = 100, offset: int = 0) -> list[dict]:
+        """Samples filtered by app and state (``unlabelled``, ``labelled``, ``all``),
+        ``order`` ``newest`` or ``usefulness`` (the labelling queue: most useful first)."""
+        where, args = [], []
+        if app:
+            where.append("app = ?")
+            args.append(app)
+        if state == "unlabelled":
+            where.append("label IS NULL")
+        elif state == "labelled":
+            where.append("label IS NOT NULL")
+        if heldout is not None:
+            where.append("heldout = ?")
+            args.append(int(heldout))
+        order_by = ("usefulness DESC, created_at" if order == "usefulness"
+                    else "created_at DESC")
+        with self._lock:
+            return list(self._db["samples"].rows_where(
+                " AND ".join(where) or None, args, order_by=order_by, limit=limit,
+                offset=offset))
+
+    def sample_counts(self) -> dict[str, dict[str, int]]:
+        """{app: {"kept", "labelled", "unlabelled", "heldout", "shared_full", ...}}."""
+        with self._lock:
+            rows = list(self._db.query(
+                "SELECT app, count(*) AS kept, count(label) AS labelled, "
+                "count(*) - count(label) AS unlabelled, "
+                "coalesce(sum(heldout), 0) AS heldout, "
+                "coalesce(sum(shared = 'full'), 0) AS shared_full, "
+                "coalesce(sum(shared = 'metadata'), 0) AS shared_metadata, "
+                "coalesce(sum(shared = 'none'), 0) AS shared_none "
+                "FROM samples GROUP BY app"))
+        return {r.pop("app"): r for r in rows}
 
     def mark_queued(self, sample_id: str) -> None:
         with self._lock, self._db.conn:
