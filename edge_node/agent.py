@@ -46,6 +46,7 @@ from .scheduling.scheduler import Scheduler
 from .serving.registry import AppRegistry, ServedApp
 from .serving.v2 import make_v2_blueprint
 from .store import NodeStore
+from .ui import make_ui_blueprint
 from . import hardex
 from .labelling import Labeller
 from .streams import StreamManager
@@ -117,6 +118,7 @@ class NodeAgent:
         self.v2_service = v2.v2_service
         self.flask.register_blueprint(v2)
         self.flask.register_blueprint(make_local_blueprint(self))
+        self.flask.register_blueprint(make_ui_blueprint())
         self.metrics = make_registry(self.metrics_snapshot)
         self._http = None
         self._http_thread: threading.Thread | None = None
