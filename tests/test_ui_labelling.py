@@ -10,17 +10,37 @@ fails and says how to install it, unless AIDC_SKIP_BROWSER=1.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
+from flask import Flask
 
+from edge_node.ui import STATIC, make_ui_blueprint
 from tests.appstore_support import digits_dir  # noqa: F401
 from tests.test_e2e import API, http, jget, loop  # noqa: F401
 from tests.test_hard_examples import _classify, _serve_digits, _settle
 
 INSTALL = ("apt-get install -y chromium chromium-driver (scripts/test.sh does it), "
            "pip install 'selenium>=4' (the test extra), or set AIDC_SKIP_BROWSER=1 to skip")
+
+
+def test_the_page_is_served_and_needs_nothing_from_the_internet():
+    """A site box often has no way out: /ui/ leads to the page, its script and
+    style come from the node, and no file names anything outside it."""
+    app = Flask("t")
+    app.register_blueprint(make_ui_blueprint())
+    c = app.test_client()
+    r = c.get("/ui/")
+    assert r.status_code in (301, 302, 303, 307, 308) and r.location.endswith("/ui/labelling")
+    html = c.get("/ui/labelling")
+    assert html.status_code == 200 and html.mimetype == "text/html"
+    for ref in re.findall(r'(?:src|href)="([^"]+)"', html.get_data(as_text=True)):
+        if ref.startswith("static/"):
+            assert c.get(f"/ui/{ref}").status_code == 200, ref
+    for f in STATIC.iterdir():
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", f.read_text()), f
 
 
 @pytest.fixture
@@ -51,7 +71,7 @@ def browser():
 
 
 def test_a_technician_labels_hard_examples_with_the_keyboard(
-        loop, digits_dir, tmp_path, browser):  # noqa: F811
+        browser, loop, digits_dir, tmp_path):  # noqa: F811
     """Enter confirms the model, a digit key labels, the right arrow skips,
     Backspace goes back; the node stores exactly those labels by the name typed
     in, the page counts them, and a label given behind the page's back is shown
