@@ -129,7 +129,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     manifest = load_manifest_file(args.manifest)
     with tempfile.TemporaryDirectory(prefix="aidc-publish-") as tmp:
         pkg = Path(tmp) / "package.zip"
-        sha, size = build_package(args.model, manifest, args.labels, key, pkg)
+        sha, size = build_package(args.model, manifest, args.labels, key, pkg,
+                                  extra_files=args.extra)
         if args.out:
             shutil.copyfile(pkg, args.out)
             print(f"built {args.out} sha256 {sha} ({size} bytes, key {key.key_id})")
@@ -309,6 +310,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the ONNX model")
     p.add_argument("--manifest", required=True, help="manifest.json")
     p.add_argument("--labels", help="labels file, one label a line")
+    p.add_argument("--extra", action="append", default=[], metavar="FILE",
+                   help="another file for the package, e.g. the replay set the manifest's "
+                   "learning.replay names (taken from beside the model when not given)")
     _local_opts(p)
     p.add_argument("--key", help="signing key (default DATA_DIR/keys/publisher.pem)")
     p.add_argument("--api", help="upload to this AppStore instead of the data dir")

@@ -47,8 +47,13 @@ def build_package(
     labels_path: str | Path | None,
     key: SigningKey,
     out_path: str | Path,
+    extra_files: list[str | Path] | None = None,
 ) -> tuple[str, int]:
     """Validate, sign and write the package; return ``(sha256, size)``.
+
+    ``extra_files`` go into the package under their own names; a file the
+    manifest names (``learning.replay``) is taken from beside the model when it
+    is not among them.
 
     Raises :class:`PackageRejected` with reason ``bad_manifest``,
     ``bad_model`` or ``tensor_mismatch`` (listing every mismatch).
@@ -83,6 +88,20 @@ def build_package(
     for extra in m.unknown_keys():
         logger.warning("manifest of %s %s: unknown key %s (kept)", m.name, m.version, extra)
     validate_model(m, model, labels)
+    extras = {Path(p).name: Path(p) for p in extra_files or ()}
+    if m.learning.replay and m.learning.replay not in extras:
+        extras[m.learning.replay] = model_path.parent / m.learning.replay
+    for name, path in extras.items():
+        if name in members or name in (MANIFEST_FILE, m.model.file):
+            raise PackageRejected("bad_manifest", f"extra file {name!r} clashes with a "
+                                  "package member")
+        try:
+            members[name] = path.read_bytes()
+        except OSError as err:
+            raise PackageRejected("missing_file", f"cannot read {path} (named by the "
+                                  f"manifest or --extra): {err.strerror}") from err
+    if m.learning.replay:
+        _check_replay(m.learning.replay, members[m.learning.replay])
     if m.model.file in members or m.model.file == MANIFEST_FILE or "/" in m.model.file:
         raise PackageRejected("bad_manifest", f"model.file {m.model.file!r} is not a usable name")
     members[m.model.file] = model
@@ -96,3 +115,21 @@ def build_package(
     size = out_path.stat().st_size
     logger.info("built %s %s: %s (%d bytes, key %s)", m.name, m.version, sha[:12], size, key.key_id)
     return sha, size
+
+
+def _check_replay(name: str, data: bytes) -> None:
+    """A replay set is an .npz with X and y of one length."""
+    import io
+
+    import numpy as np
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if not {"X", "y"} <= set(z.files):
+                raise PackageRejected("bad_replay", f"{name} holds {sorted(z.files)}; a "
+                                      "replay set holds X (inputs) and y (class indices)")
+            if len(z["X"]) != len(z["y"]) or len(z["y"]) == 0:
+                raise PackageRejected("bad_replay", f"{name}: {len(z['X'])} inputs, "
+                                      f"{len(z['y'])} labels")
+    except (OSError, ValueError) as err:
+        raise PackageRejected("bad_replay", f"{name} is not a numpy .npz: {err}") from err

@@ -94,9 +94,33 @@ class HardExamplePolicy(_Lenient):
     box_low: float = Field(default=0.3, ge=0, le=1)
 
 
+class PromotionGate(_Lenient):
+    """When a model fine-tuned on site may replace the served one (docs/learning.md)."""
+
+    #: the candidate must beat the served model on the site's held-out samples by this
+    #: much (accuracy, 0..1)
+    min_gain: float = Field(default=0.02, ge=0, le=1)
+    #: and may lose at most this much on the replay set (the base distribution)
+    max_regression: float = Field(default=0.02, ge=0, le=1)
+    #: held-out labelled samples needed before any verdict
+    min_heldout: int = Field(default=10, ge=1)
+    #: labelled training samples needed to start a fine-tune
+    min_samples: int = Field(default=20, ge=1)
+    #: live requests compared in shadow mode before the switch (0: no shadow)
+    shadow_requests: int = Field(default=50, ge=0)
+    #: the shadow candidate must agree with the served model at least this often
+    #: on live requests where the served model was confident (a sanity check)
+    shadow_min_agreement: float = Field(default=0.8, ge=0, le=1)
+
+
 class Learning(_Lenient):
     head: str | None = Field(default=None, description="the fine-tunable head node")
     hard_examples: HardExamplePolicy = Field(default_factory=HardExamplePolicy)
+    #: a file in the package with a replay set from the base distribution (an .npz
+    #: with X, the model's input tensors, and y, class indices): mixed into every
+    #: fine-tune and used by the promotion gate to catch forgetting
+    replay: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    gate: PromotionGate = Field(default_factory=PromotionGate)
 
 
 class Manifest(_Lenient):

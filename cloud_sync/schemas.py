@@ -130,6 +130,9 @@ class AppReport(BaseModel):
     progress: float | None = Field(default=None, ge=0, le=1)
     #: the upload level in force for this app's samples on this node
     upload: Literal["full", "metadata", "none"] | None = None
+    #: a model fine-tuned on site serves instead of the package's: its version
+    #: ("1.0.0+site.2"); None: the package's model
+    variant: str | None = Field(default=None, max_length=128)
 
 
 class ReportedState(Message):

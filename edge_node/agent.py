@@ -32,6 +32,7 @@ from cloud_sync.topics import Topics
 
 from . import __version__
 from .api import make_local_blueprint
+from .adapt import SiteLearning
 from .capture import Capture
 from .config import NodeConfig
 from .httpd import serve
@@ -103,14 +104,17 @@ class NodeAgent:
         self.scheduler = Scheduler(
             self.jobs, cfg.scheduling,
             inference_load=InferenceLoad(self.supervisor.status, self.placement.snapshot),
-            on_event=lambda t, data: self.emit_event(
-                t, severity="warning" if t == "job_failed" else "info", data=data))
+            on_event=self._on_job_event)
         self.streams = StreamManager(worker_classify(self._stream_client),
                                      on_result=self._on_stream_result,
                                      on_status=self._on_stream_status)
         self._stream_labels: dict[str, str | None] = {}
         self._policies: dict[tuple[str, str], hardex.Policy] = {}  # (app, sha256) ->
         self.labeller = Labeller(self.store, self.registry, self.capture, self.emit_event)
+        self.adapt = SiteLearning(
+            store=self.store, jobs=self.jobs, scheduler=self.scheduler,
+            reconciler=self.reconciler, registry=self.registry, supervisor=self.supervisor,
+            placement=self.placement, data_dir=d, emit_event=self.emit_event)
         self.flask = Flask("edge_node")
         self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
         v2 = make_v2_blueprint(self.registry, max_body_bytes=cfg.http.max_body_mb << 20,
@@ -138,6 +142,16 @@ class NodeAgent:
                 site.model_dump(exclude_none=True) if site else None,
                 self.cfg.feedback.threshold)
         self.capture.on_result(app.name, app.version, policy, result, tensor, image, source)
+        self.adapt.observe(app.name, result, tensor)
+
+    def _on_job_event(self, type: str, data: dict) -> None:
+        """A training job's event: to the cloud, and to site learning (its own thread:
+        judging and starting a shadow worker must not hold up the scheduler)."""
+        self.emit_event(type, severity="warning" if type == "job_failed" else "info", data=data)
+        if type in ("job_done", "job_failed") and str(data.get("name", "")).startswith(
+                "finetune-"):
+            threading.Thread(target=self.adapt.on_job_event, args=(type, data),
+                             name="finetune-verdict", daemon=True).start()
 
     def _on_desired(self, desired: schemas.DesiredState) -> None:
         self.capture.cloud_upload = {a.name: a.upload for a in desired.apps if a.upload}
@@ -267,6 +281,7 @@ class NodeAgent:
         self._http, self._http_thread = serve(self.flask, self.cfg.http.host, self.cfg.http.port)
         self.reconciler.start()
         self.scheduler.start()
+        self.adapt.recover()
         self.streams.start(self.cfg.streams)
         self.conn.on_connect(self._republish_streams)
         self.conn.subscribe(self.topics.desired(self.cfg.node_id),
@@ -284,6 +299,7 @@ class NodeAgent:
         self.streams.stop()
         self.reconciler.stop()
         self.scheduler.stop()
+        self.adapt.stop()
         self.jobs.close()
         self.capture.stop()
         self.outbox.close()

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from .adapt import AdaptError
 from .labelling import LabelError, public
 from .metrics import render
 from .scheduling.jobs import UnknownJob
@@ -90,6 +91,42 @@ def make_local_blueprint(agent: Any) -> Blueprint:
         row = agent.labeller.label(sample_id, body.get("label"), body.get("by"),
                                    bool(body.get("overwrite", False)))
         return jsonify(public(row))
+
+    @bp.errorhandler(AdaptError)
+    def _adapt_error(err: AdaptError):
+        return jsonify(error=err.reason, detail=err.detail), err.status
+
+    def _body() -> dict:
+        body = request.get_json(silent=True) if request.data else {}
+        if not isinstance(body, dict):
+            raise AdaptError(400, "bad_json", "expected a JSON object")
+        return body
+
+    @bp.post("/api/v1/apps/<app>/finetune")
+    def finetune(app: str):
+        """Fine-tune ``app`` on its labelled samples: {"by": "tech-1", "config": {"l2": 0.001}}"""
+        body = _body()
+        config = body.get("config") or {}
+        allowed = {"l2", "replay_weight", "class_weight", "max_iter", "patience", "seed"}
+        if not isinstance(config, dict) or set(config) - allowed:
+            raise AdaptError(400, "bad_config", f"config keys are {sorted(allowed)}")
+        return jsonify(agent.adapt.request(app, body.get("by"), config)), 202
+
+    @bp.post("/api/v1/apps/<app>/rollback")
+    def rollback(app: str):
+        """Back to the package's model: {"by": "tech-1"}"""
+        return jsonify(agent.adapt.rollback(app, _body().get("by")))
+
+    @bp.get("/api/v1/finetune")
+    def finetune_runs():
+        return jsonify(agent.adapt.status(request.args.get("app")))
+
+    @bp.get("/api/v1/finetune/<run_id>")
+    def finetune_run(run_id: str):
+        run = agent.store.get_run(run_id)
+        if run is None:
+            raise AdaptError(404, "unknown_run", f"no fine-tune run {run_id!r}")
+        return jsonify(run)
 
     @bp.get("/api/v1/training")
     def training():

@@ -43,6 +43,7 @@ from .store import NodeStore
 logger = logging.getLogger(__name__)
 
 DESIRED_KEY = "desired_state"
+VARIANTS_KEY = "site_variants"
 
 
 class Reconciler:
@@ -94,6 +95,10 @@ class Reconciler:
         self.desired: schemas.DesiredState | None = None
         self._reports: dict[str, schemas.AppReport] = {}
         self._running: dict[str, tuple[str, str]] = {}  # name -> (sha256, worker key)
+        #: name -> a model fine-tuned on site that replaces the package's model while
+        #: the desired version is the one it was tuned from (edge_node/adapt.py)
+        self._variants: dict[str, dict] = dict(store.get_json(VARIANTS_KEY, {}) or {})
+        self._served_variant: dict[str, str] = {}  # name -> the variant version served
         self._permanent: dict[str, str] = {}  # sha256 -> reason (not retried)
         self._lock = threading.Lock()
         self._wake: queue.Queue[str] = queue.Queue()
@@ -145,6 +150,48 @@ class Reconciler:
         self.rejected[reason] += 1
         logger.warning("rejected (%s): %s", reason, detail)
         self.on_change()
+
+    # -- site variants (models fine-tuned on this node) ---------------------------
+    def set_variant(self, name: str, variant: dict | None) -> None:
+        """Serve ``variant`` (``{"base_sha256", "app_dir", "version", "sha256",
+        "run_id"}``) instead of the package's model of ``name`` while the desired
+        version is its base; None goes back to the package's model (a rollback).
+        Persisted; the switch happens on the reconciler's thread, new worker first."""
+        with self._lock:
+            if variant is None:
+                self._variants.pop(name, None)
+            else:
+                self._variants[name] = dict(variant)
+            self.store.put_json(VARIANTS_KEY, self._variants)
+        self._wake.put("variant")
+
+    def variant(self, name: str) -> dict | None:
+        with self._lock:
+            v = self._variants.get(name)
+            return dict(v) if v else None
+
+    def serving(self, name: str) -> dict | None:
+        """What serves ``name`` now: ``{"sha256", "key", "variant"}`` or None."""
+        with self._lock:
+            run = self._running.get(name)
+            if run is None:
+                return None
+            return {"sha256": run[0], "key": run[1],
+                    "variant": self._served_variant.get(name)}
+
+    def _active_variant(self, ref: schemas.AppRef) -> dict | None:
+        with self._lock:
+            v = self._variants.get(ref.name)
+        if not v or v.get("base_sha256") != ref.sha256:
+            return None  # none, or tuned from another version: the package's model serves
+        if not (Path(v["app_dir"]) / ".complete").exists():
+            logger.error("site variant %s of %s is gone from %s; serving the package's model",
+                         v.get("version"), ref.name, v.get("app_dir"))
+            self.set_variant(ref.name, None)
+            self.on_event("variant_dropped", "error", ref.name,
+                          {"version": v.get("version"), "reason": "files missing"})
+            return None
+        return v
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -243,12 +290,14 @@ class Reconciler:
         with self._lock:
             self._reports[ref.name] = schemas.AppReport(
                 name=ref.name, version=ref.version, sha256=ref.sha256, status=status,
-                error=error, progress=progress)
+                error=error, progress=progress, variant=self._served_variant.get(ref.name))
         self.on_change()
 
     def _ensure(self, ref: schemas.AppRef) -> None:
         running = self._running.get(ref.name)
-        if running and running[0] == ref.sha256:
+        variant = self._active_variant(ref)
+        want_key = f"{ref.name}@{(variant['sha256'] if variant else ref.sha256)[:12]}"
+        if running and running[0] == ref.sha256 and running[1] == want_key:
             if self.supervisor.client(running[1]) is not None:
                 return  # serving (or being restarted by the supervisor)
             app = self.registry.get(ref.name)
@@ -266,10 +315,20 @@ class Reconciler:
         self._set(ref, "verifying")
         app_dir = self._verify_and_unpack(ref, path)
         self._set(ref, "loading")
-        self._load(ref, app_dir)
+        if variant is not None:
+            self._load(ref, Path(variant["app_dir"]), key=want_key, version=variant["version"])
+        else:
+            self._load(ref, app_dir)
+        with self._lock:
+            if variant is not None:
+                self._served_variant[ref.name] = variant["version"]
+            else:
+                self._served_variant.pop(ref.name, None)
         self._set(ref, "ready")
         self._gc(ref.name)
-        self.on_event("app_ready", "info", ref.name, {"version": ref.version, "sha256": ref.sha256})
+        self.on_event("app_ready", "info", ref.name, {
+            "version": ref.version, "sha256": ref.sha256,
+            "variant": variant["version"] if variant else None})
 
     def _fetch(self, ref: schemas.AppRef) -> None:
         self._set(ref, "fetching", progress=0.0)
@@ -326,8 +385,12 @@ class Reconciler:
             merged.update(ref.resources.model_dump(exclude_none=True))
         return merged or None
 
-    def _load(self, ref: schemas.AppRef, app_dir: Path) -> None:
-        key = f"{ref.name}@{ref.sha256[:12]}"
+    def _load(self, ref: schemas.AppRef, app_dir: Path, key: str | None = None,
+              version: str | None = None) -> None:
+        """Start a worker for ``app_dir`` and swap it in; ``key``/``version``
+        name a site variant (a fine-tuned model beside the package's)."""
+        key = key or f"{ref.name}@{ref.sha256[:12]}"
+        version = version or ref.version
         try:
             manifest = load_manifest(json.loads((app_dir / "manifest.json").read_text()))
         except (OSError, ValueError, PackageError) as err:  # a damaged unpack
@@ -356,14 +419,14 @@ class Reconciler:
             labels = [ln.strip() for ln in (app_dir / pp.labels_file).read_text().splitlines()
                       if ln.strip()]
         batch = policy_for(manifest.batching, sl.kind, self.batching.get(ref.name))
-        self.registry.add(ServedApp(name=ref.name, version=ref.version, sha256=ref.sha256,
+        self.registry.add(ServedApp(name=ref.name, version=version, sha256=ref.sha256,
                                     manifest=manifest, client=client, labels=labels, ready=True,
                                     batch=batch))
         old = self._running.get(ref.name)
         self._running[ref.name] = (ref.sha256, key)
         if old and old[1] != key:
             self.supervisor.stop(old[1])
-        logger.info("app %s %s ready (worker %s)", ref.name, ref.version, key)
+        logger.info("app %s %s ready (worker %s)", ref.name, version, key)
 
     def _gc(self, name: str) -> None:
         """Keep the running version and the one before it (for a rollback) of
@@ -383,6 +446,7 @@ class Reconciler:
 
     def _remove(self, name: str) -> None:
         sha, key = self._running.pop(name)
+        self._served_variant.pop(name, None)
         self.registry.remove(name)
         self.supervisor.stop(key)
         self.placement.release(name)

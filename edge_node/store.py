@@ -62,6 +62,19 @@ def m003_sample_labelling(db: sqlite_utils.Database) -> None:
     db["samples"].create_index(["app", "label", "usefulness"])
 
 
+@migrations()
+def m004_finetune_runs(db: sqlite_utils.Database) -> None:
+    """Fine-tunes on site: one row per run, from the request to its verdict
+    (edge_node/adapt.py); ``lineage`` and ``metrics`` are JSON."""
+    db["finetune_runs"].create(
+        {"run_id": str, "app": str, "state": str, "reason": str, "created_at": float,
+         "updated_at": float, "requested_by": str, "base_version": str, "base_sha256": str,
+         "job_id": str, "version": str, "model_sha256": str, "app_dir": str,
+         "metrics": str, "lineage": str},
+        pk="run_id", not_null={"app", "state"})
+    db["finetune_runs"].create_index(["app", "created_at"])
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -232,3 +245,47 @@ class NodeStore:
     def count(self, table: str) -> int:
         with self._lock:
             return self._db[table].count
+
+    # -- fine-tune runs ------------------------------------------------------
+    def add_run(self, row: dict) -> None:
+        now = time.time()
+        with self._lock, self._db.conn:
+            self._db["finetune_runs"].insert({"created_at": now, "updated_at": now, **row})
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        for k in ("metrics", "lineage"):
+            if k in fields and not isinstance(fields[k], (str, type(None))):
+                fields[k] = json.dumps(fields[k])
+        with self._lock, self._db.conn:
+            self._db["finetune_runs"].update(run_id, {**fields, "updated_at": time.time()})
+
+    def get_run(self, run_id: str) -> dict | None:
+        with self._lock:
+            rows = list(self._db["finetune_runs"].rows_where("run_id = ?", [run_id]))
+        return _run(rows[0]) if rows else None
+
+    def runs(self, app: str | None = None, states: tuple[str, ...] | None = None,
+             limit: int = 100) -> list[dict]:
+        where, args = [], []
+        if app:
+            where.append("app = ?")
+            args.append(app)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(states)
+        with self._lock:
+            rows = list(self._db["finetune_runs"].rows_where(
+                " AND ".join(where) or None, args, order_by="created_at DESC", limit=limit))
+        return [_run(r) for r in rows]
+
+    def labelled_samples(self, app: str) -> list[dict]:
+        """Every labelled sample of ``app`` (training and held out), oldest first."""
+        with self._lock:
+            return list(self._db["samples"].rows_where(
+                "app = ? AND label IS NOT NULL", [app], order_by="created_at"))
+
+
+def _run(r: dict) -> dict:
+    for k in ("metrics", "lineage"):
+        r[k] = json.loads(r[k]) if r.get(k) else None
+    return r

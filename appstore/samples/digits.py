@@ -19,6 +19,9 @@ SPLIT_SEED = 0
 LABELS = [str(i) for i in range(10)]
 
 
+REPLAY_PER_CLASS = 30
+
+
 def digits_manifest(version: str = "1.0.0") -> dict:
     """The manifest the sample ships with (model tensors included)."""
     return {
@@ -54,13 +57,16 @@ def digits_manifest(version: str = "1.0.0") -> dict:
         "learning": {
             "head": "MatMul1",
             "hard_examples": {"policy": "confidence", "threshold": 0.6},
+            # training images kept for fine-tunes on site (no forgetting) and the gate
+            "replay": "replay.npz",
         },
     }
 
 
 def build_digits_sample(out_dir: Path, version: str = "1.0.0") -> Path:
-    """Train, convert and write model.onnx, labels.txt, manifest.json and
-    heldout.npz (``X_test`` float32 in 0..16, ``y_test`` int64) into ``out_dir``.
+    """Train, convert and write model.onnx, labels.txt, manifest.json,
+    heldout.npz (``X_test`` float32 in 0..16, ``y_test`` int64) and replay.npz
+    (``X``, ``y``: training images for fine-tunes on site) into ``out_dir``.
 
     Deterministic: the same inputs give the same model. Returns ``out_dir``.
     """
@@ -95,6 +101,12 @@ def build_digits_sample(out_dir: Path, version: str = "1.0.0") -> Path:
     (out_dir / "manifest.json").write_text(json.dumps(digits_manifest(version), indent=2) + "\n")
     np.savez(out_dir / "heldout.npz", X_test=X_test.astype(np.float32),
              y_test=y_test.astype(np.int64))
+    # the replay set: 30 training images per class, from the base distribution
+    rng = np.random.default_rng(SPLIT_SEED)
+    pick = np.concatenate([rng.choice(np.flatnonzero(y_train == c), REPLAY_PER_CLASS,
+                                      replace=False) for c in range(10)])
+    np.savez(out_dir / "replay.npz", X=X_train[pick].astype(np.float32),
+             y=y_train[pick].astype(np.int64))
     return out_dir
 
 
