@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .learning.gate import decide  # noqa: F401 - re-exported for callers
 from .resources import worker_settings
 from .scheduling.jobs import JobSpec
 
@@ -52,26 +53,6 @@ class AdaptError(Exception):
     def __init__(self, status: int, reason: str, detail: Any) -> None:
         super().__init__(f"{reason}: {detail}")
         self.status, self.reason, self.detail = status, reason, detail
-
-
-def decide(gate: Any, acc: dict) -> tuple[bool, str]:
-    """The promotion gate: ``(passed, reason)`` from ``gate.json``'s accuracy figures."""
-    held, rep = acc.get("heldout") or {}, acc.get("replay") or {}
-    if held.get("n", 0) < gate.min_heldout:
-        return False, (f"not enough held-out samples to judge: {held.get('n', 0)} < "
-                       f"{gate.min_heldout} (label more)")
-    gain = held["candidate"] - held["base"]
-    if gain < gate.min_gain:
-        return False, (f"no better on the site's held-out samples: {held['candidate']:.3f} vs "
-                       f"{held['base']:.3f} served (gain {gain:+.3f} < {gate.min_gain:g})")
-    if rep.get("n"):
-        loss = rep["base"] - rep["candidate"]
-        if loss > gate.max_regression:
-            return False, (f"forgets the base distribution: replay {rep['candidate']:.3f} vs "
-                           f"{rep['base']:.3f} (-{loss:.3f} > {gate.max_regression:g})")
-    return True, (f"held-out {held['base']:.3f} -> {held['candidate']:.3f}"
-                  + (f", replay {rep['base']:.3f} -> {rep['candidate']:.3f}"
-                     if rep.get("n") else ", no replay set"))
 
 
 def _sha256(path: Path) -> str:
