@@ -52,6 +52,7 @@ from . import hardex
 from .labelling import Labeller
 from .streams import StreamManager
 from .streams.adapters import worker_classify
+from .streams.stream import FrameCopy
 from .worker.supervisor import WorkerSupervisor
 
 logger = logging.getLogger(__name__)
@@ -105,9 +106,10 @@ class NodeAgent:
             self.jobs, cfg.scheduling,
             inference_load=InferenceLoad(self.supervisor.status, self.placement.snapshot),
             on_event=self._on_job_event)
-        self.streams = StreamManager(worker_classify(self._stream_client),
+        # scores travel with each frame's result: the hard-example policy needs them
+        self.streams = StreamManager(worker_classify(self._stream_client, keep_scores=True),
                                      on_result=self._on_stream_result,
-                                     on_status=self._on_stream_status)
+                                     on_status=self._on_stream_status, frames=True)
         self._stream_labels: dict[str, str | None] = {}
         self._policies: dict[tuple[str, str], hardex.Policy] = {}  # (app, sha256) ->
         self.labeller = Labeller(self.store, self.registry, self.capture, self.emit_event)
@@ -132,7 +134,8 @@ class NodeAgent:
         port = self._http.server_port if self._http else self.cfg.http.port
         return f"http://{self.cfg.http.host}:{port}"
 
-    def _on_result(self, app: ServedApp, result: dict, tensor, image, source: str) -> None:
+    def _policy(self, app: ServedApp) -> hardex.Policy:
+        """The app's hard-example policy (the manifest's, the site's overrides), cached."""
         key = (app.name, app.sha256)
         policy = self._policies.get(key)
         if policy is None:
@@ -141,7 +144,11 @@ class NodeAgent:
                 app.manifest.learning.hard_examples,
                 site.model_dump(exclude_none=True) if site else None,
                 self.cfg.feedback.threshold)
-        self.capture.on_result(app.name, app.version, policy, result, tensor, image, source)
+        return policy
+
+    def _on_result(self, app: ServedApp, result: dict, tensor, image, source: str) -> None:
+        self.capture.on_result(app.name, app.version, self._policy(app), result, tensor, image,
+                               source)
         self.adapt.observe(app.name, result, tensor)
 
     def _on_job_event(self, type: str, data: dict) -> None:
@@ -183,12 +190,16 @@ class NodeAgent:
         a = self.registry.get(app)
         return a.client if a is not None and a.ready else None
 
-    def _on_stream_result(self, stream_id: str, app: str, result: dict, frame_ts: float) -> None:
-        """Every result is recorded (batched, off the frame path); an event goes
-        to the cloud when a stream's label changes, not for every frame."""
+    def _on_stream_result(self, stream_id: str, app: str, result: dict, frame_ts: float,
+                          frame: FrameCopy | None = None) -> None:
+        """Every result is recorded (batched, off the frame path); a hard one keeps its
+        frame (copied out of the stream's ring, only then); an event goes to the cloud
+        when a stream's label changes, not for every frame."""
         served = self.registry.get(app)
         version = served.version if served else ""
-        self.capture.on_result(app, version, None, result, None, None, source=stream_id)
+        policy = self._policy(served) if served is not None else None
+        self.capture.on_result(app, version, policy, result, None, None, source=stream_id,
+                               frame=frame)
         label = result.get("label")
         if self._stream_labels.get(stream_id) != label:
             self._stream_labels[stream_id] = label

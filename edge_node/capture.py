@@ -16,6 +16,13 @@ result. That only enqueues (bounded; when full the result is dropped and
    without; ``none``: nothing leaves), whose msg_id is the sample id, so a
    retry is deduplicated by the cloud.
 
+A camera stream's result comes with its frame (``frame``, a callable that copies
+the pixels out of the stream's shared-memory ring): only when the result is hard
+and the app's rate limit has room is it called, and the frame is kept as a PNG
+(:func:`~edge_node.streams.snapshot.frame_png`, an ordinary ``image/png``
+sample); a frame overwritten meanwhile is counted (``samples_frame_gone``) and
+nothing is kept.
+
 On start, samples that never reached the outbox (a crash between steps 2 and 3)
 are put there again: nothing is lost.
 """
@@ -32,6 +39,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +72,8 @@ class Observation:
     image: bytes | None
     source: str
     ts: float
+    #: a camera frame's pixels (BGR or grey uint8), kept as a PNG
+    pixels: np.ndarray | None = None
 
 
 def is_heldout(sample_id: str, fraction: float) -> bool:
@@ -89,10 +99,19 @@ class RateLimit:
             return True
         return False
 
+    def available(self) -> bool:
+        """Whether :meth:`allow` would say yes now (takes nothing; any thread)."""
+        return self.tokens + (time.monotonic() - self.last) * self.rate >= 1.0
 
-def encode_input(tensor: np.ndarray | None, image: bytes | None) -> tuple[str, bytes]:
-    """The input as (type, bytes): the image as sent when it is PNG or JPEG, other
-    image formats as PNG, else the tensor as .npy."""
+
+def encode_input(tensor: np.ndarray | None, image: bytes | None,
+                 pixels: np.ndarray | None = None) -> tuple[str, bytes]:
+    """The input as (type, bytes): a camera frame's pixels as a PNG, the image as
+    sent when it is PNG or JPEG, other image formats as PNG, else the tensor as .npy."""
+    if pixels is not None:
+        from .streams.snapshot import frame_png
+
+        return "image/png", frame_png(pixels)
     if image is not None:
         if image.startswith(b"\x89PNG\r\n\x1a\n"):
             return "image/png", image
@@ -121,6 +140,7 @@ class Capture:
         self.stats: Counter[str] = Counter()
         self._q: queue.Queue[Observation | None] = queue.Queue(maxsize)
         self._limits: dict[str, RateLimit] = {}
+        self._keeping = threading.Lock()  # the capture thread and the alarms API both keep
         self._thread: threading.Thread | None = None
         #: app -> upload level the cloud asks for (the desired state); the site's
         #: own config can only make it stricter
@@ -128,8 +148,11 @@ class Capture:
 
     # -- called on the request path: never blocks -----------------------
     def on_result(self, app: str, version: str, policy: Policy | None, result: dict,
-                  tensor: np.ndarray | None, image: bytes | None, source: str = "api") -> None:
-        """``policy``: the app's hard-example policy (:func:`edge_node.hardex.resolve`)."""
+                  tensor: np.ndarray | None, image: bytes | None, source: str = "api",
+                  frame: Callable[[], np.ndarray | None] | None = None) -> None:
+        """``policy``: the app's hard-example policy (:func:`edge_node.hardex.resolve`);
+        ``frame``: a camera frame's pixels on demand (None when overwritten meanwhile),
+        called only for a hard result the rate limit has room for."""
         reason, usefulness = None, 0.0
         if self.cfg.enabled and policy is not None:
             try:
@@ -139,13 +162,29 @@ class Capture:
                 self.stats["policy_errors"] += 1
             if hard:
                 reason = why
+        pixels = None
+        if reason is not None and frame is not None and tensor is None and image is None:
+            pixels = self._frame(app, frame)
+            if pixels is None:
+                reason = None
         if reason is None:
             tensor = image = None  # not a candidate: keep only the result, not its input
         try:
             self._q.put_nowait(Observation(app, version, reason, usefulness, result, tensor,
-                                           image, source, time.time()))
+                                           image, source, time.time(), pixels))
         except queue.Full:
             self.stats["observations_dropped"] += 1
+
+    def _frame(self, app: str, frame: Callable[[], np.ndarray | None]) -> np.ndarray | None:
+        """A hard frame's pixels, copied only when the app's rate limit has room (a
+        camera at 30 fps must not copy frames the limit throws away)."""
+        if not self._limits.setdefault(app, RateLimit(self.cfg.max_per_minute)).available():
+            self.stats["samples_rate_limited"] += 1
+            return None
+        pixels = frame()
+        if pixels is None:  # the capture process reused the slot meanwhile
+            self.stats["samples_frame_gone"] += 1
+        return pixels
 
     def upload_level(self, app: str) -> str:
         """What of ``app``'s samples may leave: the stricter of the site's config
@@ -195,7 +234,7 @@ class Capture:
         ])
         self.stats["results"] += len(obs)
         for o in obs:
-            if o.reason is None or (o.tensor is None and o.image is None):
+            if o.reason is None or (o.tensor is None and o.image is None and o.pixels is None):
                 continue  # not a hard example (decided in on_result)
             limit = self._limits.setdefault(o.app, RateLimit(self.cfg.max_per_minute))
             if not limit.allow():
@@ -204,10 +243,15 @@ class Capture:
             self._keep(o)
 
     def _keep(self, o: Observation, label: str | None = None,
-              label_source: str | None = None) -> dict | None:
+              label_source: str | None = None, by: str | None = None) -> dict | None:
         """Store one sample (within the quota) and queue what may leave; its row."""
         sample_id = uuid.uuid4().hex
-        input_type, data = encode_input(o.tensor, o.image)
+        input_type, data = encode_input(o.tensor, o.image, o.pixels)
+        with self._keeping:
+            return self._store(sample_id, o, input_type, data, label, label_source, by)
+
+    def _store(self, sample_id: str, o: Observation, input_type: str, data: bytes,
+               label: str | None, label_source: str | None, by: str | None) -> dict | None:
         if not self._make_room(len(data)):
             self.stats["samples_quota_full"] += 1
             return None
@@ -224,6 +268,7 @@ class Capture:
                "usefulness": float(o.usefulness), "nbytes": len(data),
                "heldout": int(is_heldout(sample_id, self.cfg.heldout_fraction)),
                "labelled_at": time.time() if label is not None else None,
+               "labelled_by": by if label is not None else None,
                "label_source": label_source}
         self.store.add_sample(row)
         self.stats["samples_kept"] += 1

@@ -3,7 +3,9 @@
 ``StreamManager(infer, on_result, on_status)`` runs each configured stream in
 its own capture process (see :mod:`.capture`), hands the frames to
 ``infer(app, frame_bgr) -> dict | None``, passes each non-None result to
-``on_result(stream_id, app, result, frame_ts)`` and every status change to
+``on_result(stream_id, app, result, frame_ts)`` (with ``frames=True`` also
+``frame``, a :class:`~.stream.FrameCopy` that copies the frame's pixels out of
+shared memory if called) and every status change to
 ``on_status(stream_id, status)``. One monitor thread applies status messages,
 restarts crashed capture processes within a budget, kills hung ones and samples
 the frame rates. :meth:`stats` accounts for every frame (see :mod:`.stream`).
@@ -29,9 +31,11 @@ StatusFn = Callable[[str, dict], None]
 
 class StreamManager:
     def __init__(self, infer: InferFn, on_result: ResultFn | None = None,
-                 on_status: StatusFn | None = None, *, tick: float = 0.25) -> None:
+                 on_status: StatusFn | None = None, *, tick: float = 0.25,
+                 frames: bool = False) -> None:
         self._infer = infer
         self._on_result = on_result
+        self._frames = frames
         self._on_status = on_status
         self.tick = tick
         #: names this manager's shared-memory rings: aidc<token>_<stream>_<n>_<gen>
@@ -70,7 +74,7 @@ class StreamManager:
         with self._lock:
             if cfg.id in self._streams:
                 raise StreamError(cfg.id, "a stream with this id is already running")
-            stream = Stream(cfg, self.token, self._infer, self._on_result)
+            stream = Stream(cfg, self.token, self._infer, self._on_result, self._frames)
             self._streams[cfg.id] = stream
             self._final.pop(cfg.id, None)
         stream.start()

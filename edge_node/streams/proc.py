@@ -153,6 +153,21 @@ class CaptureProcess:
         return Frame(seq, ts, None, FrameRef(ring.name, self.owner, (self.incarnation, gen), slot,
                                              seq, tuple(shape)), self.incarnation)
 
+    def read(self, ref: FrameRef) -> np.ndarray | None:
+        """A private copy of the frame at ``ref`` (the agent keeping a hard example or
+        an alarm's evidence), or None when its slot was overwritten, its ring replaced
+        or its capture process ended. Read-only and lock-free, through the ring the
+        reader already mapped (the seqlock check is :meth:`FrameRing.read`'s): the
+        capture process never waits for it. Any thread may call it."""
+        incarnation, gen = ref.gen
+        ring = self._rings.get(gen) if incarnation == self.incarnation else None
+        if ring is None:
+            return None
+        try:
+            return ring.read(ref.slot, ref.seq, ref.shape)
+        except (ValueError, BufferError, TypeError):  # unmapped meanwhile (the stream stopped)
+            return None
+
     def _ring(self, gen: int) -> FrameRing | None:
         ring = self._rings.get(gen)
         if ring is None:

@@ -41,7 +41,9 @@ from .status import StreamStatus
 logger = logging.getLogger(__name__)
 
 InferFn = Callable[[str, np.ndarray], "dict | None"]
-ResultFn = Callable[[str, str, dict, float], None]
+#: ``on_result(stream_id, app, result, frame_ts)``; with ``frames=True`` also the
+#: result's :class:`FrameCopy` as a fifth argument
+ResultFn = Callable[..., None]
 
 #: crashes of a capture process tolerated in RESTART_WINDOW seconds before giving up
 RESTART_BUDGET = 5
@@ -55,10 +57,35 @@ BUCKETS = ("received", "processed", "results", "failed", "dropped_inflight", "dr
            "watchdog_kills", "torn_in_worker")
 
 
+class FrameCopy:
+    """The frame a result came from, for ``on_result`` to keep if it wants it.
+
+    Calling it returns a private copy of the frame's pixels (BGR or grey uint8),
+    copied out of shared memory on the first call and kept for the next, or None
+    when the capture process has overwritten the slot meanwhile (the ring's
+    seqlock check) -- it never waits for the capture process. Only valid inside
+    ``on_result``: call it there or never.
+    """
+
+    __slots__ = ("_read", "_pixels", "_done")
+
+    def __init__(self, read: Callable[[], np.ndarray | None]) -> None:
+        self._read = read
+        self._pixels: np.ndarray | None = None
+        self._done = False
+
+    def __call__(self) -> np.ndarray | None:
+        if not self._done:
+            self._pixels, self._done = self._read(), True
+        return self._pixels
+
+
 class Stream:
     def __init__(self, cfg: StreamConfig, token: str, infer: InferFn,
-                 on_result: ResultFn | None) -> None:
+                 on_result: ResultFn | None, frames: bool = False) -> None:
         self.cfg = cfg
+        #: ``on_result`` also gets the frame (a :class:`FrameCopy`)
+        self.frames = frames
         self.proc = CaptureProcess(cfg, token)
         self.status = StreamStatus(cfg)
         self._infer, self._on_result = infer, on_result
@@ -187,7 +214,11 @@ class Stream:
             self._failed(err)
         if result is not None and self._on_result is not None:
             try:
-                self._on_result(self.cfg.id, self.cfg.app, result, frame.ts)
+                if self.frames:
+                    self._on_result(self.cfg.id, self.cfg.app, result, frame.ts,
+                                    self._frame_copy(frame))
+                else:
+                    self._on_result(self.cfg.id, self.cfg.app, result, frame.ts)
             except Exception:
                 logger.exception("stream %s: on_result failed", self.cfg.id)
                 with self._lock:
@@ -197,6 +228,13 @@ class Stream:
             if result is not None:
                 self.n["results"] += 1
             self.in_flight -= 1
+
+    def _frame_copy(self, frame: Frame) -> FrameCopy:
+        if frame.image is not None:  # the copy path: the reader copied it already
+            image = frame.image
+            return FrameCopy(lambda: image)
+        ref = frame.ref
+        return FrameCopy(lambda: self.proc.read(ref))
 
     def _failed(self, err: Exception) -> None:
         msg = f"{type(err).__name__}: {err}"
