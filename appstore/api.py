@@ -43,6 +43,8 @@ class ApiContext:
     feedback: FeedbackStore
     fleet: Fleet
     trusted_keys: Any  # () -> {key_id: raw public key}
+    datasets: Any = None  # appstore.retrain.Datasets
+    retrainer: Any = None  # appstore.retrain.Retrainer
 
 
 def _error(status: int, reason: str, detail: Any = "") -> Any:
@@ -173,6 +175,40 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
     @bp.delete("/nodes/<node_id>/apps/<name>")
     def unassign(node_id: str, name: str) -> Any:
         return jsonify({"desired": ctx.fleet.unassign(node_id, name).model_dump()})
+
+    @bp.get("/apps/<name>/dataset")
+    def dataset(name: str) -> Any:
+        """The app's dataset: distinct labelled inputs from the fleet, per site."""
+        items, stats = ctx.datasets.items(name)
+        if request.args.get("items") == "true":
+            stats["items_list"] = [{k: v for k, v in i.items() if k != "path"}
+                                   for i in items[:1000]]
+        return jsonify(stats)
+
+    @bp.post("/apps/<name>/retrain")
+    def retrain(name: str) -> Any:
+        """{"base_version": "1.0.0", "version": "1.1.0", "assign": ["site-1"], "by": "ops"}"""
+        body = _json_body()
+        base, version = body.get("base_version"), body.get("version")
+        assign = body.get("assign") or []
+        if not isinstance(base, str) or not isinstance(version, str):
+            raise BadRequest("bad_retrain", "base_version and version are required strings")
+        if not isinstance(assign, list) or not all(isinstance(n, str) for n in assign):
+            raise BadRequest("bad_retrain", "assign is a list of node ids")
+        config = body.get("config") or {}
+        allowed = {"l2", "replay_weight", "class_weight", "max_iter", "patience", "seed"}
+        if not isinstance(config, dict) or set(config) - allowed:
+            raise BadRequest("bad_retrain", f"config keys are {sorted(allowed)}")
+        out = ctx.retrainer.request(name, base, version, assign, body.get("by"), config)
+        return jsonify(out), 202
+
+    @bp.get("/retrains")
+    def retrains() -> Any:
+        return jsonify({"retrains": ctx.retrainer.list(request.args.get("app"))})
+
+    @bp.get("/retrains/<rid>")
+    def retrain_get(rid: str) -> Any:
+        return jsonify(ctx.retrainer.get(rid))
 
     @bp.get("/feedback")
     def feedback() -> Any:

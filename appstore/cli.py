@@ -260,6 +260,51 @@ def _fmt_training(t: dict[str, Any]) -> str:
     return f"{ws} (tz {t.get('timezone') or 'node local'}){src}"
 
 
+def cmd_dataset(args: argparse.Namespace) -> int:
+    ds = ApiClient(args.api).get(f"/apps/{args.app}/dataset")
+    lines = [f"{ds['app']}: {ds['items']} items ({ds['heldout']} held out) from "
+             f"{ds['samples']} samples; {ds['duplicates']} duplicates, {ds['conflicts']} "
+             f"conflicting labels, {ds['unlabelled']} unlabelled, {ds['metadata_only']} "
+             "without input (metadata-only sites)"]
+    lines += [f"  {node}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+              for node, c in sorted(ds["sites"].items())]
+    lines.append("  labels: " + ", ".join(f"{k}: {v}" for k, v in sorted(ds["labels"].items())))
+    _out(args, ds, lines)
+    return 0
+
+
+def _fmt_retrain(r: dict[str, Any]) -> str:
+    m = r.get("metrics") or {}
+    held = m.get("heldout") or {}
+    fig = (f"; held-out {held['base']:.3f} -> {held['candidate']:.3f} (n={held['n']})"
+           if held.get("base") is not None else "")
+    return (f"{r['retrain_id']} {r['app']} {r['base_version']} -> {r['version']}: {r['state']}"
+            f"{fig}{' -- ' + r['reason'] if r.get('reason') else ''}")
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    import time
+
+    api = ApiClient(args.api)
+    if args.base is None:  # list
+        rows = api.get("/retrains", app=args.app)["retrains"]
+        _out(args, rows, [_fmt_retrain(r) for r in rows])
+        return 0
+    if not args.version:
+        raise ConfigError("bad_retrain", "give --version, the version to publish")
+    body = json.dumps({"base_version": args.base, "version": args.version,
+                       "assign": args.assign, "by": args.by}).encode()
+    r = api.request("POST", f"/apps/{args.app}/retrain", body)
+    print(_fmt_retrain(r))
+    while args.wait and r["state"] == "running":
+        time.sleep(1.0)
+        r = api.get(f"/retrains/{r['retrain_id']}")
+    if args.wait:
+        print(_fmt_retrain(r))
+        return 0 if r["state"] == "published" else 3
+    return 0
+
+
 def cmd_feedback(args: argparse.Namespace) -> int:
     rows = ApiClient(args.api).get("/feedback", app=args.app, node=args.node,
                                    version=args.version, limit=args.limit)["feedback"]
@@ -357,6 +402,26 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--clear", action="store_true", help="use the node config's windows again")
     _api_opt(p, json_out=True)
     p.set_defaults(func=_guard(cmd_training))
+
+    p = sub.add_parser("dataset", help="APP's dataset: distinct labelled inputs from the "
+                       "fleet, per site, duplicates and conflicts")
+    p.add_argument("app")
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_dataset))
+
+    p = sub.add_parser("retrain", help="retrain APP from the fleet's labelled samples into a "
+                       "new version (published only if it passes the gate); without --from: "
+                       "list the retrains")
+    p.add_argument("app")
+    p.add_argument("--from", dest="base", help="the published version to start from")
+    p.add_argument("--version", help="the version to publish")
+    p.add_argument("--assign", action="append", default=[], metavar="NODE",
+                   help="assign the new version to NODE once published (repeatable)")
+    p.add_argument("--by", help="who asks (recorded)")
+    p.add_argument("--wait", action="store_true", help="wait for the verdict (exit 0 "
+                   "published, 3 refused or failed)")
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_retrain))
 
     p = sub.add_parser("feedback", help="list hard examples uploaded by the fleet")
     p.add_argument("--app")

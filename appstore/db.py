@@ -115,6 +115,17 @@ def m005_feedback_sharing(db: Database) -> None:
                              pk=("node_id", "sample_id"))
 
 
+@migrations()
+def m006_retrains(db: Database) -> None:
+    """Retraining from the fleet's labelled samples (appstore/retrain.py)."""
+    db["retrains"].create(
+        {"retrain_id": str, "app": str, "base_version": str, "version": str, "state": str,
+         "reason": str, "requested_by": str, "created_at": float, "updated_at": float,
+         "assign": str, "metrics": str, "lineage": str, "sha256": str},
+        pk="retrain_id", not_null={"app", "base_version", "version", "state"})
+    db["feedback"].create_index(["app", "input_sha256"])
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

@@ -35,6 +35,7 @@ from .db import Store
 from .feedback import FeedbackStore
 from .fleet import Fleet
 from .registry import Registry
+from .retrain import Datasets, Retrainer
 from .signing import SigningKey, trusted_keys
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,12 @@ class AppStoreService:
         if self.blob_server is not None:
             self.blob_server.start()
         self.conn.start()
+        self.datasets = Datasets(self.store, self.feedback.samples)
+        self.retrainer = Retrainer(cfg, self.store, self.catalog, self.datasets, self.key,
+                                   self.fleet)
         self.app = create_app(ApiContext(cfg, self.catalog, self.registry, self.feedback,
-                                         self.fleet, self.trusted_keys))
+                                         self.fleet, self.trusted_keys, self.datasets,
+                                         self.retrainer))
         self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True,
                                  request_handler=_QuietHandler)
         self._http_thread = threading.Thread(target=self._http.serve_forever,
@@ -135,6 +140,8 @@ class AppStoreService:
             self.conn.stop()
         if self.blob_server is not None:
             self.blob_server.stop()
+        if getattr(self, "retrainer", None) is not None:
+            self.retrainer.join()
         if self.fleet is not None:
             self.fleet.stop()
         if self.store is not None:
