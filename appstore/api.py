@@ -210,6 +210,22 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
     def retrain_get(rid: str) -> Any:
         return jsonify(ctx.retrainer.get(rid))
 
+    @bp.get("/telemetry")
+    def telemetry() -> Any:
+        """The latest learning figures per node and app (?app=&node=)."""
+        a = request.args
+        return jsonify({"telemetry": ctx.feedback.telemetry(a.get("app"), a.get("node"))})
+
+    @bp.get("/apps/<name>/accuracy")
+    def accuracy(name: str) -> Any:
+        """Field accuracy over time: a point per node each time its figures changed."""
+        try:
+            limit = int(request.args.get("limit", "1000"))
+        except ValueError as err:
+            raise BadRequest("bad_limit", "limit must be an integer") from err
+        return jsonify({"app": name, "points": ctx.feedback.accuracy_series(
+            name, request.args.get("node"), limit)})
+
     @bp.get("/feedback")
     def feedback() -> Any:
         a = request.args

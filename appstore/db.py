@@ -126,6 +126,20 @@ def m006_retrains(db: Database) -> None:
     db["feedback"].create_index(["app", "input_sha256"])
 
 
+@migrations()
+def m007_telemetry(db: Database) -> None:
+    """Learning telemetry from the nodes: the latest per node and app, and a point
+    each time an app's figures changed (accuracy over time, kept small)."""
+    db["telemetry_latest"].create(
+        {"node_id": str, "app": str, "ts": float, "received_at": float, "data": str},
+        pk=("node_id", "app"))
+    db["telemetry_points"].create(
+        {"id": int, "node_id": str, "app": str, "ts": float, "version": str, "variant": str,
+         "labelled": int, "correct": int, "accuracy": float, "samples_kept": int,
+         "samples_labelled": int}, pk="id")
+    db["telemetry_points"].create_index(["app", "ts"])
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

@@ -112,6 +112,53 @@ class FeedbackStore:
         return True
 
     @staticmethod
+    def record_telemetry(db: Database, node_id: str, msg: Any, received_at: float) -> int:
+        """The latest figures per app; a point when they changed. Points added."""
+        added = 0
+        for app, t in msg.apps.items():
+            prev = list(db.query("select data from telemetry_latest where node_id = ? and "
+                                 "app = ?", [node_id, app]))
+            data = t.model_dump()
+            db.execute("insert into telemetry_latest (node_id, app, ts, received_at, data) "
+                       "values (?, ?, ?, ?, ?) on conflict(node_id, app) do update set "
+                       "ts = excluded.ts, received_at = excluded.received_at, "
+                       "data = excluded.data", [node_id, app, msg.ts, received_at,
+                                                json.dumps(data)])
+            key = ("version", "variant", "labelled", "correct", "samples_kept",
+                   "samples_labelled")
+            old = json.loads(prev[0]["data"]) if prev else None
+            if old is None or any(old.get(k) != data[k] for k in key):
+                db["telemetry_points"].insert({
+                    "node_id": node_id, "app": app, "ts": msg.ts,
+                    **{k: data[k] for k in key}, "accuracy": data["accuracy"]})
+                added += 1
+        return added
+
+    def telemetry(self, app: str | None = None, node: str | None = None) -> list[dict]:
+        where, args = [], []
+        for col, val in (("app", app), ("node_id", node)):
+            if val:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = "select * from telemetry_latest" + (" where " + " and ".join(where)
+                                                  if where else "") + " order by node_id, app"
+        with self.store.read() as db:
+            return [{**{k: r[k] for k in ("node_id", "app", "ts", "received_at")},
+                     **json.loads(r["data"])} for r in db.query(sql, args)]
+
+    def accuracy_series(self, app: str, node: str | None = None,
+                        limit: int = 1000) -> list[dict]:
+        sql = "select * from telemetry_points where app = ?"
+        args: list[Any] = [app]
+        if node:
+            sql += " and node_id = ?"
+            args.append(node)
+        sql += " order by ts limit ?"
+        args.append(max(1, min(int(limit), MAX_LIMIT)))
+        with self.store.read() as db:
+            return [{k: v for k, v in r.items() if k != "id"} for r in db.query(sql, args)]
+
+    @staticmethod
     def record_rejection(db: Database, reason: str, detail: str, at: float) -> None:
         db.execute(
             "insert into rejections (reason, count, last_at, last_detail) values (?, 1, ?, ?) "

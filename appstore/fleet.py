@@ -37,6 +37,7 @@ from cloud_sync.schemas import (
     EventMessage,
     FeedbackMessage,
     ReportedState,
+    Telemetry,
     TrainingSchedule,
     parse,
 )
@@ -100,6 +101,10 @@ class Fleet:
         t = self.topics
         self.conn.subscribe(t.all_nodes("availability"), self._on_state)
         self.conn.subscribe(t.all_nodes("state/reported"), self._on_state)
+        # QoS 0, latest wins (coalesced like the twins): a fleet's telemetry costs
+        # one write per node and interval at most
+        self.conn.subscribe(t.shared(self.shared_group, t.all_nodes("telemetry")),
+                            self._on_state)
         self.conn.subscribe(t.shared(self.shared_group, t.all_nodes("feedback")), self._on_uplink)
         self.conn.subscribe(t.shared(self.shared_group, t.all_nodes("events")), self._on_uplink)
         self.conn.on_connect(self._on_connected)
@@ -236,6 +241,12 @@ class Fleet:
         if kind == "availability":
             self.registry.record_availability(db, node_id, parse(Availability, payload),
                                               retained, at)
+        elif kind == "telemetry":
+            tm = parse(Telemetry, payload)
+            if tm.node_id != node_id:
+                raise MessageRejected("node_mismatch",
+                                      f"telemetry node_id {tm.node_id!r} on {node_id!r}'s topic")
+            self._count("telemetry_points", self.feedback.record_telemetry(db, node_id, tm, at))
         else:
             rs = parse(ReportedState, payload)
             if rs.node_id != node_id:

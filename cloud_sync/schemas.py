@@ -135,6 +135,36 @@ class AppReport(BaseModel):
     variant: str | None = Field(default=None, max_length=128)
 
 
+class AppTelemetry(BaseModel):
+    """One app's learning figures on one node (``telemetry``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(max_length=128)
+    variant: str | None = Field(default=None, max_length=128)
+    #: labelled samples of the version now served, and how many it got right
+    labelled: int = Field(default=0, ge=0)
+    correct: int = Field(default=0, ge=0)
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    samples_kept: int = Field(default=0, ge=0)
+    samples_labelled: int = Field(default=0, ge=0)
+    samples_heldout: int = Field(default=0, ge=0)
+    #: samples put in the outbox with their input / without it / kept home
+    shared_full: int = Field(default=0, ge=0)
+    shared_metadata: int = Field(default=0, ge=0)
+    shared_none: int = Field(default=0, ge=0)
+    #: fine-tune runs on the node by state (promoted, rejected, failed, ...)
+    finetunes: dict[str, int] = Field(default_factory=dict)
+
+
+class Telemetry(Message):
+    """Periodic, QoS 0, not retained, on ``telemetry``: learning figures per app."""
+
+    node_id: str
+    ts: float = Field(default_factory=now)
+    interval_s: float = Field(default=60.0, gt=0)
+    apps: dict[str, AppTelemetry] = Field(default_factory=dict, max_length=256)
+
+
 class ReportedState(Message):
     """Retained on ``state/reported``: what the node actually runs."""
 

@@ -34,6 +34,7 @@ from . import __version__
 from .api import make_local_blueprint
 from .adapt import SiteLearning
 from .capture import Capture
+from .telemetry import Telemetry
 from .config import NodeConfig
 from .httpd import serve
 from .keys import trusted_keys
@@ -56,6 +57,8 @@ from .streams.stream import FrameCopy
 from .worker.supervisor import WorkerSupervisor
 
 logger = logging.getLogger(__name__)
+#: seconds between learning-telemetry messages to the cloud (QoS 0)
+TELEMETRY_INTERVAL_S = 60.0
 
 
 class NodeAgent:
@@ -117,6 +120,10 @@ class NodeAgent:
             store=self.store, jobs=self.jobs, scheduler=self.scheduler,
             reconciler=self.reconciler, registry=self.registry, supervisor=self.supervisor,
             placement=self.placement, data_dir=d, emit_event=self.emit_event)
+        self.telemetry = Telemetry(
+            node_id=cfg.node_id, store=self.store, registry=self.registry,
+            reconciler=self.reconciler, interval_s=TELEMETRY_INTERVAL_S,
+            publish=lambda b: self.conn.publish(self.topics.telemetry(cfg.node_id), b, qos=0))
         self.flask = Flask("edge_node")
         self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
         v2 = make_v2_blueprint(self.registry, max_body_bytes=cfg.http.max_body_mb << 20,
@@ -293,6 +300,7 @@ class NodeAgent:
         self.reconciler.start()
         self.scheduler.start()
         self.adapt.recover()
+        self.telemetry.start()
         self.streams.start(self.cfg.streams)
         self.conn.on_connect(self._republish_streams)
         self.conn.subscribe(self.topics.desired(self.cfg.node_id),
@@ -310,6 +318,7 @@ class NodeAgent:
         self.streams.stop()
         self.reconciler.stop()
         self.scheduler.stop()
+        self.telemetry.stop()
         self.adapt.stop()
         self.jobs.close()
         self.capture.stop()

@@ -128,6 +128,12 @@ def make_local_blueprint(agent: Any) -> Blueprint:
             raise AdaptError(404, "unknown_run", f"no fine-tune run {run_id!r}")
         return jsonify(run)
 
+    @bp.get("/api/v1/telemetry")
+    def telemetry():
+        """Per app: field accuracy on labelled samples (by version and day), samples
+        kept/labelled/shared, fine-tune outcomes (what the cloud gets, plus days)."""
+        return jsonify(agent.telemetry.local())
+
     @bp.get("/api/v1/training")
     def training():
         """Windows, what each card grants training now, and the jobs."""

@@ -1,0 +1,98 @@
+"""Learning telemetry: how each app does on this site, sent to the cloud.
+
+Every ``interval_s`` (and on demand) the node builds one
+:class:`~cloud_sync.schemas.Telemetry` message: per app, the served version
+(and site variant), its accuracy on the samples a technician labelled (the
+field accuracy: prediction vs label, for the version now served), the samples
+kept / labelled / held out / shared by upload level, and the fine-tune runs by
+outcome. It goes out on ``telemetry`` at QoS 0, not retained (the next one
+replaces a lost one); the AppStore keeps the series. Locally,
+``GET /api/v1/telemetry`` adds the accuracy per version and day.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from cloud_sync import schemas
+
+logger = logging.getLogger(__name__)
+
+
+def field_accuracy(store: Any, days: int = 14) -> list[dict]:
+    """How often the served model was right on the samples a technician labelled:
+    ``{app, version, day, n, correct}`` per app, version and day (UTC, by when
+    the sample was seen), the last ``days`` days."""
+    since = time.time() - days * 86400
+    with store._lock:
+        return [dict(r) for r in store._db.query(
+            "SELECT app, version, date(created_at, 'unixepoch') AS day, count(*) AS n, "
+            "sum(json_extract(prediction, '$.label') = label) AS correct FROM samples "
+            "WHERE label IS NOT NULL AND created_at >= ? "
+            "GROUP BY app, version, day ORDER BY app, day, version", [since])]
+
+
+class Telemetry:
+    def __init__(self, *, node_id: str, store: Any, registry: Any, reconciler: Any,
+                 publish: Callable[[bytes], bool], interval_s: float = 60.0) -> None:
+        self.node_id, self.store, self.registry = node_id, store, registry
+        self.reconciler, self.publish, self.interval_s = reconciler, publish, interval_s
+        self.stats: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def message(self) -> schemas.Telemetry:
+        counts = self.store.sample_counts()
+        acc = field_accuracy(self.store, days=3650)
+        runs: dict[str, Counter] = {}
+        for r in self.store.runs(limit=10000):
+            runs.setdefault(r["app"], Counter())[r["state"]] += 1
+        apps: dict[str, schemas.AppTelemetry] = {}
+        for name in self.registry.names():
+            served = self.registry.get(name)
+            if served is None:
+                continue
+            mine = [a for a in acc if a["app"] == name and a["version"] == served.version]
+            n = sum(a["n"] for a in mine)
+            ok = sum(a["correct"] or 0 for a in mine)
+            c = counts.get(name, {})
+            now = self.reconciler.serving(name) or {}
+            apps[name] = schemas.AppTelemetry(
+                version=served.version, variant=now.get("variant"), labelled=n, correct=ok,
+                accuracy=ok / n if n else None, samples_kept=c.get("kept", 0),
+                samples_labelled=c.get("labelled", 0), samples_heldout=c.get("heldout", 0),
+                shared_full=c.get("shared_full", 0), shared_metadata=c.get("shared_metadata", 0),
+                shared_none=c.get("shared_none", 0), finetunes=dict(runs.get(name, {})))
+        return schemas.Telemetry(node_id=self.node_id, interval_s=self.interval_s, apps=apps)
+
+    def local(self) -> dict[str, Any]:
+        """The message plus the accuracy per app, version and day (local API)."""
+        return {**self.message().model_dump(), "by_day": field_accuracy(self.store, days=30),
+                "sent": dict(self.stats)}
+
+    def send(self) -> bool:
+        try:
+            ok = self.publish(self.message().to_bytes())
+        except Exception:  # noqa: BLE001 - telemetry must never hurt the node
+            logger.exception("telemetry")
+            ok = False
+        self.stats["sent" if ok else "unsent"] += 1
+        return ok
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.send()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
