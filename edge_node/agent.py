@@ -9,6 +9,7 @@ Nothing here does work of its own; each part owns one job:
 - :class:`~edge_node.worker.supervisor.WorkerSupervisor` -- model processes
 - :class:`~edge_node.reconciler.Reconciler` -- follows the desired state
 - :class:`~edge_node.capture.Capture` -- results and hard examples
+- :class:`~edge_node.alarms.Alarms` -- rules on camera results, alarms people handle
 - :class:`~edge_node.reporter.Reporter` -- the retained reported state
 - an event-loop HTTP server (uvloop + httptools) -- the v2 inference protocol; Flask for the local API, /metrics
 """
@@ -33,6 +34,7 @@ from cloud_sync.topics import Topics
 from . import __version__
 from .api import make_local_blueprint
 from .adapt import SiteLearning
+from .alarms import Alarms
 from .capture import Capture
 from .telemetry import Telemetry
 from .config import NodeConfig
@@ -116,6 +118,8 @@ class NodeAgent:
         self._stream_labels: dict[str, str | None] = {}
         self._policies: dict[tuple[str, str], hardex.Policy] = {}  # (app, sha256) ->
         self.labeller = Labeller(self.store, self.registry, self.capture, self.emit_event)
+        self.alarms = Alarms(cfg.alarms, self.store, self.capture, self.labeller.classes,
+                             self.emit_event, d / "alarms")
         self.adapt = SiteLearning(
             store=self.store, jobs=self.jobs, scheduler=self.scheduler,
             reconciler=self.reconciler, registry=self.registry, supervisor=self.supervisor,
@@ -207,6 +211,7 @@ class NodeAgent:
         policy = self._policy(served) if served is not None else None
         self.capture.on_result(app, version, policy, result, None, None, source=stream_id,
                                frame=frame)
+        self.alarms.observe(stream_id, app, version, result, frame_ts, frame)
         label = result.get("label")
         if self._stream_labels.get(stream_id) != label:
             self._stream_labels[stream_id] = label
@@ -270,6 +275,7 @@ class NodeAgent:
             "batching": self._http.batching_stats() if self._http else {},
             "streams": self.streams.stats(),
             "cards": self.cards_state(),
+            "alarms": self.alarms.stats(),
         }
 
     def status(self) -> dict:
@@ -288,6 +294,7 @@ class NodeAgent:
             "training": self.scheduler.status(),
             "batching": self._http.batching_stats() if self._http else {},
             "streams": self.streams.stats(),
+            "alarms": self.alarms.stats(),
         }
 
     def start(self) -> None:
@@ -296,6 +303,7 @@ class NodeAgent:
         self.outbox.start()
         self.fetcher.start()
         self.capture.start()
+        self.alarms.start()
         self._http, self._http_thread = serve(self.flask, self.cfg.http.host, self.cfg.http.port)
         self.reconciler.start()
         self.scheduler.start()
@@ -321,6 +329,7 @@ class NodeAgent:
         self.telemetry.stop()
         self.adapt.stop()
         self.jobs.close()
+        self.alarms.stop()
         self.capture.stop()
         self.outbox.close()
         self.fetcher.stop()

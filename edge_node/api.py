@@ -8,6 +8,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from .adapt import AdaptError
+from .alarms import STATES, AlarmError
+from .alarms import public as public_alarm
 from .labelling import LabelError, public
 from .metrics import render
 from .scheduling.jobs import UnknownJob
@@ -133,6 +135,74 @@ def make_local_blueprint(agent: Any) -> Blueprint:
         """Per app: field accuracy on labelled samples (by version and day), samples
         kept/labelled/shared, fine-tune outcomes (what the cloud gets, plus days)."""
         return jsonify(agent.telemetry.local())
+
+    @bp.errorhandler(AlarmError)
+    def _alarm_error(err: AlarmError):
+        body = {"error": err.reason, "detail": err.detail}
+        if err.state is not None:
+            body["state"] = err.state
+        return jsonify(body), err.status
+
+    @bp.get("/api/v1/alarms")
+    def alarms():
+        """Newest first: ?state=open|acknowledged|resolved|false_alarm|cleared|active&limit="""
+        state = request.args.get("state")
+        if state is not None and state not in STATES + ("active",):
+            raise AlarmError(400, "bad_request", f"state is one of {', '.join(STATES)}, active")
+        try:
+            limit = min(1000, max(1, int(request.args.get("limit", 100))))
+        except ValueError:
+            raise AlarmError(400, "bad_request", "limit must be an integer") from None
+        states = ("open", "acknowledged") if state == "active" else (state,) if state else None
+        rows = agent.store.query_alarms(states, limit)
+        return jsonify(alarms=[public_alarm(r) for r in rows], counts=agent.store.alarm_counts())
+
+    @bp.get("/api/v1/alarms/<alarm_id>")
+    def alarm(alarm_id: str):
+        return jsonify(public_alarm(agent.alarms.get(alarm_id)))
+
+    @bp.get("/api/v1/alarms/<alarm_id>/evidence")
+    def alarm_evidence(alarm_id: str):
+        """The frame that raised the alarm (PNG)."""
+        return Response(agent.alarms.evidence(alarm_id), content_type="image/png")
+
+    def _alarm_body(*optional: str) -> dict:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise AlarmError(400, "bad_json", 'expected a JSON object: {"by": "tech-1", ...}')
+        by = body.get("by")
+        if not isinstance(by, str) or not by.strip() or len(by) > 64:
+            raise AlarmError(400, "bad_request", "by (who did it) is a string of 1-64 characters")
+        unknown = set(body) - {"by", *optional}
+        if unknown:
+            raise AlarmError(400, "bad_request", f"unknown keys {sorted(unknown)}; this takes "
+                             f"{sorted({'by', *optional})}")
+        for key in optional:
+            v = body.get(key)
+            if v is not None and (not isinstance(v, str) or not v.strip() or len(v) > 2000):
+                raise AlarmError(400, "bad_request", f"{key} is a non-empty string")
+        return {"by": by.strip(), **{k: (body[k].strip() if body.get(k) else None)
+                                     for k in optional}}
+
+    @bp.post("/api/v1/alarms/<alarm_id>/ack")
+    def alarm_ack(alarm_id: str):
+        """{"by": "tech-1"}"""
+        agent.alarms.get(alarm_id)  # 404 before 400
+        return jsonify(public_alarm(agent.alarms.act(alarm_id, "ack", **_alarm_body())))
+
+    @bp.post("/api/v1/alarms/<alarm_id>/resolve")
+    def alarm_resolve(alarm_id: str):
+        """{"by": "tech-1", "note": "..."}"""
+        agent.alarms.get(alarm_id)
+        return jsonify(public_alarm(agent.alarms.act(alarm_id, "resolve",
+                                                     **_alarm_body("note"))))
+
+    @bp.post("/api/v1/alarms/<alarm_id>/false-alarm")
+    def alarm_false(alarm_id: str):
+        """{"by": "tech-1", "label": "1"} (label: the correct class, optional)"""
+        agent.alarms.get(alarm_id)
+        return jsonify(public_alarm(agent.alarms.act(alarm_id, "false_alarm",
+                                                     **_alarm_body("label"))))
 
     @bp.get("/api/v1/training")
     def training():

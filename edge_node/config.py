@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloud_sync.topics import validate_node_id
 
@@ -91,6 +91,53 @@ class FeedbackConfig(_Strict):
     apps: dict[str, AppFeedbackConfig] = Field(default_factory=dict)
 
 
+class AlarmRule(_Strict):
+    """Raise an alarm when at least ``n`` of a stream's last ``m`` results have one of
+    ``labels`` at ``min_score`` or more (docs/alarms.md)."""
+
+    #: 1-64 of letters, digits, ``_ - .``; unique on the node
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    app: str = Field(min_length=1, max_length=128)
+    #: one stream (its id); none: every stream of the app
+    stream: str | None = None
+    labels: list[str] = Field(min_length=1, max_length=1000)
+    min_score: float = Field(default=0.5, ge=0, le=1)
+    n: int = Field(default=3, ge=1, le=1000)
+    m: int = Field(default=5, ge=1, le=1000)
+    severity: Literal["info", "warning", "error", "critical"] = "warning"
+    #: an alarm clears itself after this long without a matching frame...
+    clear_after_s: float = Field(default=30.0, gt=0)
+    #: ...unless latched: then it stays until someone handles it
+    latch: bool = False
+    #: after an alarm ends, seconds before the same rule and stream may raise again
+    cooldown_s: float = Field(default=0.0, ge=0)
+    #: the app's class a false alarm's frame is labelled with when no class is given
+    #: ("background", "none", ...)
+    false_alarm_label: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _n_of_m(self) -> AlarmRule:
+        if self.n > self.m:
+            raise ValueError(f"n ({self.n}) cannot be more than m ({self.m})")
+        return self
+
+
+class AlarmsConfig(_Strict):
+    rules: list[AlarmRule] = Field(default_factory=list)
+    #: alarms kept on the node; past it the oldest handled or cleared ones go
+    #: (their evidence too); open and acknowledged ones are never removed
+    max_stored: int = Field(default=10_000, ge=10)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, v: list[AlarmRule]) -> list[AlarmRule]:
+        names = [r.name for r in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"rule names must be unique: {dup}")
+        return v
+
+
 class ResourcesConfig(_Strict):
     """How the node's cards are cut into slices for apps."""
 
@@ -119,6 +166,8 @@ class NodeConfig(_Strict):
     scheduling: ScheduleConfig = Field(default_factory=ScheduleConfig)
     #: camera streams, see docs/streams.md
     streams: list[StreamConfig] = Field(default_factory=list)
+    #: rules that turn stream results into alarms, see docs/alarms.md
+    alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
     #: public keys (PEM or raw-32-byte files) of publishers whose apps we run;
     #: every *.pub in <data_dir>/trusted_keys is trusted as well
     trusted_keys: list[Path] = Field(default_factory=list)
@@ -133,11 +182,30 @@ class NodeConfig(_Strict):
     def _streams(cls, v: list[StreamConfig]) -> list[StreamConfig]:
         return validate_streams(v)
 
+    @model_validator(mode="after")
+    def _alarm_streams(self) -> NodeConfig:
+        """A rule naming a stream must name one of this node's, of the rule's app."""
+        apps = {s.id: s.app for s in self.streams}
+        for i, rule in enumerate(self.alarms.rules):
+            where = f"alarms.rules.{i}.stream = {rule.stream!r}"
+            if rule.stream is None:
+                continue
+            if rule.stream not in apps:
+                raise ValueError(f"{where}: no such stream on this node "
+                                 f"(streams: {sorted(apps)})")
+            if apps[rule.stream] != rule.app:
+                raise ValueError(f"{where}: the stream feeds app {apps[rule.stream]!r}, "
+                                 f"not the rule's {rule.app!r}")
+        return self
+
 
 def _fmt(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ())) or "(root)"
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        if not loc:  # a check across keys: its message names them
+            lines.append(str(e.get("msg")).removeprefix("Value error, "))
+            continue
         lines.append(f"{loc} = {e.get('input')!r}: {e.get('msg')}")
     return "; ".join(lines)
 

@@ -2,7 +2,7 @@
 
 Collected at scrape time from the parts' own counters (a custom collector), so
 the hot path pays nothing for them. Names are ``aidc_*``; labels ``app``,
-``card``, ``worker``, ``reason``.
+``card``, ``worker``, ``reason``, ``rule`` (alarms).
 """
 
 from __future__ import annotations
@@ -139,6 +139,16 @@ class NodeCollector:
         yield _counter("aidc_stream_frames", "camera frames by what became of them",
                        [([sid, b], float(st.get(b, 0))) for sid, st in streams.items()
                         for b in buckets], labels=["stream", "bucket"])
+        alarms = s.get("alarms", {})
+        yield _gauge("aidc_alarms_open", "alarms open or acknowledged, by rule",
+                     [([r], float(n)) for r, n in alarms.get("open", {}).items()],
+                     labels=["rule"])
+        yield _counter("aidc_alarms_raised", "alarms raised since the agent started, by rule",
+                       [([r], float(n)) for r, n in alarms.get("raised", {}).items()],
+                       labels=["rule"])
+        yield _counter("aidc_alarms_false", "alarms marked false (each became a sample), "
+                       "by rule", [([r], float(n)) for r, n in alarms.get("false", {}).items()],
+                       labels=["rule"])
         cards = s.get("cards", [])
         yield _gauge("aidc_card_slices", "slices allocated on a card",
                      [([c["id"]], float(len((c.get("allocation") or {}).get("slices", []))))

@@ -75,6 +75,23 @@ def m004_finetune_runs(db: sqlite_utils.Database) -> None:
     db["finetune_runs"].create_index(["app", "created_at"])
 
 
+@migrations()
+def m005_alarms(db: sqlite_utils.Database) -> None:
+    """Alarms raised by rules on camera results (edge_node/alarms.py): state, who did
+    what when (``history``, JSON), the evidence frame (a PNG file) and the result
+    (JSON), the sample a false alarm became."""
+    db["alarms"].create(
+        {"alarm_id": str, "rule": str, "stream": str, "app": str, "version": str,
+         "severity": str, "state": str, "label": str, "score": float, "result": str,
+         "raised_at": float, "last_seen": float, "frames": int, "evidence_path": str,
+         "evidence_ts": float, "acknowledged_at": float, "acknowledged_by": str,
+         "closed_at": float, "closed_by": str, "note": str, "correct_label": str,
+         "sample_id": str, "history": str, "updated_at": float},
+        pk="alarm_id", not_null={"rule", "stream", "app", "state"})
+    db["alarms"].create_index(["state", "raised_at"])
+    db["alarms"].create_index(["raised_at"])
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -283,6 +300,74 @@ class NodeStore:
         with self._lock:
             return list(self._db["samples"].rows_where(
                 "app = ? AND label IS NOT NULL", [app], order_by="created_at"))
+
+    # -- alarms (edge_node/alarms.py) -------------------------------------------
+    def add_alarm(self, row: dict) -> None:
+        with self._lock, self._db.conn:
+            self._db["alarms"].insert({"updated_at": time.time(), **row})
+
+    def get_alarm(self, alarm_id: str) -> dict | None:
+        with self._lock:
+            rows = list(self._db["alarms"].rows_where("alarm_id = ?", [alarm_id]))
+        return rows[0] if rows else None
+
+    def query_alarms(self, states: tuple[str, ...] | None = None,
+                     limit: int = 100) -> list[dict]:
+        """Newest first, optionally only in ``states``."""
+        where = f"state IN ({','.join('?' * len(states))})" if states else None
+        with self._lock:
+            return list(self._db["alarms"].rows_where(
+                where, list(states or ()), order_by="raised_at DESC", limit=limit))
+
+    def alarm_counts(self) -> dict[str, int]:
+        """{state: alarms in it}."""
+        with self._lock:
+            return {r["state"]: r["n"] for r in self._db.query(
+                "SELECT state, count(*) AS n FROM alarms GROUP BY state")}
+
+    def touch_alarm(self, alarm_id: str, last_seen: float, frames: int) -> None:
+        """A still active alarm saw more matching frames (a handled one is left as is)."""
+        with self._lock, self._db.conn:
+            self._db.execute(
+                "UPDATE alarms SET last_seen = ?, frames = ?, updated_at = ? "
+                "WHERE alarm_id = ? AND state IN ('open', 'acknowledged')",
+                [last_seen, frames, time.time(), alarm_id])
+
+    def set_alarm_fields(self, alarm_id: str, **fields: Any) -> None:
+        with self._lock, self._db.conn:
+            self._db["alarms"].update(alarm_id, {**fields, "updated_at": time.time()})
+
+    def transition_alarm(self, alarm_id: str, from_states: tuple[str, ...], to_state: str,
+                         fields: dict, entry: dict) -> tuple[bool, dict | None]:
+        """Move an alarm to ``to_state`` if it is in one of ``from_states`` (atomic), set
+        ``fields`` and append ``entry`` to its history: (moved, the row now); (False,
+        None) for an unknown id."""
+        with self._lock, self._db.conn:
+            rows = list(self._db["alarms"].rows_where("alarm_id = ?", [alarm_id]))
+            if not rows:
+                return False, None
+            row = rows[0]
+            if row["state"] not in from_states:
+                return False, row
+            history = json.loads(row["history"] or "[]") + [entry]
+            self._db["alarms"].update(alarm_id, {**fields, "state": to_state,
+                                                 "history": json.dumps(history),
+                                                 "updated_at": time.time()})
+            return True, next(self._db["alarms"].rows_where("alarm_id = ?", [alarm_id]))
+
+    def prune_alarms(self, keep: int) -> list[str]:
+        """Delete the oldest ended alarms beyond ``keep`` in all; their evidence paths."""
+        with self._lock, self._db.conn:
+            excess = self._db["alarms"].count - keep
+            if excess <= 0:
+                return []
+            rows = list(self._db.query(
+                "SELECT alarm_id, evidence_path FROM alarms "
+                "WHERE state NOT IN ('open', 'acknowledged') ORDER BY raised_at LIMIT ?",
+                [excess]))
+            self._db.conn.executemany("DELETE FROM alarms WHERE alarm_id = ?",
+                                      [[r["alarm_id"]] for r in rows])
+        return [r["evidence_path"] for r in rows if r["evidence_path"]]
 
 
 def _run(r: dict) -> dict:
