@@ -60,6 +60,8 @@ class WorkerProc:
         self.pid = popen.pid
         self._tail: deque[str] = deque(maxlen=40)
         self._stderr_done = threading.Event()
+        self._pidfd: int | None = None  # Linux: a pollable handle on the process
+        self._pidfd_lock = threading.Lock()
         threading.Thread(target=self._pump_stderr, name=f"stderr-{key}", daemon=True).start()
 
     @classmethod
@@ -118,13 +120,43 @@ class WorkerProc:
             self.popen.stdout.close()
 
     def wait_exit(self, timeout: float | None = None) -> int | None:
-        """The exit code once it has exited, or None if still running after ``timeout``."""
+        """The exit code once it has exited, or None if still running after ``timeout``.
+
+        On Linux this sleeps on a pidfd until the process exits or the timeout
+        passes (no wake-ups meanwhile); ``Popen.wait(timeout)`` would poll
+        ``waitpid`` every 50 ms, which for a handful of idle workers was most of
+        the agent's idle CPU (docs/benchmarks.md, footprint).
+        """
+        if timeout is not None and self.popen.returncode is None and self._wait_pidfd(timeout):
+            return None
         try:
             rc = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+        with self._pidfd_lock:
+            if self._pidfd is not None and self._pidfd >= 0:
+                os.close(self._pidfd)
+            self._pidfd = -1
         self._stderr_done.wait(2.0)
         return rc
+
+    def _wait_pidfd(self, timeout: float) -> bool:
+        """True when still running after ``timeout`` (waited on a pidfd); False when
+        it exited or no pidfd is to be had (the caller then waits as before)."""
+        with self._pidfd_lock:
+            if self._pidfd is None:
+                try:
+                    self._pidfd = os.pidfd_open(self.pid)
+                except (AttributeError, OSError):  # not Linux >= 5.3, or already reaped
+                    self._pidfd = -1
+            fd = self._pidfd
+        if fd < 0:
+            return False
+        try:
+            ready, _, _ = select.select([fd], [], [], timeout)
+        except (OSError, ValueError):  # closed by another waiter: it has exited
+            return False
+        return not ready
 
     def rss_mb(self) -> int | None:
         return private_rss_mb(self.pid)
