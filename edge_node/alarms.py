@@ -215,9 +215,9 @@ class Alarms:
             pixels = frame() if take and frame is not None else None
             if what == "raised":
                 self._put(("raised", rule, alarm, version, result, pixels, ts))
-            elif take and pixels is not None:  # the raising frame was gone: this one shows it
+            elif pixels is not None:  # the raising frame was gone: this one shows it
                 self._put(("evidence", alarm.alarm_id, pixels, ts))
-            elif take:
+            elif take and frame is not None:
                 self._no_evidence(alarm.alarm_id)
 
     def _put(self, item: tuple) -> None:

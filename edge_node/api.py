@@ -159,7 +159,11 @@ def make_local_blueprint(agent: Any) -> Blueprint:
 
     @bp.get("/api/v1/alarms/<alarm_id>")
     def alarm(alarm_id: str):
-        return jsonify(public_alarm(agent.alarms.get(alarm_id)))
+        """One alarm, with its app's classes (what a false alarm may be labelled)."""
+        out = public_alarm(agent.alarms.get(alarm_id))
+        out["classes"] = agent.labeller.classes(
+            out["app"], len((out["result"] or {}).get("scores") or []))
+        return jsonify(out)
 
     @bp.get("/api/v1/alarms/<alarm_id>/evidence")
     def alarm_evidence(alarm_id: str):

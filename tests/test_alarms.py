@@ -24,6 +24,7 @@ from tests.streams_support import digit_frame, write_video
 from tests.test_e2e import API, http, jget, loop  # noqa: F401
 from tests.test_hard_examples import _serve_digits
 from tests.test_streams_hard_examples import video_frames
+from tests.test_ui_labelling import browser  # noqa: F401
 
 
 def rule(**kw) -> AlarmRule:
@@ -264,3 +265,120 @@ def test_a_quiet_camera_clears_its_alarm_a_latched_one_waits_for_a_person(
     raised = wait_until(lambda: len(events(store, "alarm_raised")) == 2
                         and events(store, "alarm_raised"), timeout=20)
     assert {e["severity"] for e in raised} == {"warning", "critical"}
+
+
+# -- the service on real SQLite, without a camera ---------------------------------------
+
+def test_evidence_comes_from_the_next_frame_and_alarms_survive_a_restart(tmp_path):
+    """A raising frame overwritten before the copy: the alarm is raised anyway and the
+    next matching frame is its evidence. After a restart the open alarm is still the
+    one alarm of its rule and stream (no second one raised), and it still clears."""
+    from edge_node.alarms import Alarms
+    from edge_node.capture import Capture
+    from edge_node.config import AlarmsConfig, FeedbackConfig
+    from edge_node.store import NodeStore
+
+    store = NodeStore(tmp_path / "node.db")
+    capture = Capture(store, None, "unused", tmp_path / "samples", FeedbackConfig(upload="none"))
+    sent: list[tuple[str, dict]] = []
+    cfg = AlarmsConfig(rules=[rule(clear_after_s=2.0)])
+
+    def service() -> Alarms:
+        a = Alarms(cfg, store, capture, lambda app, n: [str(i) for i in range(10)],
+                   lambda type, **kw: sent.append((type, kw["data"])), tmp_path / "alarms")
+        a.start()
+        return a
+
+    pixels = np.full((24, 32, 3), 77, np.uint8)
+    alarms = service()
+    now = time.time()
+    for i in range(3):
+        alarms.observe("gate-1", "digits", "1.0.0", SEVEN, now + i * 0.1, lambda: None)
+    (row,) = wait_until(lambda: store.query_alarms(), timeout=5)
+    assert row["evidence_path"] is None and alarms.stats()["evidence_gone"] == 1
+    alarms.observe("gate-1", "digits", "1.0.0", SEVEN, now + 0.3, lambda: pixels)
+    wait_until(lambda: store.get_alarm(row["alarm_id"])["evidence_path"], timeout=5)
+    png = alarms.evidence(row["alarm_id"])
+    assert np.array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED),
+                          pixels)
+    alarms.stop()
+
+    alarms = service()  # the agent restarted
+    assert alarms.stats()["open"] == {"seven": 1}
+    for i in range(5):
+        alarms.observe("gate-1", "digits", "1.0.0", SEVEN, time.time(), lambda: pixels)
+    wait_until(lambda: store.get_alarm(row["alarm_id"])["frames"] == 4 + 5, timeout=5)
+    assert [r["alarm_id"] for r in store.query_alarms()] == [row["alarm_id"]]
+    wait_until(lambda: store.get_alarm(row["alarm_id"])["state"] == "cleared", timeout=10)
+    alarms.stop()
+    assert [t for t, _ in sent] == ["alarm_raised", "alarm_cleared"]
+    store.close()
+
+
+# -- the alarms page ---------------------------------------------------------------------
+
+def test_the_alarms_page_is_served_from_the_node():
+    """/ui/alarms and its script and styles come from the node (nothing from outside)."""
+    from flask import Flask
+
+    from edge_node.ui import make_ui_blueprint
+
+    app = Flask("t")
+    app.register_blueprint(make_ui_blueprint())
+    c = app.test_client()
+    html = c.get("/ui/alarms")
+    assert html.status_code == 200 and html.mimetype == "text/html"
+    refs = re.findall(r'(?:src|href)="([^"]+)"', html.get_data(as_text=True))
+    assert "static/alarms.js" in refs
+    for ref in refs:
+        if ref.startswith("static/"):
+            assert c.get(f"/ui/{ref}").status_code == 200, ref
+
+
+def test_a_technician_handles_an_alarm_on_the_page(
+        browser, loop, digits_dir, tmp_path):  # noqa: F811
+    """In a real browser: the alarm shows with its frame; the technician acknowledges
+    it, a refused action says why and what state the alarm is in, and calling it
+    false with the right class from the list makes a labelled sample."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    video = seven_video(digits_dir, tmp_path / "seven.avi")
+    store, node = loop
+    agent = _serve_digits(store, node, digits_dir, tmp_path, streams=[
+        {"id": "gate-1", "url": str(video), "app": "digits", "fps": 10, "loop": True}],
+        alarms={"rules": [{"name": "person-in-zone", "app": "digits", "labels": ["7"],
+                           "min_score": 0.8, "cooldown_s": 600}]})
+    edge = f"{agent.http_url}{API}/alarms"
+    (alarm,) = wait_until(lambda: jget(edge)["alarms"], timeout=30)
+    aid = alarm["alarm_id"]
+
+    b = browser
+    wait = WebDriverWait(b, 10)
+    el = b.find_element
+    b.get(f"{agent.http_url}/ui/alarms")
+    row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-id="{aid}"]'))
+    assert "person-in-zone" in row.text and "gate-1" in row.text and "open" in row.text
+    row.click()
+    wait.until(lambda d: d.execute_script(
+        "return document.getElementById('evidence').naturalWidth") > 0, "the frame loads")
+    el(By.ID, "ack").click()  # no name yet: the page asks for one, nothing is sent
+    wait.until(lambda d: "Type your name" in el(By.ID, "msg").text)
+    assert jget(f"{edge}/{aid}")["state"] == "open"
+    el(By.ID, "by").send_keys("tech-ui")
+    el(By.ID, "ack").click()
+    wait.until(lambda d: jget(f"{edge}/{aid}")["state"] == "acknowledged")
+    assert jget(f"{edge}/{aid}")["acknowledged_by"] == "tech-ui"
+    wait.until(lambda d: el(By.ID, "ack").get_attribute("disabled"), "ack is done")
+    # the page offers ack again (as if it had not refreshed yet): the node refuses, it says why
+    b.execute_script("const b = document.getElementById('ack'); b.disabled = false; b.click();")
+    wait.until(lambda d: "409" in el(By.ID, "msg").text)
+    assert "it is acknowledged now" in el(By.ID, "msg").text
+    Select(el(By.ID, "label")).select_by_value("1")
+    el(By.ID, "false").click()
+    wait.until(lambda d: "Marked false" in el(By.ID, "msg").text)
+    done = jget(f"{edge}/{aid}")
+    assert (done["state"], done["closed_by"], done["correct_label"]) == (
+        "false_alarm", "tech-ui", "1")
+    sample = jget(f"{agent.http_url}{API}/samples/{done['sample_id']}")
+    assert (sample["label"], sample["label_source"]) == ("1", "false_alarm")

@@ -1,8 +1,9 @@
 """The node's local web UI: static pages over the local REST API (no build step).
 
-``/ui/labelling`` is the technician's labelling page (docs/learning.md); it
-only calls ``/api/v1`` from the browser and fetches nothing from the internet,
-so it works on a site box with no way out.
+``/ui/labelling`` is the technician's labelling page (docs/learning.md),
+``/ui/alarms`` the alarms page (docs/alarms.md); they only call ``/api/v1`` from
+the browser and fetch nothing from the internet, so they work on a site box
+with no way out.
 """
 
 from __future__ import annotations
@@ -25,5 +26,9 @@ def make_ui_blueprint() -> Blueprint:
     @bp.get("/labelling")
     def labelling():
         return send_from_directory(STATIC, "labelling.html")
+
+    @bp.get("/alarms")
+    def alarms():
+        return send_from_directory(STATIC, "alarms.html")
 
     return bp
