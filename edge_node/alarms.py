@@ -396,11 +396,11 @@ class Alarms:
     def _make_sample(self, row: dict, rule: AlarmRule | None, label: str | None,
                      by: str) -> dict:
         """The evidence frame kept as a labelled (or most useful unlabelled) sample."""
-        source = "false_alarm"
+        source = "technician"
         if label is None and rule is not None and rule.false_alarm_label is not None:
             n = len(json.loads(row["result"] or "{}").get("scores") or [])
             if rule.false_alarm_label in self.classes(row["app"], n):
-                label, source = rule.false_alarm_label, "false_alarm_rule"
+                label, source = rule.false_alarm_label, "rule"
             else:
                 logger.warning("alarm rule %s: false_alarm_label %r is not a class of %s; "
                                "the frame is kept unlabelled", row["rule"],

@@ -219,6 +219,7 @@ def test_an_alarm_is_raised_once_handled_and_a_false_alarm_becomes_a_sample(
     assert events(store, "alarm_raised")[0]["severity"] == "warning"
     assert events(store, "alarm_false")[0]["data"]["by"] == "tech-1"
     assert events(store, "alarm_false")[0]["data"]["sample_id"] == sample["sample_id"]
+    assert events(store, "alarm_false")[0]["data"]["label_from"] == "technician"
     text = http("GET", f"{agent.http_url}/metrics")[1].decode()
     assert metric(text, "aidc_alarms_raised_total", "person-in-zone") == 1.0
     assert metric(text, "aidc_alarms_false_total", "person-in-zone") == 1.0
@@ -265,6 +266,10 @@ def test_a_quiet_camera_clears_its_alarm_a_latched_one_waits_for_a_person(
     raised = wait_until(lambda: len(events(store, "alarm_raised")) == 2
                         and events(store, "alarm_raised"), timeout=20)
     assert {e["severity"] for e in raised} == {"warning", "critical"}
+    falses = wait_until(lambda: len(events(store, "alarm_false")) == 2
+                        and events(store, "alarm_false"), timeout=20)
+    assert {e["data"]["rule"]: e["data"]["label_from"] for e in falses} == {
+        "passing": None, "latched": "rule"}
 
 
 # -- the service on real SQLite, without a camera ---------------------------------------
