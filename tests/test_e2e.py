@@ -158,6 +158,9 @@ def _padded_model(src: Path, dst: Path, mb: float) -> Path:
     pad = np.random.default_rng(0).standard_normal(int(mb * (1 << 20) / 4)).astype(np.float32)
     m.graph.initializer.append(numpy_helper.from_array(pad, name="padding"))
     onnx.save(m, str(dst))
+    replay = src.with_name("replay.npz")  # the manifest's learning.replay ships beside it
+    if replay.exists():
+        dst.with_name(replay.name).write_bytes(replay.read_bytes())
     return dst
 
 
