@@ -24,7 +24,6 @@ event to the cloud.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -38,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .learning.finetune_job import sha256_file
 from .learning.gate import decide  # noqa: F401 - re-exported for callers
 from .resources import worker_settings
 from .scheduling.jobs import JobSpec
@@ -53,14 +53,6 @@ class AdaptError(Exception):
     def __init__(self, status: int, reason: str, detail: Any) -> None:
         super().__init__(f"{reason}: {detail}")
         self.status, self.reason, self.detail = status, reason, detail
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Shadow:
@@ -277,7 +269,7 @@ class SiteLearning:
             shutil.copyfile(out / ft["model"]["file"], tmp / ft["model"]["file"])
             for name in ("finetune.json", "gate.json"):
                 shutil.copyfile(out / name, tmp / name)
-            if _sha256(tmp / ft["model"]["file"]) != ft["model"]["sha256"]:
+            if sha256_file(tmp / ft["model"]["file"]) != ft["model"]["sha256"]:
                 raise RuntimeError("the candidate model changed on disk")
             (tmp / ".complete").write_text(ft["model"]["sha256"])
             shutil.rmtree(dst, ignore_errors=True)
