@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out / ".gate.json.tmp"
     tmp.write_text(json.dumps(gate, indent=1))
     os.replace(tmp, args.out / "gate.json")
-    print(json.dumps({"event": "judged", **{k: v for k, v in gate["accuracy"].items()}},
-                     default=str)[:4000], flush=True)
+    print(json.dumps({"event": "judged", **{
+        k: {f: v.get(f) for f in ("n", "base", "candidate")}
+        for k, v in gate["accuracy"].items()}}), flush=True)
     return 0
 
 
