@@ -114,6 +114,10 @@ class PromotionGate(_Lenient):
     #: often sure and wrong (measured: sure on 35 % of blurred digits, right on 75 % of
     #: those), which is what the fine-tune fixes; accuracy is the gate's job
     shadow_min_agreement: float = Field(default=0.5, ge=0, le=1)
+    #: the shadow ends after this long even with fewer requests; with none at all
+    #: (a camera-only app: stream frames are not copied to the shadow) the gate's
+    #: verdict stands alone and the run's reason says so
+    shadow_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class Learning(_Lenient):

@@ -59,10 +59,13 @@ class Shadow:
     """A candidate's worker answering copies of live requests, off the request path."""
 
     def __init__(self, run_id: str, app: str, key: str, client: Any, input_name: str,
-                 output: str, want: int, on_done: Callable[["Shadow"], None]) -> None:
+                 output: str, want: int, on_done: Callable[["Shadow"], None],
+                 timeout_s: float = 600.0) -> None:
         self.run_id, self.app, self.key, self.client = run_id, app, key, client
         self.input_name, self.output, self.want = input_name, output, want
         self.on_done = on_done
+        self.deadline = time.monotonic() + timeout_s
+        self.timed_out = False
         self.stats: Counter[str] = Counter()
         self.latency_ms: list[float] = []
         self._q: queue.Queue = queue.Queue(maxsize=64)
@@ -80,7 +83,12 @@ class Shadow:
 
     def _run(self) -> None:
         while True:
-            item = self._q.get()
+            try:
+                item = self._q.get(timeout=max(0.0, self.deadline - time.monotonic()))
+            except queue.Empty:  # not enough live requests in time (a camera-only app)
+                self.timed_out = True
+                self.on_done(self)
+                return
             if item is None:
                 return
             result, tensor = item
@@ -111,7 +119,7 @@ class Shadow:
                 "confident": s["confident"],
                 "confident_agreement": s["confident_agreed"] / s["confident"]
                 if s["confident"] else None,
-                "p50_ms": lat[len(lat) // 2] if lat else None}
+                "p50_ms": lat[len(lat) // 2] if lat else None, "timed_out": self.timed_out}
 
 
 class SiteLearning:
@@ -285,7 +293,7 @@ class SiteLearning:
         output = (served.manifest.postprocess.output if served.manifest.postprocess else None) \
             or served.manifest.model.outputs[-1].name
         sh = Shadow(run["run_id"], run["app"], key, client, spec.name, output,
-                    gate.shadow_requests, self._shadow_done)
+                    gate.shadow_requests, self._shadow_done, gate.shadow_timeout_s)
         with self._lock:
             self._shadows[run["app"]] = sh
         self.store.update_run(run["run_id"], state="shadow")
@@ -317,9 +325,16 @@ class SiteLearning:
             self._finish(run, "rejected", (
                 f"in shadow it disagreed with the served model where that was sure: "
                 f"{summary['confident_agreement']:.2f} < {gate.shadow_min_agreement:g}"))
+        elif summary["compared"] == 0:
+            # nothing to compare within the time: live traffic that carries no tensor
+            # (camera streams) or none at all; the gate's verdict stands alone, said so
+            self._promote(sh.run_id, (run["reason"] or "") + "; shadow: no live request "
+                          f"to compare in {gate.shadow_timeout_s if gate else '?'} s, "
+                          "promoted on the gate alone")
         else:
             self._promote(sh.run_id, (run["reason"] or "") + f"; shadow: {summary['compared']}"
-                          f" requests, agreement {summary['agreement']:.2f}")
+                          f" requests{' (timed out)' if summary['timed_out'] else ''}, "
+                          f"agreement {summary['agreement']:.2f}")
 
     # -- switch and rollback ------------------------------------------------------
     def _version_for(self, run: dict) -> str:

@@ -280,3 +280,28 @@ def test_a_model_with_no_head_to_tune_says_so_and_keeps_serving(loop, digits_dir
     status, _ = http("POST", f"{agent.http_url}/v2/models/digits/classify",
                      digit_png(held["X_test"][0]), "image/png")
     assert status == 200
+
+
+def test_with_no_live_requests_the_shadow_times_out_and_the_gate_decides_alone(
+        loop, digits_dir, tmp_path):  # noqa: F811
+    """A camera-only site sends the shadow nothing (stream frames are not copied to
+    it): after shadow_timeout_s the gate's verdict stands alone, and says so."""
+    store, node = loop
+    agent = node(feedback={"threshold": 1.0, "max_per_minute": 100000,
+                           "heldout_fraction": 0.3}, scheduling=ALWAYS)
+    _publish_with_gate(store, digits_dir, tmp_path, min_gain=0.05, max_regression=0.05,
+                       shadow_requests=30, shadow_timeout_s=2, min_samples=50,
+                       min_heldout=20)
+    held = np.load(digits_dir / "heldout.npz")
+    truth = _site_samples(agent, blur(held["X_test"][:260]), held["y_test"][:260])
+    _label_everything(agent, truth)
+    status, body = http("POST", f"{agent.http_url}{API}/apps/digits/finetune", {})
+    assert status == 202, body
+    run_id = json.loads(body)["run_id"]
+    wait_until(lambda: _run_state(agent, run_id)["state"] not in ("training", "shadow"),
+               timeout=120, interval=0.2)
+    done = _run_state(agent, run_id)
+    assert done["state"] == "promoted", done
+    assert "promoted on the gate alone" in done["reason"]
+    assert done["metrics"]["shadow"]["timed_out"] and done["metrics"]["shadow"]["compared"] == 0
+    wait_until(lambda: (node_app(store) or {}).get("variant") == "1.0.0+site.1", timeout=30)
