@@ -295,6 +295,18 @@ class NodeStore:
                 " AND ".join(where) or None, args, order_by="created_at DESC", limit=limit))
         return [_run(r) for r in rows]
 
+    def field_accuracy(self, days: int = 14) -> list[dict]:
+        """How often the served model was right on the samples a technician labelled:
+        ``{app, version, day, n, correct}`` per app, version and day (UTC, by when
+        the sample was seen), the last ``days`` days."""
+        since = time.time() - days * 86400
+        with self._lock:
+            return [dict(r) for r in self._db.query(
+                "SELECT app, version, date(created_at, 'unixepoch') AS day, count(*) AS n, "
+                "sum(json_extract(prediction, '$.label') = label) AS correct FROM samples "
+                "WHERE label IS NOT NULL AND created_at >= ? "
+                "GROUP BY app, version, day ORDER BY app, day, version", [since])]
+
     def labelled_samples(self, app: str) -> list[dict]:
         """Every labelled sample of ``app`` (training and held out), oldest first."""
         with self._lock:

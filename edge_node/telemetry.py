@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -22,19 +21,6 @@ from typing import Any
 from cloud_sync import schemas
 
 logger = logging.getLogger(__name__)
-
-
-def field_accuracy(store: Any, days: int = 14) -> list[dict]:
-    """How often the served model was right on the samples a technician labelled:
-    ``{app, version, day, n, correct}`` per app, version and day (UTC, by when
-    the sample was seen), the last ``days`` days."""
-    since = time.time() - days * 86400
-    with store._lock:
-        return [dict(r) for r in store._db.query(
-            "SELECT app, version, date(created_at, 'unixepoch') AS day, count(*) AS n, "
-            "sum(json_extract(prediction, '$.label') = label) AS correct FROM samples "
-            "WHERE label IS NOT NULL AND created_at >= ? "
-            "GROUP BY app, version, day ORDER BY app, day, version", [since])]
 
 
 class Telemetry:
@@ -48,7 +34,7 @@ class Telemetry:
 
     def message(self) -> schemas.Telemetry:
         counts = self.store.sample_counts()
-        acc = field_accuracy(self.store, days=3650)
+        acc = self.store.field_accuracy(days=3650)
         runs: dict[str, Counter] = {}
         for r in self.store.runs(limit=10000):
             runs.setdefault(r["app"], Counter())[r["state"]] += 1
@@ -72,7 +58,7 @@ class Telemetry:
 
     def local(self) -> dict[str, Any]:
         """The message plus the accuracy per app, version and day (local API)."""
-        return {**self.message().model_dump(), "by_day": field_accuracy(self.store, days=30),
+        return {**self.message().model_dump(), "by_day": self.store.field_accuracy(days=30),
                 "sent": dict(self.stats)}
 
     def send(self) -> bool:

@@ -104,7 +104,7 @@ def judge(app_dir: Path, candidate: Path, heldout: Path, replay: Path | None,
     for name, path in (("heldout", heldout), ("replay", replay)):
         if path is None:
             continue
-        X, y = finetune_job.load_samples(path) if name == "replay" else _load(path)
+        X, y = finetune_job.load_samples(path)
         if len(y) == 0:
             out[name] = {"n": 0, "base": None, "candidate": None}
             continue
@@ -113,11 +113,6 @@ def judge(app_dir: Path, candidate: Path, heldout: Path, replay: Path | None,
         out[name] = {"n": int(len(y)), "base": base.accuracy, "candidate": cand.accuracy,
                      "base_confusion": base.confusion, "candidate_confusion": cand.confusion}
     return out
-
-
-def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return z["X"], z["y"]
 
 
 def main(argv: list[str] | None = None) -> int:
