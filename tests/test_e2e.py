@@ -208,10 +208,17 @@ def test_feedback_upload_survives_broker_outage_exactly_once(loop, digits_dir, t
                                 "image/png")
             assert status == 200, body
 
-    classify(X[:60])
-    wait_until(lambda: agent.outbox.stats().get("sent", 0) > 0, timeout=10, interval=0.01)
+    # the cut lands while the camera is still sending: results are gathered for up to
+    # 0.2 s before they are recorded, so a finished burst could be all acked already
+    import threading
+
+    sender = threading.Thread(target=classify, args=(X[:60],))
+    sender.start()
+    wait_until(lambda: agent.outbox.stats().get("sent", 0) > 0
+               and agent.outbox.pending() > 0, timeout=10, interval=0.002)
     broker.stop()
     pending_at_cut = agent.outbox.pending()
+    sender.join(30)
     classify(X[60:100])  # captured while the broker is down
     time.sleep(1.0)
     broker.start()
