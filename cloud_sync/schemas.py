@@ -30,6 +30,14 @@ MAX_CHUNK_BYTES = 1 << 20
 SHA256_RE = r"^[0-9a-f]{64}$"
 NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 
+#: what of a sample may leave the site, strictest first (docs/learning.md, data
+#: residency): nothing; prediction, scores and label; those plus the features the
+#: app's head consumes (the input stays home); those plus the input itself
+UPLOAD_LEVELS = ("none", "metadata", "features", "full")
+UploadLevel = Literal["none", "metadata", "features", "full"]
+#: the most feature values one sample may carry (float32, base64: ~1 MiB message)
+MAX_FEATURES = 180_000
+
 
 def new_msg_id() -> str:
     return uuid.uuid4().hex
@@ -76,9 +84,9 @@ class AppRef(BaseModel):
     sha256: str = Field(pattern=SHA256_RE)
     size: int = Field(ge=1)
     resources: ResourceOverride | None = None
-    #: what of this app's samples may leave the site ("full", "metadata", "none");
+    #: what of this app's samples may leave the site (:data:`UPLOAD_LEVELS`);
     #: the stricter of this and the site's own config applies; None: the site's
-    upload: Literal["full", "metadata", "none"] | None = None
+    upload: UploadLevel | None = None
 
 
 #: most windows one schedule may hold (a week of hourly windows is 168; nobody
@@ -129,7 +137,7 @@ class AppReport(BaseModel):
     error: str | None = None
     progress: float | None = Field(default=None, ge=0, le=1)
     #: the upload level in force for this app's samples on this node
-    upload: Literal["full", "metadata", "none"] | None = None
+    upload: UploadLevel | None = None
     #: a model fine-tuned on site serves instead of the package's: its version
     #: ("1.0.0+site.2"); None: the package's model
     variant: str | None = Field(default=None, max_length=128)
@@ -152,6 +160,8 @@ class AppTelemetry(BaseModel):
     shared_full: int = Field(default=0, ge=0)
     shared_metadata: int = Field(default=0, ge=0)
     shared_none: int = Field(default=0, ge=0)
+    #: samples put in the outbox with the head's features instead of the input
+    shared_features: int = Field(default=0, ge=0)
     #: fine-tune runs on the node by state (promoted, rejected, failed, ...)
     finetunes: dict[str, int] = Field(default_factory=dict)
 
@@ -214,6 +224,52 @@ class Prediction(BaseModel):
     score: float
 
 
+class SampleFeatures(BaseModel):
+    """What a sample shares at upload level ``features``: the vector the app's head
+    consumes (the input stays on site), and which model made it.
+
+    ``b64`` is base64 of ``n`` little-endian float32 values (4 n bytes).
+    :meth:`values` decodes and checks it (length, finite)."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: the head's input tensor in the graph (``Head.feature``)
+    tensor: str = Field(min_length=1, max_length=256)
+    #: the head node (the Gemm/MatMul the features feed)
+    head: str = Field(min_length=1, max_length=256)
+    n: int = Field(ge=1, le=MAX_FEATURES)
+    dtype: Literal["float32"] = "float32"
+    b64: str = Field(min_length=1, max_length=MAX_MESSAGE_BYTES)
+    #: the app version whose model computed them (a site variant: "1.0.0+site.1")
+    model_version: str = Field(min_length=1, max_length=128)
+    #: sha256 of that model file: feature vectors are comparable only within one model
+    model_sha256: str = Field(pattern=SHA256_RE)
+
+    def values(self) -> bytes:
+        """The raw little-endian float32 bytes, checked: ValueError saying why
+        (not base64, a length other than ``n`` values, NaN or infinity)."""
+        import base64
+        import binascii
+        import math
+        from array import array
+
+        try:
+            raw = base64.b64decode(self.b64, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ValueError(f"features are not base64: {err}") from None
+        if len(raw) != 4 * self.n:
+            raise ValueError(f"{len(raw)} bytes of features, n={self.n} float32 values "
+                             f"need {4 * self.n}")
+        vals = array("f")
+        vals.frombytes(raw)
+        if struct.pack("=I", 1) != struct.pack("<I", 1):  # a big-endian host
+            vals.byteswap()
+        bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{len(bad)} non-finite feature values (the first at index "
+                             f"{bad[0]}: {vals[bad[0]]})")
+        return raw
+
+
 class FeedbackSample(BaseModel):
     """A hard example: the input the model saw and what it said."""
 
@@ -230,19 +286,24 @@ class FeedbackSample(BaseModel):
     scores: list[float] = Field(default_factory=list, max_length=10000)
     label: str | None = Field(default=None, description="confirmed label, if any")
     source: str | None = Field(default=None, description="stream or 'api'")
-    #: what the site's upload policy let travel: "full" (with the input) or "metadata"
-    shared: Literal["full", "metadata"] = "full"
+    #: what the site's upload policy let travel: "full" (with the input),
+    #: "features" (the head's features instead of the input) or "metadata"
+    shared: Literal["full", "features", "metadata"] = "full"
     #: how informative the policy judged it (0..1): the labelling queue's order
     usefulness: float = Field(default=0.0, ge=0, le=1)
     #: kept apart on the node to judge fine-tuned models (never trained on there)
     heldout: bool = False
+    #: the head's features, at shared "features" (and only then)
+    features: SampleFeatures | None = None
 
     @model_validator(mode="after")
     def _input(self) -> FeedbackSample:
         if (self.input_type == "none") != (self.input_b64 == ""):
             raise ValueError("input_type 'none' goes with an empty input_b64, and only then")
-        if self.shared == "metadata" and self.input_type != "none":
-            raise ValueError("a metadata-only sample carries no input")
+        if self.shared in ("metadata", "features") and self.input_type != "none":
+            raise ValueError(f"a {self.shared}-only sample carries no input")
+        if (self.shared == "features") != (self.features is not None):
+            raise ValueError("features travel with shared 'features', and only then")
         return self
 
 

@@ -106,6 +106,7 @@ class NodeAgent:
             on_desired=self._on_desired, placement=self.placement,
             overrides=cfg.resources.apps, batching=cfg.http.batching,
         )
+        self.capture.features.bind(self.reconciler, self.store)  # upload level "features"
         self.jobs = JobRegistry(d / "node.db", d / "jobs")
         self.scheduler = Scheduler(
             self.jobs, cfg.scheduling,

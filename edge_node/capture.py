@@ -12,7 +12,8 @@ result. That only enqueues (bounded; when full the result is dropped and
    ``samples`` row with its usefulness (the labelling queue's order) and
    whether it is kept apart (held out) for judging fine-tuned models, and then
 3. puts a :class:`~cloud_sync.schemas.FeedbackMessage` into the outbox as far
-   as the app's upload level lets it (``full``: with the input; ``metadata``:
+   as the app's upload level lets it (``full``: with the input; ``features``:
+   the head's features instead, :mod:`edge_node.sharing`; ``metadata``:
    without; ``none``: nothing leaves), whose msg_id is the sample id, so a
    retry is deduplicated by the cloud.
 
@@ -51,6 +52,7 @@ from cloud_sync.errors import CloudSyncError
 
 from .config import UPLOAD_LEVELS, FeedbackConfig
 from .hardex import Policy, judge
+from .sharing import FeatureSharing, FeaturesUnavailable
 from .store import NodeStore
 
 logger = logging.getLogger(__name__)
@@ -147,6 +149,12 @@ class Capture:
         #: app -> upload level the cloud asks for (the desired state); the site's
         #: own config can only make it stricter
         self.cloud_upload: dict[str, str] = {}
+        #: level ``features``: computes a sample's features (its model_dir is set by the agent)
+        self.features = FeatureSharing()
+        self._share_q: queue.Queue[tuple[dict, bytes] | None] = queue.Queue(maxsize)
+        self._share_lock = threading.Lock()
+        self._share_thread: threading.Thread | None = None
+        self._fallback_logged: set[tuple[str, str, str]] = set()
 
     # -- called on the request path: never blocks -----------------------
     def on_result(self, app: str, version: str, policy: Policy | None, result: dict,
@@ -208,6 +216,11 @@ class Capture:
         if self._thread:
             self._q.put(None)
             self._thread.join(10)
+        with self._share_lock:
+            if self._share_thread is not None:
+                self._share_q.put(None)
+                self._share_thread.join(10)
+        self.features.close()
 
     def _run(self) -> None:
         while True:
@@ -300,7 +313,8 @@ class Capture:
                     break
         return True
 
-    def _message(self, row: dict, data: bytes, shared: str) -> bytes:
+    def _message(self, row: dict, data: bytes, shared: str,
+                 features: dict | None = None) -> bytes:
         scores = json.loads(row["scores"])
         if len(scores) > MAX_UPLOAD_SCORES:  # only the top ones travel
             keep = set(np.argsort(scores)[-MAX_UPLOAD_SCORES:].tolist())
@@ -314,6 +328,7 @@ class Capture:
             scores=scores, label=row["label"], source=row["source"], shared=shared,
             usefulness=min(1.0, max(0.0, float(row.get("usefulness") or 0.0))),
             heldout=bool(row.get("heldout")),
+            features=schemas.SampleFeatures(**features) if shared == "features" else None,
         )
         payload = schemas.FeedbackMessage(msg_id=row["msg_id"], sample=sample).to_bytes()
         if len(payload) > schemas.MAX_MESSAGE_BYTES:
@@ -330,6 +345,13 @@ class Capture:
             self.store.set_shared(sid, "none")
             self.store.mark_queued(sid)
             return
+        if shared == "features":  # the input stays home; its features travel (computed
+            self._share(row, data)  # on their own thread: results never wait for them)
+            return
+        self._put(row, data, shared)
+
+    def _put(self, row: dict, data: bytes, shared: str, features: dict | None = None) -> None:
+        sid = row["sample_id"]
         if shared == "full" and len(data) > MAX_UPLOAD_INPUT:
             self.stats["samples_too_large_to_upload"] += 1
             logger.warning("sample %s: input of %d bytes kept locally, too large to upload",
@@ -337,7 +359,7 @@ class Capture:
             self.store.mark_queued(sid)
             return
         try:
-            payload = self._message(row, data, shared)
+            payload = self._message(row, data, shared, features)
         except ValueError as err:  # pydantic ValidationError is a ValueError
             self.stats["samples_unuploadable"] += 1
             logger.warning("sample %s kept locally, cannot be uploaded: %s", sid, err)
@@ -352,6 +374,53 @@ class Capture:
         except CloudSyncError as err:  # outbox full: kept locally, counted, retried on start
             self.stats["samples_outbox_full"] += 1
             logger.warning("sample %s kept locally, not queued: %s", sid, err)
+
+    def _share(self, row: dict, data: bytes) -> None:
+        """Queue a sample for the features thread (started on first use). The
+        sample stays unqueued in SQLite until then: a stop or crash meanwhile
+        loses nothing (it is requeued on start)."""
+        with self._share_lock:
+            if self._share_thread is None or not self._share_thread.is_alive():
+                self._share_thread = threading.Thread(target=self._share_run,
+                                                      name="capture-features", daemon=True)
+                self._share_thread.start()
+        try:
+            self._share_q.put_nowait((row, data))
+        except queue.Full:
+            self.stats["samples_features_backlog"] += 1  # queued at the next start
+
+    def _share_run(self) -> None:
+        while True:
+            item = self._share_q.get()
+            if item is None:
+                return
+            row, data = item
+            try:
+                if not Path(row["input_path"]).exists():  # evicted meanwhile
+                    self.stats["samples_evicted_before_upload"] += 1
+                    continue
+                try:
+                    features = self.features.features(row["app"], row["version"],
+                                                      row["input_type"], row["input_path"])
+                    shared = "features"
+                except FeaturesUnavailable as err:
+                    features, shared = None, self._features_fallback(row, err)
+                self._put(row, data, shared, features)
+            except Exception:  # noqa: BLE001 - the next sample still goes; this one is requeued
+                self.stats["capture_errors"] += 1
+                logger.exception("sample %s: sharing its features failed", row["sample_id"])
+
+    def _features_fallback(self, row: dict, err: FeaturesUnavailable) -> str:
+        """No features for this sample: it travels as ``metadata``, counted; the
+        reason is logged (a warning once per app, version and kind; then debug)."""
+        self.stats["samples_features_fallback"] += 1
+        self.stats[f"samples_features_fallback_{err.kind}"] += 1
+        key = (row["app"], row["version"], err.kind)
+        level = logging.DEBUG if key in self._fallback_logged else logging.WARNING
+        self._fallback_logged.add(key)
+        logger.log(level, "sample %s of %s %s shared as metadata, no features: %s",
+                   row["sample_id"], row["app"], row["version"], err)
+        return "metadata"
 
     def _requeue_unsent(self) -> None:
         """Samples written but never queued (a crash in between, a full outbox):

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cloud_sync import schemas
 from cloud_sync.topics import validate_node_id
 
 from .errors import ConfigError
@@ -60,8 +61,8 @@ class OutboxConfig(_Strict):
 
 
 #: what of a sample may leave the site, least to most (docs/learning.md, data residency)
-UPLOAD_LEVELS = ("none", "metadata", "full")
-UploadLevel = Literal["none", "metadata", "full"]
+UPLOAD_LEVELS = schemas.UPLOAD_LEVELS  # ("none", "metadata", "features", "full")
+UploadLevel = schemas.UploadLevel
 
 
 class AppFeedbackConfig(_Strict):
@@ -86,7 +87,8 @@ class FeedbackConfig(_Strict):
     #: share of samples kept apart (never trained on) to judge a fine-tuned model
     heldout_fraction: float = Field(default=0.2, ge=0, lt=1)
     #: what leaves the site by default: "full" (input + prediction + label),
-    #: "metadata" (no input), "none"; the stricter of this and the cloud's applies
+    #: "features" (the head's features instead of the input), "metadata" (no
+    #: input), "none"; the stricter of this and the cloud's applies
     upload: UploadLevel = "full"
     apps: dict[str, AppFeedbackConfig] = Field(default_factory=dict)
 

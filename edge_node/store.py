@@ -239,6 +239,7 @@ class NodeStore:
                 "coalesce(sum(heldout), 0) AS heldout, "
                 "coalesce(sum(shared = 'full'), 0) AS shared_full, "
                 "coalesce(sum(shared = 'metadata'), 0) AS shared_metadata, "
+                "coalesce(sum(shared = 'features'), 0) AS shared_features, "
                 "coalesce(sum(shared = 'none'), 0) AS shared_none "
                 "FROM samples GROUP BY app"))
         return {r.pop("app"): r for r in rows}

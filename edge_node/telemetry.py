@@ -53,7 +53,8 @@ class Telemetry:
                 accuracy=ok / n if n else None, samples_kept=c.get("kept", 0),
                 samples_labelled=c.get("labelled", 0), samples_heldout=c.get("heldout", 0),
                 shared_full=c.get("shared_full", 0), shared_metadata=c.get("shared_metadata", 0),
-                shared_none=c.get("shared_none", 0), finetunes=dict(runs.get(name, {})))
+                shared_none=c.get("shared_none", 0),
+                shared_features=c.get("shared_features", 0), finetunes=dict(runs.get(name, {})))
         return schemas.Telemetry(node_id=self.node_id, interval_s=self.interval_s, apps=apps)
 
     def local(self) -> dict[str, Any]:
