@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, jsonify, request, send_file
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from cloud_sync.schemas import ResourceOverride, TrainingSchedule
+from cloud_sync.schemas import UPLOAD_LEVELS, ResourceOverride, TrainingSchedule
 
 from . import __version__
 from .blobstore import SHA256_RE
@@ -150,9 +150,9 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
                 raise BadRequest("bad_resources", f"{'.'.join(map(str, e['loc']))}: "
                                  f"{e['msg']}") from err
         upload = body.get("upload")
-        if upload not in (None, "full", "metadata", "none"):
-            raise BadRequest("bad_upload", "upload is one of full, metadata, none (or absent: "
-                             "the site's own policy)")
+        if upload is not None and upload not in UPLOAD_LEVELS:
+            raise BadRequest("bad_upload", f"upload {upload!r} is not one of "
+                             f"{', '.join(UPLOAD_LEVELS)} (or absent: the site's own policy)")
         ds = ctx.fleet.assign(node_id, name, version, resources, upload)
         return jsonify({"desired": ds.model_dump()})
 
@@ -237,6 +237,8 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
                                   version=a.get("version"), limit=limit)
         for r in rows:
             r["input_url"] = f"{PREFIX}/feedback/{r['msg_id']}/input"
+            if r.get("features_sha256"):
+                r["features_url"] = f"{PREFIX}/feedback/{r['msg_id']}/features"
         return jsonify({"feedback": rows})
 
     @bp.get("/events")
@@ -253,6 +255,11 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
     def feedback_input(msg_id: str) -> Any:
         path, ctype = ctx.feedback.input_file(msg_id)
         return send_file(path, mimetype=ctype, conditional=True)
+
+    @bp.get("/feedback/<msg_id>/features")
+    def feedback_features(msg_id: str) -> Any:
+        """A features-only sample's vector: {"tensor", "n", "model_sha256", "values"}."""
+        return jsonify(ctx.feedback.features(msg_id))
 
     @bp.get("/stats")
     def stats() -> Any:

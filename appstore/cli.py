@@ -265,7 +265,10 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     lines = [f"{ds['app']}: {ds['items']} items ({ds['heldout']} held out) from "
              f"{ds['samples']} samples; {ds['duplicates']} duplicates, {ds['conflicts']} "
              f"conflicting labels, {ds['unlabelled']} unlabelled, {ds['metadata_only']} "
-             "without input (metadata-only sites)"]
+             "without input (metadata-only sites), "
+             f"{ds.get('features_only', 0)} with features instead of input"]
+    lines += [f"  features by model {sha[:12]} ({', '.join(m['versions'])}): {m['items']} items"
+              for sha, m in sorted((ds.get("features_by_model") or {}).items())]
     lines += [f"  {node}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
               for node, c in sorted(ds["sites"].items())]
     lines.append("  labels: " + ", ".join(f"{k}: {v}" for k, v in sorted(ds["labels"].items())))
@@ -377,9 +380,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, help="override the app's card fraction (0-1]")
     p.add_argument("--memory-mb", type=int, help="override the app's memory budget")
     p.add_argument("--card", help="pin to this card, e.g. cpu or gpu0")
-    p.add_argument("--upload", choices=("full", "metadata", "none"),
-                   help="what of the app's samples may leave the site (the site's own "
-                   "policy can only make it stricter)")
+    p.add_argument("--upload", choices=("none", "metadata", "features", "full"),
+                   help="what of the app's samples may leave the site: none, metadata "
+                   "(no input), features (the head's features instead of the input) or "
+                   "full (the site's own policy can only make it stricter)")
     _api_opt(p)
     p.set_defaults(func=_guard(cmd_assign))
 

@@ -140,6 +140,16 @@ def m007_telemetry(db: Database) -> None:
     db["telemetry_points"].create_index(["app", "ts"])
 
 
+@migrations()
+def m008_feedback_features(db: Database) -> None:
+    """Upload level ``features``: a sample's feature vector (content-addressed in the
+    samples store, ``<sha256>.f32``: little-endian float32) and the model that made it."""
+    for col, typ in (("features_sha256", str), ("feature_tensor", str), ("n_features", int),
+                     ("head_node", str), ("model_version", str), ("model_sha256", str)):
+        db["feedback"].add_column(col, typ)
+    db["feedback"].create_index(["app", "features_sha256"])
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

@@ -2,7 +2,10 @@
 
 Ingest is idempotent by ``msg_id``: a node resends until it sees an ack, so the
 same message may arrive many times and is stored once. A sample's input (a PNG
-or an ``.npy`` tensor) is kept content-addressed in ``data_dir/samples``.
+or an ``.npy`` tensor) is kept content-addressed in ``data_dir/samples``; so is
+a features-only sample's feature vector (``<sha256>.f32``, little-endian
+float32), checked first: a wrong length or a non-finite value is refused
+(``bad_features``, counted with the reason).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ INPUT_TYPES = {
     "image/jpeg": ("jpg", "image/jpeg"),
     "tensor/npy": ("npy", "application/x-npy"),
 }
+#: file extension of a stored feature vector (raw little-endian float32)
+FEATURES_EXT = "f32"
 MAX_LIMIT = 1000
 
 
@@ -62,6 +67,18 @@ class FeedbackStore:
             if not data:
                 raise MessageRejected("bad_input", "empty input")
             sha, path = self.samples.put_bytes(data, INPUT_TYPES[s.input_type][0])
+        feat: dict[str, Any] = {}
+        if s.features is not None:  # the site shares the head's features, not the input
+            f = s.features
+            try:
+                raw = f.values()
+            except ValueError as err:
+                raise MessageRejected("bad_features", f"sample {s.sample_id} of {s.app} "
+                                      f"{s.version}: {err}") from err
+            fsha, _ = self.samples.put_bytes(raw, FEATURES_EXT)
+            feat = {"features_sha256": fsha, "feature_tensor": f.tensor, "n_features": f.n,
+                    "head_node": f.head, "model_version": f.model_version,
+                    "model_sha256": f.model_sha256}
         # a label set on site may have arrived (as an event) before the sample
         early = list(db.query("select label, labelled_at, labelled_by from site_labels "
                               "where node_id = ? and sample_id = ?", [node_id, s.sample_id]))
@@ -76,6 +93,7 @@ class FeedbackStore:
             "scores": json.dumps(s.scores), "label": label["label"], "source": s.source,
             "shared": s.shared, "usefulness": s.usefulness, "heldout": int(s.heldout),
             "labelled_at": label["labelled_at"], "labelled_by": label["labelled_by"],
+            **feat,
         })
         return True
 
@@ -222,6 +240,22 @@ class FeedbackStore:
         if path is None:
             raise NotFound("input_missing", f"the input of {msg_id!r} is not on disk")
         return path, ctype
+
+    def features(self, msg_id: str) -> dict[str, Any]:
+        """A features-only sample's vector and the model that made it."""
+        import numpy as np
+
+        row = self.get(msg_id)
+        if not row.get("features_sha256"):
+            raise NotFound("features_not_shared", f"{msg_id!r} was shared as "
+                           f"{row.get('shared')!r}, without features")
+        path = self.samples.path(row["features_sha256"], FEATURES_EXT)
+        if path is None:
+            raise NotFound("features_missing", f"the features of {msg_id!r} are not on disk")
+        return {"msg_id": msg_id, "tensor": row["feature_tensor"], "n": row["n_features"],
+                "head": row["head_node"], "model_version": row["model_version"],
+                "model_sha256": row["model_sha256"], "dtype": "float32",
+                "values": np.fromfile(path, "<f4").tolist()}
 
     @staticmethod
     def _row(r: dict[str, Any]) -> dict[str, Any]:

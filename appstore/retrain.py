@@ -18,10 +18,20 @@ package's ``learning.gate``), and when it passes builds, signs and publishes
 ``<app> <version>`` with ``retrain.json`` (lineage: base, dataset items per
 site, metrics) inside the package, then assigns it to the nodes asked for.
 A refused candidate is recorded with the reason; nothing is published.
+
+**Features-only items.** A site at upload level ``features`` shares the vector
+the head consumes instead of its input; its items are keyed by the model's
+sha256 and the vector's. They can train the head only when that model is the
+base version's (the vectors of another model mean something else): those are
+used, as extra training and held-out rows, by :mod:`appstore.feature_job`
+(the same training, with the items that have inputs turned into features by
+the same extractor); the others are skipped and the retrain's lineage says how
+many and why. With no usable features-only item the node's job runs as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -42,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.2
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "tensor/npy": "npy"}
+FEATURES_EXT = "f32"
 
 
 def heldout(sha256: str, fraction: float = HELDOUT_FRACTION) -> bool:
@@ -60,7 +71,9 @@ class Datasets:
         with self.store.read() as db:
             rows = list(db.query(
                 "select node_id, sample_id, input_sha256, input_type, label, labelled_by, "
-                "shared from feedback where app = ? order by received_at", [app]))
+                "shared, features_sha256, feature_tensor, n_features, head_node, "
+                "model_version, model_sha256 from feedback where app = ? "
+                "order by received_at", [app]))
         by_sha: dict[str, list[dict]] = defaultdict(list)
         sites: dict[str, Counter] = defaultdict(Counter)
         for r in rows:
@@ -70,6 +83,8 @@ class Datasets:
             s[f"shared_{r['shared'] or 'full'}"] += 1
             if r["input_sha256"]:
                 by_sha[r["input_sha256"]].append(r)
+            elif r["features_sha256"]:  # the same vector from the same model: one item
+                by_sha[features_key(r["model_sha256"], r["features_sha256"])].append(r)
         items, conflicts, unlabelled = [], 0, 0
         for sha, group in by_sha.items():
             votes = Counter(r["label"] for r in group if r["label"] is not None)
@@ -80,23 +95,77 @@ class Datasets:
             if rest and rest[0][1] == n:
                 conflicts += 1
                 continue
-            ext = IMAGE_TYPES.get(group[0]["input_type"], "")
-            path = self.samples.path(sha, ext)
+            first = group[0]
+            item: dict[str, Any] = {"sha256": sha, "kind": "input",
+                                    "input_type": first["input_type"]}
+            if first["input_sha256"]:
+                path = self.samples.path(sha, IMAGE_TYPES.get(first["input_type"], ""))
+            else:
+                path = self.samples.path(first["features_sha256"], FEATURES_EXT)
+                item["kind"] = "features"
+                item["features"] = {"sha256": first["features_sha256"],
+                                    "tensor": first["feature_tensor"],
+                                    "n": first["n_features"], "head": first["head_node"],
+                                    "model_version": first["model_version"],
+                                    "model_sha256": first["model_sha256"]}
             if path is None:
                 continue
-            items.append({"sha256": sha, "input_type": group[0]["input_type"],
-                          "path": str(path), "label": top, "votes": dict(votes),
+            items.append({**item, "path": str(path), "label": top, "votes": dict(votes),
                           "heldout": heldout(sha),
                           "provenance": [{"node": r["node_id"], "sample_id": r["sample_id"],
                                           "label": r["label"]} for r in group]})
         stats = {"app": app, "samples": len(rows), "items": len(items),
                  "duplicates": sum(len(g) - 1 for g in by_sha.values()),
                  "conflicts": conflicts, "unlabelled": unlabelled,
-                 "metadata_only": sum(1 for r in rows if not r["input_sha256"]),
+                 "metadata_only": sum(1 for r in rows if not r["input_sha256"]
+                                      and not r["features_sha256"]),
+                 "features_only": sum(1 for r in rows if r["features_sha256"]),
+                 "kinds": dict(Counter(i["kind"] for i in items)),
+                 "features_by_model": _by_model(items),
                  "heldout": sum(1 for i in items if i["heldout"]),
                  "labels": dict(Counter(i["label"] for i in items)),
                  "sites": {n: dict(c) for n, c in sites.items()}}
         return items, stats
+
+
+def features_key(model_sha256: str | None, features_sha256: str) -> str:
+    """A features-only item's id: its vector within the model that computed it."""
+    return hashlib.sha256(f"{model_sha256}:{features_sha256}".encode()).hexdigest()
+
+
+def _by_model(items: list[dict]) -> dict[str, dict]:
+    """Features-only items per model sha256: its version(s) and how many."""
+    out: dict[str, dict] = {}
+    for i in items:
+        if i["kind"] == "features":
+            f = i["features"]
+            m = out.setdefault(f["model_sha256"] or "?", {"versions": [], "items": 0})
+            m["items"] += 1
+            if f["model_version"] not in m["versions"]:
+                m["versions"].append(f["model_version"])
+    return out
+
+
+def split_features(items: list[dict], model_sha256: str, base_version: str
+                   ) -> tuple[list[dict], dict[str, Any]]:
+    """The items a retrain from the base model (``model_sha256``) can use, and the
+    features-only items it cannot: ``{"used", "skipped", "reasons": {why: n}}``."""
+    keep, reasons = [], Counter()
+    used = 0
+    for i in items:
+        if i["kind"] != "features":
+            keep.append(i)
+            continue
+        f = i["features"]
+        if f["model_sha256"] != model_sha256:
+            reasons[f"made by another model ({f['model_version']}, sha256 "
+                    f"{(f['model_sha256'] or '?')[:12]}), not {base_version}'s "
+                    f"({model_sha256[:12]}): feature vectors are only comparable within "
+                    "one model"] += 1
+            continue
+        used += 1
+        keep.append(i)
+    return keep, {"used": used, "skipped": sum(reasons.values()), "reasons": dict(reasons)}
 
 
 class Retrainer:
@@ -122,14 +191,19 @@ class Retrainer:
         if not SEMVER_RE.match(version):
             raise BadRequest("bad_version", f"{version!r} is not semver (MAJOR.MINOR.PATCH)")
         items, stats = self.datasets.items(app)
+        items, stats["features_retrain"] = split_features(
+            items, self._model_sha256(base), base_version)
         gate = (base["manifest"].get("learning") or {}).get("gate") or {}
         need_train, need_held = gate.get("min_samples", 20), gate.get("min_heldout", 10)
         n_train = sum(1 for i in items if not i["heldout"])
-        if n_train < need_train or stats["heldout"] < need_held:
+        n_held = sum(1 for i in items if i["heldout"])
+        if n_train < need_train or n_held < need_held:
             raise Conflict("not_enough_samples", {
-                "train": n_train, "heldout": stats["heldout"],
+                "train": n_train, "heldout": n_held,
                 "need": {"train": need_train, "heldout": need_held},
-                "hint": "sites label more samples (and share them: upload level full)"})
+                "features_skipped": stats["features_retrain"],
+                "hint": "sites label more samples (and share them: upload level full, or "
+                        "features computed by the base version's model)"})
         with self._lock, self.store.write() as db:
             busy = list(db.query("select retrain_id from retrains where app = ? and state = "
                                  "'running'", [app]))
@@ -148,6 +222,12 @@ class Retrainer:
         self._threads.append(t)
         t.start()
         return self.get(rid)
+
+    def _model_sha256(self, base: dict) -> str:
+        """sha256 of the base version's model file (what features-only items must match)."""
+        pkg = read_package(self.catalog.blob_path(base["sha256"]),
+                           self.catalog.trusted_keys(), expected_sha256=base["sha256"])
+        return hashlib.sha256(pkg.members[pkg.manifest.model.file]).hexdigest()
 
     def get(self, rid: str) -> dict[str, Any]:
         with self.store.read() as db:
@@ -199,13 +279,28 @@ class Retrainer:
         listing = {"samples": [{"sample_id": i["sha256"], "path": i["path"],
                                 "input_type": i["input_type"],
                                 "label_index": labels.index(i["label"]),
-                                "heldout": i["heldout"]} for i in usable]}
+                                "heldout": i["heldout"]} for i in usable
+                               if i["kind"] == "input"]}
+        feats = {"samples": [{"sample_id": i["sha256"], "path": i["path"],
+                              "label_index": labels.index(i["label"]),
+                              "heldout": i["heldout"]} for i in usable
+                             if i["kind"] == "features"]}
+        feat = {**stats.get("features_retrain", {}), "used": len(feats["samples"])}
+        self._update(rid, metrics={"features": feat})  # said even if the job fails
         (work / "samples.json").write_text(json.dumps(listing))
         out = work / "candidate"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "edge_node.learning.site_job", "--app-dir", str(app_dir),
-               "--samples-list", str(work / "samples.json"), "--out", str(out),
-               "--checkpoint-dir", str(work / "job" / "checkpoints"), "--threads", "1"]
+        if feats["samples"]:  # features-only rows: the head trains on features directly
+            (work / "features.json").write_text(json.dumps(feats))
+            cmd = [sys.executable, "-m", "appstore.feature_job", "--app-dir", str(app_dir),
+                   "--samples-list", str(work / "samples.json"),
+                   "--features-list", str(work / "features.json"), "--out", str(out),
+                   "--work", str(work / "job" / "data"), "--threads", "1"]
+        else:
+            cmd = [sys.executable, "-m", "edge_node.learning.site_job", "--app-dir",
+                   str(app_dir), "--samples-list", str(work / "samples.json"), "--out",
+                   str(out), "--checkpoint-dir", str(work / "job" / "checkpoints"),
+                   "--threads", "1"]
         if m.learning.replay:
             cmd += ["--replay", str(app_dir / m.learning.replay)]
         for k, v in config.items():
@@ -225,12 +320,14 @@ class Retrainer:
         metrics = {k: {f: acc.get(k, {}).get(f) for f in ("n", "base", "candidate")}
                    for k in ("heldout", "replay")}
         metrics.update(train_s=ft["training"]["train_s"], wall_s=round(time.monotonic() - t0, 2),
-                       skipped=len(gate_doc["prepared"]["skipped"]))
+                       skipped=len(gate_doc["prepared"]["skipped"]),
+                       features=feat)
         by_site = Counter(p["node"] for i in usable for p in i["provenance"])
         lineage = {"base": {"version": base["version"], "sha256": base["sha256"]},
                    "dataset": {**{k: stats[k] for k in ("items", "duplicates", "conflicts",
                                                         "heldout")},
-                               "used": len(usable), "by_site": dict(by_site)},
+                               "used": len(usable), "by_site": dict(by_site),
+                               "features": feat},
                    "model_sha256": ft["model"]["sha256"], "config": config,
                    "retrain_id": rid}
         self._update(rid, metrics=metrics, lineage=lineage)
