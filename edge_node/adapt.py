@@ -7,8 +7,9 @@ One run per request (``POST /api/v1/apps/<app>/finetune``, ``aidc node finetune`
       -> judged (OUT/gate.json: served model vs candidate on the held-out and
          replay sets)
       -> rejected (the reason is recorded and shown; the served model stays)
-       | shadow (the candidate's own worker answers a copy of live requests, off
-         the request path; agreement, errors and latency are compared)
+       | shadow (the candidate's own worker answers a copy of live requests and a
+         sample of the app's camera frames, off the request and frame paths;
+         agreement, errors and latency are compared)
       -> promoted (the reconciler swaps the worker in, new one first: no failed
          request)  -> rolled_back (one command; the package's model again)
 
@@ -41,12 +42,18 @@ from .learning.finetune_job import sha256_file
 from .learning.gate import decide  # noqa: F401 - re-exported for callers
 from .resources import worker_settings
 from .scheduling.jobs import JobSpec
+from .worker.errors import WorkerError
 
 logger = logging.getLogger(__name__)
 
 ACTIVE = ("training", "shadow")
 #: the served model counts as confident (for the shadow's agreement check) above this
 CONFIDENT = 0.9
+#: camera frames a second (per app, all its streams together) copied to a shadow at
+#: most; the rest are skipped (counted), so a shadow costs the agent a bounded amount
+SHADOW_FRAMES_PER_S = 5.0
+#: why a camera frame was not compared in a shadow (``frames_skipped`` in its summary)
+FRAME_SKIPS = ("rate", "busy", "overwritten", "ring_gone", "no_frame")
 
 
 class AdaptError(Exception):
@@ -56,30 +63,97 @@ class AdaptError(Exception):
 
 
 class Shadow:
-    """A candidate's worker answering copies of live requests, off the request path."""
+    """A candidate's worker answering copies of live requests and a sample of the
+    app's camera frames, off the request and frame paths.
+
+    A request comes with the tensor the served model was given. A camera frame
+    comes as its :class:`~edge_node.streams.proc.FrameRef` (where it sits in the
+    stream's shared-memory ring): the candidate's worker reads and preprocesses the
+    pixels itself (``classify_frame``), exactly as the served worker did, so the
+    agent copies nothing. At most ``frames_per_s`` frames a second are taken; a
+    frame the capture process overwrote before the candidate read it is skipped.
+    Nothing here ever makes a request or a stream wait: a full queue skips.
+    """
 
     def __init__(self, run_id: str, app: str, key: str, client: Any, input_name: str,
                  output: str, want: int, on_done: Callable[["Shadow"], None],
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0,
+                 frames_per_s: float = SHADOW_FRAMES_PER_S) -> None:
         self.run_id, self.app, self.key, self.client = run_id, app, key, client
         self.input_name, self.output, self.want = input_name, output, want
         self.on_done = on_done
         self.deadline = time.monotonic() + timeout_s
         self.timed_out = False
         self.stats: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter({k: 0 for k in FRAME_SKIPS})
         self.latency_ms: list[float] = []
+        self._frame_gap = 1.0 / frames_per_s if frames_per_s > 0 else float("inf")
+        self._next_frame = 0.0  # monotonic time the next frame may be taken
+        self._frame_lock = threading.Lock()
         self._q: queue.Queue = queue.Queue(maxsize=64)
         self._thread = threading.Thread(target=self._run, name=f"shadow-{app}", daemon=True)
         self._thread.start()
 
     def offer(self, result: dict, tensor: np.ndarray) -> None:
         try:
-            self._q.put_nowait((result, tensor))
+            self._q.put_nowait(("request", result, tensor))
         except queue.Full:
             self.stats["dropped"] += 1  # the shadow never slows the served path
 
+    def offer_frame(self, result: dict, frame: Any) -> None:
+        """A camera frame's result (the stream's thread, right after the served model
+        answered): taken if the rate allows, by reference (or the copy the stream made
+        already, on the copy path). Never blocks, never copies pixels out of the ring."""
+        now = time.monotonic()
+        with self._frame_lock:
+            if now < self._next_frame:
+                self.skipped["rate"] += 1
+                return
+            self._next_frame = now + self._frame_gap
+        ref = getattr(frame, "ref", None)
+        if ref is not None:
+            item = ("frame", _served(result), ref)
+        else:
+            pixels = getattr(frame, "pixels", None)  # the copy path: copied already
+            if pixels is None:
+                self._skip("no_frame")
+                return
+            item = ("pixels", _served(result), pixels)
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            self._skip("busy")
+
+    def _skip(self, why: str) -> None:
+        with self._frame_lock:  # several stream threads count at once
+            self.skipped[why] += 1
+
+    def _skipped(self) -> dict[str, int]:
+        with self._frame_lock:
+            return dict(self.skipped)
+
     def stop(self) -> None:
         self._q.put(None)
+
+    def _candidate_index(self, kind: str, payload: Any) -> int | None:
+        """The candidate's top-1 class; None for a frame it could not read (skipped)."""
+        if kind == "request":
+            out = self.client.infer({self.input_name: payload}, [self.output])
+            return int(np.asarray(out[self.output]).reshape(-1).argmax())
+        if kind == "pixels":
+            from .streams.adapters import encode_frame
+
+            result, _ = self.client.classify(encode_frame(payload))
+            return int(result["index"])
+        try:
+            reply = self.client.request({"op": "classify_frame", **payload.message(),
+                                         "keep_scores": False})
+        except WorkerError as err:
+            if err.status in (409, 410):  # overwritten meanwhile / its ring is gone
+                self._skip("overwritten" if err.status == 409 else "ring_gone")
+                return None
+            raise
+        return int(reply["result"]["index"])
 
     def _run(self) -> None:
         while True:
@@ -91,18 +165,21 @@ class Shadow:
                 return
             if item is None:
                 return
-            result, tensor = item
+            kind, result, payload = item
             t0 = time.perf_counter()
             try:
-                out = self.client.infer({self.input_name: tensor}, [self.output])
-                scores = np.asarray(out[self.output]).reshape(-1)
+                index = self._candidate_index(kind, payload)
             except Exception as err:  # noqa: BLE001 - counted; the verdict says so
                 self.stats["errors"] += 1
-                logger.warning("shadow %s: %s", self.app, err)
+                self.stats["frame_errors" if kind != "request" else "request_errors"] += 1
+                logger.warning("shadow %s (%s): %s", self.app, kind, err)
             else:
+                if index is None:
+                    continue
                 self.latency_ms.append((time.perf_counter() - t0) * 1000)
                 self.stats["compared"] += 1
-                agree = int(scores.argmax()) == int(result.get("index", -1))
+                self.stats["frames" if kind != "request" else "requests"] += 1
+                agree = index == int(result.get("index", -1))
                 self.stats["agreed"] += agree
                 if float(result.get("score", 0.0)) >= CONFIDENT:
                     self.stats["confident"] += 1
@@ -114,7 +191,10 @@ class Shadow:
     def summary(self) -> dict[str, Any]:
         s = self.stats
         lat = sorted(self.latency_ms)
-        return {"compared": s["compared"], "errors": s["errors"], "dropped": s["dropped"],
+        return {"compared": s["compared"], "requests": s["requests"], "frames": s["frames"],
+                "errors": s["errors"], "request_errors": s["request_errors"],
+                "frame_errors": s["frame_errors"], "dropped": s["dropped"],
+                "frames_skipped": self._skipped(),
                 "agreement": s["agreed"] / s["compared"] if s["compared"] else None,
                 "confident": s["confident"],
                 "confident_agreement": s["confident_agreed"] / s["confident"]
@@ -122,16 +202,23 @@ class Shadow:
                 "p50_ms": lat[len(lat) // 2] if lat else None, "timed_out": self.timed_out}
 
 
+def _served(result: dict) -> dict:
+    """What the shadow needs of a served result (not its scores)."""
+    return {"index": result.get("index", -1), "score": result.get("score", 0.0)}
+
+
 class SiteLearning:
     def __init__(self, *, store: Any, jobs: Any, scheduler: Any, reconciler: Any,
                  registry: Any, supervisor: Any, placement: Any, data_dir: Path,
-                 emit_event: Callable[..., None], card: str = "cpu") -> None:
+                 emit_event: Callable[..., None], card: str = "cpu",
+                 shadow_frames_per_s: float = SHADOW_FRAMES_PER_S) -> None:
         self.store, self.jobs, self.scheduler = store, jobs, scheduler
         self.reconciler, self.registry = reconciler, registry
         self.supervisor, self.placement = supervisor, placement
         self.dir = data_dir / "learning"
         self.emit_event = emit_event
         self.card = card
+        self.shadow_frames_per_s = shadow_frames_per_s
         self._lock = threading.RLock()
         self._shadows: dict[str, Shadow] = {}  # app -> shadow
 
@@ -293,7 +380,8 @@ class SiteLearning:
         output = (served.manifest.postprocess.output if served.manifest.postprocess else None) \
             or served.manifest.model.outputs[-1].name
         sh = Shadow(run["run_id"], run["app"], key, client, spec.name, output,
-                    gate.shadow_requests, self._shadow_done, gate.shadow_timeout_s)
+                    gate.shadow_requests, self._shadow_done, gate.shadow_timeout_s,
+                    self.shadow_frames_per_s)
         with self._lock:
             self._shadows[run["app"]] = sh
         self.store.update_run(run["run_id"], state="shadow")
@@ -305,6 +393,13 @@ class SiteLearning:
         sh = self._shadows.get(app)
         if sh is not None and tensor is not None:
             sh.offer(result, tensor)
+
+    def observe_frame(self, app: str, result: dict, frame: Any) -> None:
+        """Every camera frame's result (the stream's thread): a sample of them, at a
+        bounded rate, to the app's shadow, if any. One dict lookup when there is none."""
+        sh = self._shadows.get(app)
+        if sh is not None and frame is not None:
+            sh.offer_frame(result, frame)
 
     def _shadow_done(self, sh: Shadow) -> None:
         with self._lock:
@@ -319,21 +414,26 @@ class SiteLearning:
         gate = served.manifest.learning.gate if served else None
         if summary["errors"]:
             self._finish(run, "rejected", f"the candidate failed {summary['errors']} of "
-                         f"{summary['compared'] + summary['errors']} shadow requests")
+                         f"{summary['compared'] + summary['errors']} shadow requests and "
+                         f"camera frames ({summary['request_errors']} requests, "
+                         f"{summary['frame_errors']} frames)")
         elif gate is not None and summary["confident_agreement"] is not None and \
                 summary["confident_agreement"] < gate.shadow_min_agreement:
             self._finish(run, "rejected", (
                 f"in shadow it disagreed with the served model where that was sure: "
                 f"{summary['confident_agreement']:.2f} < {gate.shadow_min_agreement:g}"))
         elif summary["compared"] == 0:
-            # nothing to compare within the time: live traffic that carries no tensor
-            # (camera streams) or none at all; the gate's verdict stands alone, said so
+            # no live request and no camera frame within the time (or every frame
+            # was overwritten before the candidate read it): the gate decides alone
             self._promote(sh.run_id, (run["reason"] or "") + "; shadow: no live request "
-                          f"to compare in {gate.shadow_timeout_s if gate else '?'} s, "
+                          f"or camera frame to compare in "
+                          f"{gate.shadow_timeout_s if gate else '?'} s, "
                           "promoted on the gate alone")
         else:
             self._promote(sh.run_id, (run["reason"] or "") + f"; shadow: {summary['compared']}"
-                          f" requests{' (timed out)' if summary['timed_out'] else ''}, "
+                          f" compared ({summary['frames']} camera frames, "
+                          f"{summary['requests']} requests)"
+                          f"{' (timed out)' if summary['timed_out'] else ''}, "
                           f"agreement {summary['agreement']:.2f}")
 
     # -- switch and rollback ------------------------------------------------------

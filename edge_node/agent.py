@@ -205,14 +205,16 @@ class NodeAgent:
     def _on_stream_result(self, stream_id: str, app: str, result: dict, frame_ts: float,
                           frame: FrameCopy | None = None) -> None:
         """Every result is recorded (batched, off the frame path); a hard one keeps its
-        frame (copied out of the stream's ring, only then); an event goes to the cloud
-        when a stream's label changes, not for every frame."""
+        frame (copied out of the stream's ring, only then); a sample of the frames goes
+        to a fine-tune's shadow by reference; an event goes to the cloud when a
+        stream's label changes, not for every frame."""
         served = self.registry.get(app)
         version = served.version if served else ""
         policy = self._policy(served) if served is not None else None
         self.capture.on_result(app, version, policy, result, None, None, source=stream_id,
                                frame=frame)
         self.alarms.observe(stream_id, app, version, result, frame_ts, frame)
+        self.adapt.observe_frame(app, result, frame)  # a fine-tune's shadow, if any
         label = result.get("label")
         if self._stream_labels.get(stream_id) != label:
             self._stream_labels[stream_id] = label

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_node.worker.errors import WorkerError, WorkerException
+from edge_node.worker.errors import WorkerError, WorkerException, WorkerUnavailable
 
 from .errors import FrameOverwritten, RingGone
 from .proc import FrameRef
@@ -86,17 +86,31 @@ class WorkerClassifier:
             raise AppNotReady(f"app {app!r} is not running on this node")
         return client
 
+    def _ask(self, app: str, call: Callable[[object], dict]) -> dict:
+        """``call(client)``; when the worker went away because the app's worker was
+        just replaced (a new version, a fine-tuned variant promoted or rolled back:
+        the new one serves before the old one stops), once more on the new one, so a
+        switch costs no frame."""
+        client = self._client(app)
+        try:
+            return call(client)
+        except WorkerUnavailable:
+            now = self._get_client(app)
+            if now is None or now is client:
+                raise
+            return call(now)
+
     def __call__(self, app: str, frame: np.ndarray) -> dict:
         """The copy path: the frame's pixels sent to the worker as a BMP."""
-        result, _tensor = self._client(app).classify(encode_frame(frame))
+        image = encode_frame(frame)
+        result, _tensor = self._ask(app, lambda c: c.classify(image))
         return _trim(result, self.keep_scores)
 
     def by_ref(self, app: str, ref: FrameRef) -> dict:
         """The worker reads the frame at ``ref`` from shared memory and classifies it."""
-        client = self._client(app)
+        msg = {"op": "classify_frame", **ref.message(), "keep_scores": self.keep_scores}
         try:
-            reply = client.request({"op": "classify_frame", **ref.message(),
-                                    "keep_scores": self.keep_scores})
+            reply = self._ask(app, lambda c: c.request(msg))
         except WorkerError as err:
             if err.status == 409:
                 raise FrameOverwritten(err.message) from None

@@ -35,7 +35,7 @@ from .backoff import Backoff
 from .config import StreamConfig
 from .counters import REPORTED
 from .errors import FrameOverwritten, RingGone
-from .proc import CaptureProcess, Frame
+from .proc import CaptureProcess, Frame, FrameRef
 from .status import StreamStatus
 
 logger = logging.getLogger(__name__)
@@ -65,14 +65,22 @@ class FrameCopy:
     when the capture process has overwritten the slot meanwhile (the ring's
     seqlock check) -- it never waits for the capture process. Only valid inside
     ``on_result``: call it there or never.
+
+    ``ref`` is where the frame sits in shared memory (:class:`~.proc.FrameRef`,
+    None on the copy path): another model worker can read the same frame by it
+    (the shadow of a fine-tuned candidate) as long as the slot still holds it.
+    ``pixels`` is the private copy the stream made already on the copy path
+    (None by reference): using it costs nothing.
     """
 
-    __slots__ = ("_read", "_pixels", "_done")
+    __slots__ = ("_read", "_pixels", "_done", "ref", "pixels")
 
-    def __init__(self, read: Callable[[], np.ndarray | None]) -> None:
+    def __init__(self, read: Callable[[], np.ndarray | None], ref: FrameRef | None = None,
+                 pixels: np.ndarray | None = None) -> None:
         self._read = read
         self._pixels: np.ndarray | None = None
         self._done = False
+        self.ref, self.pixels = ref, pixels
 
     def __call__(self) -> np.ndarray | None:
         if not self._done:
@@ -232,9 +240,9 @@ class Stream:
     def _frame_copy(self, frame: Frame) -> FrameCopy:
         if frame.image is not None:  # the copy path: the reader copied it already
             image = frame.image
-            return FrameCopy(lambda: image)
+            return FrameCopy(lambda: image, pixels=image)
         ref = frame.ref
-        return FrameCopy(lambda: self.proc.read(ref))
+        return FrameCopy(lambda: self.proc.read(ref), ref=ref)
 
     def _failed(self, err: Exception) -> None:
         msg = f"{type(err).__name__}: {err}"
