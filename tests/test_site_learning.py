@@ -95,8 +95,8 @@ def _label_everything(agent, truth: dict[str, int], wrong: bool = False) -> int:
 class Load:
     """Requests against the app all along, counting any that fail."""
 
-    def __init__(self, edge: str, X: np.ndarray) -> None:
-        self.edge, self.X = edge, X
+    def __init__(self, edge: str, X: np.ndarray, pause: float = 0.005) -> None:
+        self.edge, self.X, self.pause = edge, X, pause
         self.ok = 0
         self.failed: list[tuple[int, bytes]] = []
         self._stop = threading.Event()
@@ -115,7 +115,7 @@ class Load:
             else:
                 self.failed.append((status, body[:200]))
             i += 1
-            time.sleep(0.005)
+            self._stop.wait(self.pause)
 
     def stop(self) -> None:
         self._stop.set()
@@ -284,8 +284,9 @@ def test_a_model_with_no_head_to_tune_says_so_and_keeps_serving(loop, digits_dir
 
 def test_with_no_live_requests_the_shadow_times_out_and_the_gate_decides_alone(
         loop, digits_dir, tmp_path):  # noqa: F811
-    """A camera-only site sends the shadow nothing (stream frames are not copied to
-    it): after shadow_timeout_s the gate's verdict stands alone, and says so."""
+    """No live traffic during the shadow (no request, no camera frame): after
+    shadow_timeout_s the gate's verdict stands alone, and says so. (Camera frames
+    do feed a shadow: tests/test_learning_stream.py.)"""
     store, node = loop
     agent = node(feedback={"threshold": 1.0, "max_per_minute": 100000,
                            "heldout_fraction": 0.3}, scheduling=ALWAYS)
