@@ -259,6 +259,11 @@ class _Extractors:
         from edge_node.learning import FeatureExtractor, NotFineTunable, find_app_head
 
         try:
+            import onnx  # noqa: F401 - the head is found in the graph
+        except ImportError as err:
+            return FeaturesUnavailable("missing_dependency", f"{err} (the features level "
+                                       "needs the onnx package on the node)")
+        try:
             head, model_path, manifest = find_app_head(app_dir)
         except NotFineTunable as err:
             return FeaturesUnavailable("not_fine_tunable", err.reason)
