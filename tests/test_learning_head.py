@@ -171,7 +171,7 @@ def test_exported_model_is_the_same_graph_with_the_new_head(app, tmp_path):
 
     tampered = write_head(model_path, head, W_new, b_new)
     tampered.graph.initializer[0].float_data.append(0.0)
-    with pytest.raises(ExportError, match="not the head's"):
+    with pytest.raises(ExportError, match="not a trained layer's"):
         check_same_graph(onnx.load(str(model_path)), tampered, head)
 
 
@@ -190,3 +190,55 @@ def test_evaluate_accuracy_per_class_and_confusion(app):
     assert conf.shape == (10, 10) and np.trace(conf) == round(ev.accuracy * len(y))
     # without a manifest the first float rank-2 output is used
     assert evaluate(app / "model.onnx", X[:20], y[:20]).output == "probabilities"
+
+
+def test_the_hidden_layer_before_the_head_is_found_written_and_checked(app, tmp_path):
+    """find_body: the digits MLP's MatMul + Add + Relu before its head (and the Gemm
+    model's fc1, whose input is the graph input itself); both layers written back
+    land where ORT computes exactly numpy's forward pass; a model whose head reads
+    something else than an activated linear layer trains its head alone, saying why."""
+    from edge_node.learning.export import export_layers, validate_layers
+    from edge_node.learning.head import find_body, find_layers
+    from edge_node.learning.train import mlp_logits, softmax
+
+    head, model_path, _ = find_app_head(app)
+    body = find_body(model_path, head)
+    assert (body.node, body.weight, body.bias, body.activation) == \
+        ("MatMul", "coefficient", "intercepts", "relu")
+    assert (body.feature, body.output, body.n_features, body.n_classes) == \
+        ("cast_input", head.feature, 64, 32)
+
+    X, _ = load_test_split(app)
+    rng = np.random.default_rng(1)
+    (W1, b1), (W2, b2) = read_head(model_path, body), read_head(model_path, head)
+    new = [(W1 + rng.normal(0, 0.05, W1.shape), b1 + 0.1),
+           (W2 + rng.normal(0, 0.05, W2.shape), b2 - 0.1)]
+    out = tmp_path / "deep.onnx"
+    report = export_layers(model_path, [(body, *new[0]), (head, *new[1])], out, X[:64])
+    assert report["max_abs_diff"] < 1e-5 and report["feature_max_abs_diff"] == 0.0
+    prob = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        ["probabilities"], {"input": X[:100]})[0]
+    assert np.abs(prob - softmax(mlp_logits(X[:100], new, "relu"))).max() < 1e-5
+    # a tampered hidden layer (not the one validated) is caught by ORT vs numpy
+    with pytest.raises(ExportError, match="differs from numpy"):
+        validate_layers(out, [(body, W1, b1), (head, *new[1])], X[:64])
+
+    gemm = _gemm_digits(app, tmp_path)
+    ghead = find_head(gemm)
+    gbody = find_body(gemm, ghead)
+    assert (gbody.node, gbody.feature, gbody.trans_b) == ("fc1", "input", True)
+    F = FeatureExtractor(gemm, gbody)(X[:5])  # a graph input, passed out as it is
+    assert np.array_equal(F, X[:5].astype(np.float32))
+
+    mul = _save(tmp_path, "scaled", [
+        helper.make_node("Mul", ["x", "s"], ["f"]),
+        helper.make_node("MatMul", ["f", "w"], ["p"]),
+    ], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(np.full((1, 4), 2.0, np.float32), "s"),
+         numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    mhead = find_head(mul)
+    layers, why = find_layers(mul, mhead, 2)
+    assert layers == [mhead] and why == ("the op before the head's input 'f' is Mul, not "
+                                         "an activation (Relu/Tanh/Sigmoid) after a Gemm/MatMul")
+    assert find_layers(model_path, head, 1) == ([head], None)

@@ -165,3 +165,51 @@ def test_a_model_without_a_head_fails_with_the_reason(harness, inputs, tmp_path)
     h.until(lambda: h.state(job) == "failed", "the job to fail")
     assert h.reg.get(job).reason == ("exited with code 2: not fine-tunable: last op before "
                                      "'scores' is Flatten, not Gemm/MatMul")
+
+
+def test_the_site_job_trains_one_and_two_layers_and_keeps_what_the_gate_prefers(
+        inputs, tmp_path):
+    """--layers 0 (the default): the head alone and the head with its hidden layer are
+    both trained and judged on the held-out samples and the replay check (every
+    third replay row, never trained on); on inverted digits the two-layer candidate
+    wins and is the one in OUT. --layers 1 trains the head alone."""
+    from edge_node.learning import site_job
+
+    X_held, y_held = load_test_split(inputs["app"])
+    rows = []
+    for i in range(180):
+        path = tmp_path / f"s{i}.npy"
+        np.save(path, (16.0 - X_held[i]).astype(np.float32))
+        rows.append({"sample_id": f"s{i}", "path": str(path), "input_type": "tensor/npy",
+                     "label_index": int(y_held[i]), "heldout": i % 3 == 0})
+    listing = tmp_path / "samples.json"
+    listing.write_text(json.dumps({"samples": rows}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+    def run(name: str, *extra: str) -> dict:
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-m", site_job.MODULE, "--app-dir", str(inputs["app"]),
+             "--samples-list", str(listing), "--replay", str(inputs["root"] / "replay.npz"),
+             "--out", str(out / "candidate"), "--checkpoint-dir", str(out / "ckpt"),
+             "--threads", "1", *extra], capture_output=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        gate = json.loads((out / "candidate" / "gate.json").read_text())
+        gate["finetune"] = json.loads((out / "candidate" / "finetune.json").read_text())
+        return gate
+
+    auto = run("auto")
+    assert [c["layers"] for c in auto["candidates"]] == [1, 2]
+    assert auto["prepared"]["replay"] == {**auto["prepared"]["replay"], "train": 267,
+                                          "check": 133}
+    assert auto["accuracy"]["replay"]["n"] == 133 and auto["accuracy"]["heldout"]["n"] == 60
+    one, two = (c["accuracy"]["heldout"]["candidate"] for c in auto["candidates"])
+    assert two > one and auto["layers"] == 2 and len(auto["finetune"]["layers"]) == 2
+    assert auto["accuracy"]["heldout"]["candidate"] == two
+    # the chosen model is the one in OUT: its recorded sha256 is the file's
+    model = tmp_path / "auto" / "candidate" / auto["finetune"]["model"]["file"]
+    assert finetune_job.sha256_file(model) == auto["finetune"]["model"]["sha256"]
+
+    head_only = run("one", "--layers", "1")
+    assert [c["layers"] for c in head_only["candidates"]] == [1]
+    assert len(head_only["finetune"]["layers"]) == 1

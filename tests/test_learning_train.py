@@ -109,3 +109,64 @@ def test_bad_labels_and_configs_are_refused(site):
         HeadTrainer(W0, b0, F[:0], np.zeros(0, np.int64))
     with pytest.raises(ValueError, match="class_weight"):
         TrainConfig(class_weight="auto")
+
+
+def test_training_the_hidden_layer_too_recovers_what_the_head_alone_cannot(site, tmp_path):
+    """Contrast inversion moves the digits far in the hidden layer's feature space:
+    the head alone cannot follow, the head and the hidden layer trained together by
+    backpropagation can. Same 200 inverted samples + replay for both; the gradient
+    is checked against finite differences; the exported two-layer model is scored
+    by ORT."""
+    from edge_node.learning.export import export_layers
+    from edge_node.learning.head import find_body
+    from edge_node.learning.train import DeepTrainer
+
+    head = site["head"]
+    body = find_body(site["model"], head)
+    fx1 = FeatureExtractor(site["model"], body)
+    X_held, y_held = load_test_split(site["app"])
+    inv = lambda X: 16.0 - X  # noqa: E731
+    site_X, site_y = inv(X_held[:200]), y_held[:200]
+    ev_shift, ev_orig = (inv(X_held[200:]), y_held[200:]), (X_held[200:], y_held[200:])
+    layers0 = [read_head(site["model"], body), read_head(site["model"], head)]
+
+    deep = DeepTrainer(layers0, "relu", fx1(site_X), site_y, fx1(site["replay_X"]),
+                       site["replay_y"], TrainConfig())
+    rng = np.random.default_rng(0)
+    theta = deep.theta0 + rng.normal(0, 0.01, deep.theta0.shape)
+    _, g = deep._fg(theta)
+    for i in rng.choice(len(theta), 8, replace=False):
+        e = np.zeros_like(theta)
+        e[i] = 1e-6
+        numeric = (deep._fg(theta + e)[0] - deep._fg(theta - e)[0]) / 2e-6
+        assert abs(numeric - g[i]) <= 1e-6 + 1e-4 * abs(g[i])
+    res = deep.run()
+    assert [W.shape for W, _ in res.layers] == [(64, 32), (32, 10)]
+    out_deep = tmp_path / "deep.onnx"
+    export_layers(site["model"], [(body, *res.layers[0]), (head, *res.layers[1])], out_deep,
+                  site_X[:32])
+
+    fx = site["fx"]
+    one = fine_tune(*layers0[1], fx(site_X), site_y, fx(site["replay_X"]), site["replay_y"])
+    out_head = tmp_path / "head.onnx"
+    export_head(site["model"], head, one.W, one.b, out_head, site_X[:32])
+
+    acc = {name: {k: evaluate_app(site["app"], *ev, model=m).accuracy
+                  for k, ev in (("shift", ev_shift), ("orig", ev_orig))}
+           for name, m in (("base", None), ("head", out_head), ("deep", out_deep))}
+    assert acc["base"]["shift"] < 0.2                          # inversion breaks the model
+    assert acc["deep"]["shift"] > acc["head"]["shift"] + 0.1   # the hidden layer learns it
+    assert acc["deep"]["shift"] > 0.8
+    assert acc["deep"]["orig"] >= acc["base"]["orig"] - 0.05   # without forgetting
+
+    # stopped after any iteration and restored: the same weights as a run never stopped
+    args = (layers0, "relu", fx1(site_X[:80]), site_y[:80], fx1(site["replay_X"]),
+            site["replay_y"], TrainConfig(max_iter=40))
+    ref = DeepTrainer(*args).run()
+    first = DeepTrainer(*args)
+    for _ in range(17):
+        first.step()
+    second = DeepTrainer(*args)
+    second.restore(*first.state())
+    again = second.run()
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(again.layers, ref.layers))

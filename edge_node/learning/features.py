@@ -20,10 +20,11 @@ from .head import Head, load_model
 _FLOAT_TYPES = {"float32": 1, "float16": 10, "float64": 11}
 
 
-def feature_model(model, head: Head, with_scores: bool = False):
-    """A copy of ``model`` whose outputs are ``[head.feature]`` (and ``head.output``
-    when ``with_scores``). Other outputs are dropped so ORT prunes what only they
-    need (e.g. a label ArgMax)."""
+def feature_model(model, head: Head, with_scores: bool = False, scores: str | None = None):
+    """A copy of ``model`` whose outputs are ``[head.feature]`` (and the class scores,
+    ``scores`` or else ``head.output``, when ``with_scores``). Other outputs are
+    dropped so ORT prunes what only they need (e.g. a label ArgMax). A feature that
+    is a graph input is passed out through an Identity node."""
     from onnx import helper
 
     m = load_model(model)
@@ -31,15 +32,18 @@ def feature_model(model, head: Head, with_scores: bool = False):
     copy.CopyFrom(m)
     g = copy.graph
     keep = {o.name: o for o in g.output}
+    scores = scores or head.output
     outs = []
-    feat = next((v for v in list(g.value_info) + list(g.output) if v.name == head.feature),
-                None)
+    name = head.feature
+    if name in {i.name for i in g.input}:
+        name = f"{head.feature}__aidc_feature"
+        g.node.append(helper.make_node("Identity", [head.feature], [name]))
+    feat = next((v for v in list(g.value_info) + list(g.output) if v.name == name), None)
     if feat is None:
-        feat = helper.make_tensor_value_info(head.feature, _FLOAT_TYPES.get(head.dtype, 1),
-                                             None)
+        feat = helper.make_tensor_value_info(name, _FLOAT_TYPES.get(head.dtype, 1), None)
     outs.append(feat)
-    if with_scores and head.output != head.feature:
-        outs.append(keep[head.output])
+    if with_scores and scores != head.feature:
+        outs.append(keep[scores])
     del g.output[:]
     g.output.extend(outs)
     return copy
@@ -65,13 +69,16 @@ class FeatureExtractor:
     """Runs the model with the head's feature tensor exposed.
 
     ``fx(X)`` -> float32 features (n, n_features); with ``with_scores`` ->
-    ``(features, scores)`` where scores are the class-score output. ``X`` is the
+    ``(features, scores)`` where scores are the class-score output (of ``scores``,
+    the head, when ``head`` is a hidden layer: :func:`.head.find_body`). ``X`` is the
     model's input tensor batch (what the worker feeds after preprocessing), cast
     to the input's dtype; it is run ``batch_size`` rows at a time.
     """
 
-    def __init__(self, model, head: Head, threads: int = 1, with_scores: bool = False) -> None:
+    def __init__(self, model, head: Head, threads: int = 1, with_scores: bool = False,
+                 scores: Head | None = None) -> None:
         self.head = head
+        self.n_classes = (scores or head).n_classes
         self.with_scores = with_scores
         self.passthrough = False
         m = load_model(model)
@@ -80,7 +87,8 @@ class FeatureExtractor:
         if len(inputs) != 1:
             raise ValueError(f"feature extraction needs a model with one input, not "
                              f"{len(inputs)} ({', '.join(i.name for i in inputs)})")
-        self.session = _session(feature_model(m, head, with_scores).SerializeToString(),
+        out = scores.output if scores is not None else None
+        self.session = _session(feature_model(m, head, with_scores, out).SerializeToString(),
                                 threads)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -104,7 +112,7 @@ class FeatureExtractor:
                 scores.append(np.asarray(res[1], np.float32))
         if not feats:
             f = np.zeros((0, self.head.n_features), np.float32)
-            s = np.zeros((0, self.head.n_classes), np.float32)
+            s = np.zeros((0, self.n_classes), np.float32)
         else:
             f = np.concatenate(feats)
             s = np.concatenate(scores) if self.with_scores else None

@@ -1,7 +1,7 @@
 """The fine-tune as a training job under the node's scheduler (docs/scheduling.md).
 
 ``python -m edge_node.learning.finetune_job --checkpoint-dir D [--resume]
---app-dir APP --samples S.npz [--replay R.npz] --out OUT [--l2 1e-3]
+--app-dir APP --samples S.npz [--replay R.npz] --out OUT [--layers 0|1|2] [--l2 1e-4]
 [--replay-weight 0.5] [--class-weight balanced|none] [--val-fraction 0]
 [--max-iter 300] [--patience 10] [--seed 0] [--min-delta 1e-4] [--tol 1e-7]
 [--history 10] [--head NODE] [--output NAME]
@@ -9,8 +9,10 @@
 
 ``S.npz`` and ``R.npz`` hold ``X`` (the model's input tensors, as the worker
 feeds them after preprocessing) and ``y`` (class indices). Steps: find the head
-(:mod:`.head`; a model without one fails with exit 2 and the reason), compute
-the features once with ONNX Runtime and keep them in the checkpoint dir
+(:mod:`.head`; a model without one fails with exit 2 and the reason) and, with
+``--layers 2`` or ``0`` (the default), the hidden layer before it (:func:`.head.find_body`;
+a model without one trains its head alone and the record says why), compute
+the trained layers' input once with ONNX Runtime and keep them in the checkpoint dir
 (``features/``, so a resume neither recomputes them nor depends on the thread
 count), train with L-BFGS (:mod:`.train`), checkpointing every
 ``--checkpoint-every`` iterations and on SIGTERM, then write ``OUT/<model file>``
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=Path, required=True)
     parser.add_argument("--replay", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, choices=(0, 1, 2), default=None,
+                        help="1: the head; 2 or 0 (auto): the head and the hidden layer "
+                        "before it when the model has one")
     parser.add_argument("--l2", type=float, default=None)
     parser.add_argument("--replay-weight", type=float, default=None)
     parser.add_argument("--class-weight", choices=("balanced", "none"), default=None)
@@ -130,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throttle", type=float, default=0.0, help="seconds per iteration")
     ctx, args = JobContext.from_args(parser, argv)
 
-    from .head import NotFineTunable, find_app_head, read_head
-    from .train import HeadTrainer, TrainConfig, fingerprint
+    from .head import NotFineTunable, find_app_head, find_layers, read_head
+    from .train import DeepTrainer, HeadTrainer, TrainConfig, fingerprint
 
     t_start = time.perf_counter()
     try:
@@ -152,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bad input: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     overrides = {k: v for k, v in {
-        "l2": args.l2, "replay_weight": args.replay_weight, "class_weight": args.class_weight,
+        "layers": args.layers, "l2": args.l2, "replay_weight": args.replay_weight,
+        "class_weight": args.class_weight,
         "val_fraction": args.val_fraction, "max_iter": args.max_iter,
         "patience": args.patience, "seed": args.seed, "min_delta": args.min_delta,
         "tol": args.tol, "history": args.history}.items() if v is not None}
     config = TrainConfig(**overrides)
     threads = args.threads or ctx.cores
+    layers, fewer = find_layers(model_path, head, config.layers or 2)
+    if fewer:
+        logger.info("training the head alone: %s", fewer)
 
     base_sha = sha256_file(model_path)
     inputs = {"samples": {"path": str(args.samples), "sha256": sha256_file(args.samples),
@@ -168,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # features: computed once, kept beside the checkpoints
     feat_dir = ctx.checkpoint_dir / "features"
-    key = fingerprint(base_sha, head.to_dict(), inputs["samples"]["sha256"],
+    key = fingerprint(base_sha, [layer.to_dict() for layer in layers],
+                      inputs["samples"]["sha256"],
                       inputs.get("replay", {}).get("sha256"))
     cached = load_latest(feat_dir)
     t_feat = time.perf_counter()
@@ -178,17 +188,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .features import FeatureExtractor
 
-        fx = FeatureExtractor(model_path, head, threads)
+        fx = FeatureExtractor(model_path, layers[0], threads)
         F_site = fx(X_site)
-        F_rep = fx(X_rep) if X_rep is not None else np.zeros((0, head.n_features), np.float32)
+        F_rep = (fx(X_rep) if X_rep is not None
+                 else np.zeros((0, layers[0].n_features), np.float32))
         feature_s = round(time.perf_counter() - t_feat, 4)
         save_checkpoint(feat_dir, 0, {"site": F_site, "replay": F_rep},
                         {"key": key, "seconds": feature_s}, keep=1)
     y_rep_arr = y_rep if y_rep is not None else np.zeros(0, np.int64)
 
-    W0, b0 = read_head(model_path, head)
-    trainer = HeadTrainer(W0, b0, F_site, y_site, F_rep, y_rep_arr, config,
-                          fit_bias=head.bias is not None)
+    if len(layers) == 1:
+        W0, b0 = read_head(model_path, head)
+        trainer: HeadTrainer | DeepTrainer = HeadTrainer(
+            W0, b0, F_site, y_site, F_rep, y_rep_arr, config, fit_bias=head.bias is not None)
+    else:
+        trainer = DeepTrainer([read_head(model_path, layer) for layer in layers],
+                              layers[0].activation, F_site, y_site, F_rep, y_rep_arr, config)
     runs: list[dict[str, Any]] = []
     train_s = 0.0
     latest = ctx.load_latest() if ctx.resume else None
@@ -226,13 +241,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # export and validate; the training state is checkpointed (done), so a stop here
     # resumes straight to the export
-    from .export import export_head
+    from .export import export_layers
 
     result = trainer.result()
     model_name = Path((manifest.get("model") or {}).get("file") or "model.onnx").name
     out_model = args.out / model_name
     probe = X_site[:max(0, args.probe)]
-    validation = export_head(model_path, head, result.W, result.b, out_model, probe, threads)
+    trained = [(layer, W, b) for layer, (W, b) in zip(layers, result.layers)]
+    validation = export_layers(model_path, trained, out_model, probe, threads)
     doc = {
         "format": FORMAT,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -242,10 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         "base_model": {"file": model_name, "sha256": base_sha},
         "model": {"file": model_name, "sha256": sha256_file(out_model)},
         "head": head.to_dict(),
+        "layers": [layer.to_dict() for layer in layers],
+        "layers_note": fewer,
         "inputs": inputs,
         "config": config.to_dict(),
         "training": {
-            "method": "softmax regression on the head, L-BFGS, L2 toward the base head",
+            "method": ("softmax regression on the head, L-BFGS, L2 toward the base head"
+                       if len(layers) == 1 else
+                       f"head and hidden layer ({layers[0].activation}) by backpropagation, "
+                       "L-BFGS, L2 toward the base weights"),
             "iterations": result.iterations, "best_iteration": result.best_iteration,
             "stop_reason": result.stop_reason, "loss": result.loss,
             "val_loss": result.val_loss, "train_s": round(train_s, 4),

@@ -28,6 +28,8 @@ import numpy as np
 
 PASS_THROUGH = ("Identity",)
 LINEAR = ("Gemm", "MatMul")
+#: elementwise activations a hidden layer may end with (ONNX op -> name)
+ACTIVATIONS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
 
 
 class NotFineTunable(Exception):
@@ -219,6 +221,24 @@ def find_head(model, manifest: Any = None, output: str | None = None,
     through = f" (through {', '.join(reversed(via))})" if via else ""
     logits = t
 
+    layer = _linear(g, node, f"last op before {output!r}", through, "head")
+    if pinned_node is not None and g.by_id.get(layer["node"]) is not pinned_node:
+        raise NotFineTunable(f"learning.head {pinned!r} is not the head of {output!r}: "
+                             f"the last Gemm/MatMul before it is {layer['node']!r}")
+    if layer["n_out"] < 2:
+        raise NotFineTunable(f"the head {layer['node']!r} has {layer['n_out']} output, "
+                             "not classes")
+    return Head(node=layer["node"], op=layer["op"], weight=layer["weight"],
+                bias=layer["bias"], bias_node=layer["bias_node"], feature=layer["feature"],
+                logits=logits, output=output, activation=activation,
+                trans_b=layer["trans_b"], alpha=layer["alpha"], beta=layer["beta"],
+                n_features=layer["n_in"], n_classes=layer["n_out"], dtype=layer["dtype"])
+
+
+def _linear(g: _Graph, node, where: str, through: str, what: str) -> dict[str, Any]:
+    """The linear layer ending at ``node``: a Gemm, or a
+    MatMul optionally followed by a bias Add, with initializer weights; ``where`` and
+    ``what`` word the :class:`NotFineTunable` reasons ("last op before 'x'", "head")."""
     bias = bias_node = None
     if node.op_type == "Add":
         a, b = node.input[0], node.input[1]
@@ -227,71 +247,117 @@ def find_head(model, manifest: Any = None, output: str | None = None,
         elif a in g.inits and b not in g.inits:
             lin_out, bias = b, a
         else:
-            raise NotFineTunable(f"last op before {output!r} is an Add of two computed "
+            raise NotFineTunable(f"{where} is an Add of two computed "
                                  f"tensors{through}, not a bias Add after Gemm/MatMul")
         bias_node = _node_id(node)
         node = g.producer.get(lin_out)
         if node is None or node.op_type != "MatMul":
             op = node.op_type if node is not None else "a graph input"
-            raise NotFineTunable(f"last op before {output!r} is Add after {op}{through}, "
+            raise NotFineTunable(f"{where} is Add after {op}{through}, "
                                  "not Gemm/MatMul")
         if not g.used_once(lin_out):
-            raise NotFineTunable(f"the head's MatMul output {lin_out!r} also feeds other "
+            raise NotFineTunable(f"the {what}'s MatMul output {lin_out!r} also feeds other "
                                  "nodes than its bias Add")
     elif node.op_type not in LINEAR:
-        raise NotFineTunable(f"last op before {output!r} is {node.op_type}{through}, "
+        raise NotFineTunable(f"{where} is {node.op_type}{through}, "
                              "not Gemm/MatMul")
 
     node_name = _node_id(node)
-    if pinned_node is not None and pinned_node is not node:
-        raise NotFineTunable(f"learning.head {pinned!r} is not the head of {output!r}: "
-                             f"the last Gemm/MatMul before it is {node_name!r}")
-
     feature, weight = node.input[0], node.input[1]
     trans_b, alpha, beta = False, 1.0, 1.0
     if node.op_type == "Gemm":
         if _attr(node, "transA", 0):
-            raise NotFineTunable(f"the head {node_name!r} is a Gemm with transA=1")
+            raise NotFineTunable(f"the {what} {node_name!r} is a Gemm with transA=1")
         trans_b = bool(_attr(node, "transB", 0))
         alpha = float(_attr(node, "alpha", 1.0))
         beta = float(_attr(node, "beta", 1.0))
         if len(node.input) > 2 and node.input[2]:
             bias = node.input[2]
             if bias not in g.inits:
-                raise NotFineTunable(f"the bias {bias!r} of head {node_name!r} is computed, "
-                                     "not an initializer")
+                raise NotFineTunable(f"the bias {bias!r} of {what} {node_name!r} is "
+                                     "computed, not an initializer")
         if alpha == 0.0 or (bias is not None and beta == 0.0):
-            raise NotFineTunable(f"the head {node_name!r} has alpha or beta 0")
+            raise NotFineTunable(f"the {what} {node_name!r} has alpha or beta 0")
     if weight not in g.inits:
-        raise NotFineTunable(f"the weight {weight!r} of head {node_name!r} is computed or "
+        raise NotFineTunable(f"the weight {weight!r} of {what} {node_name!r} is computed or "
                              "a Constant node, not an initializer")
     if feature in g.inits:
-        raise NotFineTunable(f"the head {node_name!r} multiplies two constants")
+        raise NotFineTunable(f"the {what} {node_name!r} multiplies two constants")
     for name in (weight, bias):
         if name is not None and not g.used_once(name):
-            raise NotFineTunable(f"the initializer {name!r} of head {node_name!r} is shared "
-                                 "with other nodes")
+            raise NotFineTunable(f"the initializer {name!r} of {what} {node_name!r} is "
+                                 "shared with other nodes")
     wshape = g.shape(weight)
     if len(wshape) != 2:
-        raise NotFineTunable(f"the weight {weight!r} of head {node_name!r} has shape "
+        raise NotFineTunable(f"the weight {weight!r} of {what} {node_name!r} has shape "
                              f"{list(wshape)}, not 2-D")
-    n_classes, n_features = (wshape if trans_b else wshape[::-1])
+    n_out, n_in = (wshape if trans_b else wshape[::-1])
     if bias is not None:
         bsize = int(np.prod(g.shape(bias)))
-        if bsize != n_classes:
-            raise NotFineTunable(f"the bias {bias!r} of head {node_name!r} has shape "
-                                 f"{list(g.shape(bias))}, not one value per class "
-                                 f"({n_classes})")
-    if n_classes < 2:
-        raise NotFineTunable(f"the head {node_name!r} has {n_classes} output, not classes")
+        if bsize != n_out:
+            raise NotFineTunable(f"the bias {bias!r} of {what} {node_name!r} has shape "
+                                 f"{list(g.shape(bias))}, not one value per output "
+                                 f"({n_out})")
     dtype = g.array(weight).dtype
     if dtype.kind != "f":
-        raise NotFineTunable(f"the weight {weight!r} of head {node_name!r} is {dtype}, "
+        raise NotFineTunable(f"the weight {weight!r} of {what} {node_name!r} is {dtype}, "
                              "not floating point")
-    return Head(node=node_name, op=node.op_type, weight=weight, bias=bias,
-                bias_node=bias_node, feature=feature, logits=logits, output=output,
-                activation=activation, trans_b=trans_b, alpha=alpha, beta=beta,
-                n_features=int(n_features), n_classes=int(n_classes), dtype=str(dtype))
+    return {"node": node_name, "op": node.op_type, "weight": weight, "bias": bias,
+            "bias_node": bias_node, "feature": feature, "trans_b": trans_b, "alpha": alpha,
+            "beta": beta, "n_in": int(n_in), "n_out": int(n_out), "dtype": str(dtype)}
+
+
+def find_body(model, head: Head) -> Head:
+    """The hidden layer feeding ``head``: a linear layer (Gemm, or MatMul + bias Add)
+    whose output reaches ``head.feature`` through one elementwise activation
+    (:data:`ACTIVATIONS`) and nothing else::
+
+        x --MatMul(W1)--> --Add(b1)--> --Relu--> head.feature --head-->
+
+    Returned as a :class:`Head` of that layer (``n_classes`` = its units,
+    ``logits`` = the tensor before the activation, ``output`` = ``head.feature``,
+    ``activation`` = the activation's name in lower case). Raises
+    :class:`NotFineTunable` with the reason when the head has no such layer
+    before it (e.g. a pooling or reshape in between, as in a CNN)."""
+    model = load_model(model)
+    g = _Graph(model)
+    t = head.feature
+    where = f"the op before the head's input {t!r}"
+    if not g.used_once(t):
+        raise NotFineTunable(f"the head's input {t!r} also feeds other nodes")
+    act = g.producer.get(t)
+    if act is None:
+        raise NotFineTunable(f"the head's input {t!r} is a graph input, no layer before it")
+    if act.op_type not in ACTIVATIONS:
+        raise NotFineTunable(f"{where} is {act.op_type}, not an activation "
+                             f"({'/'.join(ACTIVATIONS)}) after a Gemm/MatMul")
+    pre = act.input[0]
+    if not g.used_once(pre) or pre in g.outputs:
+        raise NotFineTunable(f"the tensor {pre!r} before the {act.op_type} feeds other nodes")
+    node = g.producer.get(pre)
+    if node is None:
+        raise NotFineTunable(f"the {act.op_type} before the head acts on a graph input")
+    layer = _linear(g, node, f"the op before {act.op_type} {_node_id(act)!r}",
+                    "", "hidden layer")
+    if layer["n_out"] != head.n_features:
+        raise NotFineTunable(f"the hidden layer {layer['node']!r} has {layer['n_out']} "
+                             f"units, the head reads {head.n_features}")
+    return Head(node=layer["node"], op=layer["op"], weight=layer["weight"],
+                bias=layer["bias"], bias_node=layer["bias_node"], feature=layer["feature"],
+                logits=pre, output=t, activation=ACTIVATIONS[act.op_type],
+                trans_b=layer["trans_b"], alpha=layer["alpha"], beta=layer["beta"],
+                n_features=layer["n_in"], n_classes=layer["n_out"], dtype=layer["dtype"])
+
+
+def find_layers(model, head: Head, layers: int) -> tuple[list[Head], str | None]:
+    """The last ``layers`` (1 or 2) trainable layers ending with ``head``, first
+    layer first, and why fewer were found (None when all were)."""
+    if layers <= 1:
+        return [head], None
+    try:
+        return [find_body(model, head), head], None
+    except NotFineTunable as err:
+        return [head], err.reason
 
 
 def read_head(model, head: Head) -> tuple[np.ndarray, np.ndarray]:
