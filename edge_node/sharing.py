@@ -48,6 +48,8 @@ TIMEOUT_S = 60.0
 IDLE_S = 120.0
 #: the largest base64 feature vector one message may carry
 MAX_B64 = 700 * 1024
+#: extractors (app versions) the helper keeps loaded at once
+MAX_EXTRACTORS = 8
 
 
 class FeaturesUnavailable(Exception):
@@ -239,16 +241,20 @@ def sample_tensor(input_type: str, data: bytes, manifest: Any, spec: Any) -> Any
 
 
 class _Extractors:
-    """One FeatureExtractor per (app, version) (and the refusals), in the helper."""
+    """One FeatureExtractor per (app, version) (and the refusals), in the helper;
+    at most :data:`MAX_EXTRACTORS`, least recently used dropped first."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str, str], Any] = {}
 
     def get(self, app: str, version: str, app_dir: str) -> Any:
         key = (app, version, app_dir)
-        hit = self._cache.get(key)
+        hit = self._cache.pop(key, None)
         if hit is None:
-            hit = self._cache[key] = self._load(Path(app_dir))
+            hit = self._load(Path(app_dir))
+            while len(self._cache) >= MAX_EXTRACTORS:  # the least recently used goes
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = hit
         if isinstance(hit, Exception):
             raise hit
         return hit
