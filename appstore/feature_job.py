@@ -16,8 +16,11 @@ are rows of one training set. Then, with the public library only:
 replay set as its group), :func:`~edge_node.learning.export.export_head`, and
 the judgement: held-out accuracy of the base and the candidate (inputs through
 ORT with :func:`~edge_node.learning.evaluate.evaluate_app`; feature rows
-through the head, which is what the graph computes from them) and replay
-accuracy with ORT. Writes ``OUT/<model file>``, ``OUT/finetune.json`` and
+through the head, which is what the graph computes from them) and accuracy on
+the replay check with ORT (the replay set is split as the node's job splits it,
+:func:`~edge_node.learning.site_job.split_replay`: the check rows never train).
+Only the head trains (depth 1): a features-only row is the head's input, so
+nothing before it can learn from it. Writes ``OUT/<model file>``, ``OUT/finetune.json`` and
 ``OUT/gate.json`` in the shapes :mod:`appstore.retrain` reads from the node
 job. Exit 2: not fine-tunable; 3: bad input (stderr says why).
 """
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_node.learning import (NotFineTunable, TrainConfig, export_head, find_app_head,
                                     fine_tune, read_head, FeatureExtractor)
     from edge_node.learning.evaluate import evaluate_app
-    from edge_node.learning.site_job import prepare
+    from edge_node.learning.site_job import prepare, split_replay
 
     threads = max(1, args.threads)
     try:
@@ -108,9 +111,12 @@ def run(args: argparse.Namespace) -> int:
     if y_site.max() >= head.n_classes or y_site.min() < 0:
         print(f"bad input: labels outside the head's {head.n_classes} classes", file=sys.stderr)
         return EXIT_BAD_INPUT
-    F_rep = y_rep = X_rep = None
-    if args.replay is not None:
-        X_rep, y_rep = _load_npz(args.replay)
+    F_rep = y_rep = X_rep = X_chk = y_chk = None
+    replay_info = None
+    if args.replay is not None:  # the check rows judge the candidate, never train it
+        replay_info = split_replay(args.replay, args.work)
+        X_rep, y_rep = _load_npz(args.work / "replay_train.npz")
+        X_chk, y_chk = _load_npz(args.work / "replay_check.npz")
         F_rep = fx(X_rep)
     feature_s = time.monotonic() - t0
     cfg = TrainConfig.from_dict({k: v for k, v in {
@@ -146,10 +152,10 @@ def run(args: argparse.Namespace) -> int:
             right[name] = ok / n_held
         held.update(right)
     acc: dict[str, Any] = {"heldout": held}
-    if X_rep is not None and len(y_rep):
-        base = evaluate_app(args.app_dir, X_rep, y_rep, threads=threads)
-        cand = evaluate_app(args.app_dir, X_rep, y_rep, model=out_model, threads=threads)
-        acc["replay"] = {"n": int(len(y_rep)), "base": base.accuracy,
+    if X_chk is not None and len(y_chk):
+        base = evaluate_app(args.app_dir, X_chk, y_chk, threads=threads)
+        cand = evaluate_app(args.app_dir, X_chk, y_chk, model=out_model, threads=threads)
+        acc["replay"] = {"n": int(len(y_chk)), "base": base.accuracy,
                          "candidate": cand.accuracy}
     sha = hashlib.sha256(out_model.read_bytes()).hexdigest()
     base_sha = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
@@ -168,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     gate = {"format": "aidc.gate/1", "prepared": {
         "train": int(len(y_site)), "heldout": n_held,
         "train_inputs": int(len(y_in)), "train_features": len(fparts[False][1]),
-        "skipped": info["skipped"] + fskipped},
+        "skipped": info["skipped"] + fskipped, "replay": replay_info, "layers": 1},
         "train_ids": info["train"]["ids"] + fparts[False][2],
         "heldout_ids": info["heldout"]["ids"] + fparts[True][2], "accuracy": acc}
     for name, doc in (("gate.json", gate), ("finetune.json", ft)):  # finetune.json last
