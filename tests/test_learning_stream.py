@@ -205,6 +205,9 @@ def test_a_camera_stream_drives_the_learning_loop(loop, digits_dir, tmp_path, br
             done = _run_state(agent, run_id)
             assert done["state"] == "promoted", done
             m = done["metrics"]
+            job = next(j for j in jget(f"{edge}{API}/training")["jobs"]
+                       if j["job_id"] == done["job_id"])  # the scheduler ran it
+            assert job["state"] == "done" and job["name"] == "finetune-digits", job
             assert m["heldout"]["candidate"] >= m["heldout"]["base"] + 0.05, m
             assert m["heldout"]["n"] >= 20 and m["skipped"] == [], m
             # 4. the shadow compared camera frames, at a bounded rate, and requests
