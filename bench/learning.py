@@ -58,6 +58,9 @@ SHIFTS = ("blur", "invert", "rotate15", "rotate30")
 CLOUD_SITES = ("blur", "invert", "rotate30")
 SIZES = (50, 100, 200)
 N_REPLAY = 500
+#: 1 = the head alone (the method of the previous version, the reference);
+#: 2 = the head and the hidden layer before it (backpropagation)
+LAYERS = (1, 2)
 
 
 # --- the site shifts ----------------------------------------------------------
@@ -152,10 +155,10 @@ def child_main(spec_path: Path) -> int:
     import onnx  # noqa: F401 - imported before the clock and the memory baseline
     import onnxruntime  # noqa: F401
 
-    from edge_node.learning.export import export_head
+    from edge_node.learning.export import export_layers
     from edge_node.learning.features import FeatureExtractor
-    from edge_node.learning.head import find_app_head, read_head
-    from edge_node.learning.train import HeadTrainer, TrainConfig
+    from edge_node.learning.head import find_app_head, find_layers, read_head
+    from edge_node.learning.train import DeepTrainer, HeadTrainer, TrainConfig
 
     with np.load(spec["samples"]) as z:
         X_s, y_s = z["X"], z["y"]
@@ -166,13 +169,19 @@ def child_main(spec_path: Path) -> int:
     def once(out: Path) -> dict:
         t0 = time.perf_counter()
         head, model_path, _ = find_app_head(Path(spec["app"]))
-        fx = FeatureExtractor(model_path, head, threads=1)
+        layers, _ = find_layers(model_path, head, config.layers or 2)
+        fx = FeatureExtractor(model_path, layers[0], threads=1)
         F_s, F_r = fx(X_s), fx(X_r)
         t1 = time.perf_counter()
-        W0, b0 = read_head(model_path, head)
-        result = HeadTrainer(W0, b0, F_s, y_s, F_r, y_r, config).run()
+        params = [read_head(model_path, layer) for layer in layers]
+        if len(layers) == 1:
+            result = HeadTrainer(*params[0], F_s, y_s, F_r, y_r, config).run()
+        else:
+            result = DeepTrainer(params, layers[0].activation, F_s, y_s, F_r, y_r,
+                                 config).run()
         t2 = time.perf_counter()
-        report = export_head(model_path, head, result.W, result.b, out, X_s[:64], 1)
+        report = export_layers(model_path, [(layer, W, b) for layer, (W, b)
+                                            in zip(layers, result.layers)], out, X_s[:64], 1)
         t3 = time.perf_counter()
         return {"wall_s": t3 - t0, "features_s": t1 - t0, "train_s": t2 - t1,
                 "export_s": t3 - t2, "iterations": result.iterations,
@@ -292,20 +301,24 @@ def main(argv: list[str] | None = None) -> int:
                 idx = draw(rng, len(d["y_pool"]), n)
                 samples = tmp / "samples.npz"
                 np.savez(samples, X=pool[s][idx], y=d["y_pool"][idx])
-                model_out = tmp / f"ft-{s}-{n}-{seed}.onnx"
-                r = run_child({"core": core, "app": str(app), "samples": str(samples),
-                               "replay": str(replay_file(seed)), "out": str(model_out),
-                               "config": {"seed": seed}}, tmp)
-                r.update(shift=s, n=n, seed=seed, acc_shift=acc(model_out, s),
-                         acc_orig=acc(model_out, "none"))
-                r["recovered"] = (r["acc_shift"] - base[s]) / (base["none"] - base[s])
-                results["fine_tune"].append(r)
-                model_out.unlink()
-            rows = [r for r in results["fine_tune"] if r["shift"] == s and r["n"] == n]
-            print(f"{s:9s} n={n:3d}: shifted {fmt(stat(r['acc_shift'] for r in rows), 3)}"
-                  f" original {fmt(stat(r['acc_orig'] for r in rows), 3)}"
-                  f" recovered {fmt(stat(r['recovered'] for r in rows), 2)}"
-                  f" wall {fmt(stat(r['wall_s'] for r in rows), 3)} s", flush=True)
+                for depth in LAYERS:
+                    model_out = tmp / f"ft-{s}-{n}-{seed}-{depth}.onnx"
+                    r = run_child({"core": core, "app": str(app), "samples": str(samples),
+                                   "replay": str(replay_file(seed)), "out": str(model_out),
+                                   "config": {"seed": seed, "layers": depth}}, tmp)
+                    r.update(shift=s, n=n, seed=seed, layers=depth,
+                             acc_shift=acc(model_out, s), acc_orig=acc(model_out, "none"))
+                    r["recovered"] = (r["acc_shift"] - base[s]) / (base["none"] - base[s])
+                    results["fine_tune"].append(r)
+                    model_out.unlink()
+            for depth in LAYERS:
+                rows = [r for r in results["fine_tune"]
+                        if r["shift"] == s and r["n"] == n and r["layers"] == depth]
+                print(f"{s:9s} n={n:3d} layers={depth}: shifted "
+                      f"{fmt(stat(r['acc_shift'] for r in rows), 3)}"
+                      f" original {fmt(stat(r['acc_orig'] for r in rows), 3)}"
+                      f" recovered {fmt(stat(r['recovered'] for r in rows), 2)}"
+                      f" wall {fmt(stat(r['wall_s'] for r in rows), 3)} s", flush=True)
 
     # 2. cloud retraining: 200 samples from each of three sites, pooled
     for seed in seeds:
@@ -317,18 +330,21 @@ def main(argv: list[str] | None = None) -> int:
             ys.append(d["y_pool"][idx])
         samples = tmp / "samples.npz"
         np.savez(samples, X=np.concatenate(Xs), y=np.concatenate(ys))
-        model_out = tmp / f"cloud-{seed}.onnx"
-        r = run_child({"core": core, "app": str(app), "samples": str(samples),
-                       "replay": str(replay_file(seed)), "out": str(model_out),
-                       "config": {"seed": seed}}, tmp)
-        r.update(seed=seed, acc={s: acc(model_out, s) for s in ("none",) + CLOUD_SITES})
-        r["recovered"] = {s: (r["acc"][s] - base[s]) / (base["none"] - base[s])
-                          for s in CLOUD_SITES}
-        results["cloud"].append(r)
-        model_out.unlink()
-    print("cloud: " + ", ".join(
-        f"{s} {fmt(stat(r['acc'][s] for r in results['cloud']), 3)}"
-        for s in ("none",) + CLOUD_SITES), flush=True)
+        for depth in LAYERS:
+            model_out = tmp / f"cloud-{seed}-{depth}.onnx"
+            r = run_child({"core": core, "app": str(app), "samples": str(samples),
+                           "replay": str(replay_file(seed)), "out": str(model_out),
+                           "config": {"seed": seed, "layers": depth}}, tmp)
+            r.update(seed=seed, layers=depth,
+                     acc={s: acc(model_out, s) for s in ("none",) + CLOUD_SITES})
+            r["recovered"] = {s: (r["acc"][s] - base[s]) / (base["none"] - base[s])
+                              for s in CLOUD_SITES}
+            results["cloud"].append(r)
+            model_out.unlink()
+    for depth in LAYERS:
+        print(f"cloud layers={depth}: " + ", ".join(
+            f"{s} {fmt(stat(r['acc'][s] for r in results['cloud'] if r['layers'] == depth), 3)}"
+            for s in ("none",) + CLOUD_SITES), flush=True)
 
     # 3. references: the head ceiling and the whole network retrained
     fx = FeatureExtractor(model_path, head)
@@ -359,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     # 5. the settings sweep on the dev split (site pool only)
     if not args.quick:
         results["sweep"] = sweep(d, pool, fx, W0, b0, F_train, seeds[:3])
+        results["sweep2"] = sweep_deep(d, pool, app, seeds[:3])
 
     results["machine"]["wall_s"] = time.time() - t_start
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -417,8 +434,8 @@ def run_job_end_to_end(app: Path, pool: dict, d: dict, core: int, tmp: Path,
 
 
 SWEEP = {
-    "default (l2 1e-3, replay 0.5, balanced, to convergence)": {},
-    "l2 1e-4": {"l2": 1e-4},
+    "default (l2 1e-4, replay 0.5, balanced, to convergence)": {},
+    "l2 1e-3": {"l2": 1e-3},
     "l2 1e-2": {"l2": 1e-2},
     "l2 1e-1": {"l2": 1e-1},
     "replay weight 0.25": {"replay_weight": 0.25},
@@ -461,6 +478,60 @@ def sweep(d: dict, pool: dict, fx, W0, b0, F_train, seeds) -> dict:
     return out
 
 
+SWEEP_DEEP = {
+    "default (l2 1e-4, replay 0.5, balanced, 300 iterations)": {},
+    "l2 1e-5": {"l2": 1e-5},
+    "l2 1e-3": {"l2": 1e-3},
+    "l2 1e-2": {"l2": 1e-2},
+    "replay weight 0.25": {"replay_weight": 0.25},
+    "replay weight 0.75": {"replay_weight": 0.75},
+    "1000 iterations": {"max_iter": 1000},
+}
+
+
+def sweep_deep(d: dict, pool: dict, app: Path, seeds) -> dict:
+    """:func:`sweep` for the head and the hidden layer trained together."""
+    from edge_node.learning.features import FeatureExtractor
+    from edge_node.learning.head import find_app_head, find_layers, read_head
+    from edge_node.learning.train import DeepTrainer, TrainConfig, mlp_logits
+
+    head, model_path, _ = find_app_head(app)
+    layers, _ = find_layers(model_path, head, 2)
+    fx = FeatureExtractor(model_path, layers[0])
+    params0 = [read_head(model_path, layer) for layer in layers]
+    act = layers[0].activation
+
+    def accuracy(X, y, params):
+        return float((mlp_logits(X, params, act).argmax(axis=1) == y).mean())
+
+    n_dev_train = 300
+    y_dev = d["y_pool"][n_dev_train:]
+    X_dev_orig = fx(d["X_pool"][n_dev_train:])
+    X_train = fx(d["X_train"])
+    base_orig = accuracy(X_dev_orig, y_dev, params0)
+    X_pool = {s: fx(pool[s]) for s in SHIFTS}
+    out: dict = {}
+    for label, cfg in SWEEP_DEEP.items():
+        out[label] = {}
+        for s in SHIFTS:
+            base_s = accuracy(X_pool[s][n_dev_train:], y_dev, params0)
+            rec, reg = [], []
+            for seed in seeds:
+                idx = draw(np.random.default_rng(seed), n_dev_train, 100)
+                ridx = draw(np.random.default_rng(10_000 + seed), len(d["y_train"]), N_REPLAY)
+                r = DeepTrainer(params0, act, X_pool[s][idx], d["y_pool"][idx], X_train[ridx],
+                                d["y_train"][ridx], TrainConfig(**{"seed": seed, **cfg})).run()
+                a = accuracy(X_pool[s][n_dev_train:], y_dev, r.layers)
+                rec.append((a - base_s) / (base_orig - base_s))
+                reg.append(base_orig - accuracy(X_dev_orig, y_dev, r.layers))
+            out[label][s] = {"recovered": float(np.median(rec)),
+                             "regression": float(np.median(reg))}
+        print(f"sweep2 {label:55s} " + " ".join(
+            f"{s} {v['recovered']:.2f}/{v['regression'] * 100:.1f}"
+            for s, v in out[label].items()), flush=True)
+    return out
+
+
 def machine() -> dict:
     import onnxruntime
 
@@ -485,50 +556,64 @@ def report(res: dict) -> str:
              f"{m['numpy']}. {m['date']}; whole run {m.get('wall_s', 0):.0f} s. Split: "
              f"{res['split']['y_train']} train / {res['split']['y_pool']} site pool / "
              f"{res['split']['y_held']} held-out.", ""]
-    lines += ["| site shift | base acc. original | base acc. shifted | n | fine-tuned acc. "
-              "shifted | fine-tuned acc. original | recovered | fine-tune wall s (1 core) | "
-              "peak MB (tracemalloc / RSS delta) | verdict |", "|---" * 10 + "|"]
-    for s in SHIFTS:
-        for n in sorted({r["n"] for r in res["fine_tune"]}):
-            rows = [r for r in res["fine_tune"] if r["shift"] == s and r["n"] == n]
-            if not rows:
-                continue
-            rec = stat(r["recovered"] for r in rows)
-            orig = stat(r["acc_orig"] for r in rows)
-            wall = stat(r["wall_s"] for r in rows)
-            regress = (base["none"] - orig[0]) * 100
-            ok = [rec[0] >= 0.8 or n > 200, wall[2] <= 10, regress <= 2]
-            why = [w for w, good in zip(("recovery < 80 %", "> 10 s", "regression > 2 pt"), ok)
-                   if not good]
-            lines.append(
-                f"| {s} | {base['none'] * 100:.1f} | {base[s] * 100:.1f} | {n} | "
-                f"{fmt(stat(r['acc_shift'] for r in rows), 1, 100)} | {fmt(orig, 1, 100)} | "
-                f"{fmt(rec, 2)} | {fmt(wall, 3)} | "
-                f"{fmt(stat(r['tracemalloc_peak_mb'] for r in rows), 1)} / "
-                f"{fmt(stat(r['rss_delta_mb'] for r in rows), 1)} | "
-                f"{'met' if all(ok) else '**not met**: ' + ', '.join(why)} |")
-    ft = res["fine_tune"]
-    lines += ["", f"Fine-tune wall time split (median over all rows): ORT session + features "
-              f"{stat(r['features_s'] for r in ft)[0]:.3f} s, training "
-              f"{stat(r['train_s'] for r in ft)[0]:.3f} s "
-              f"({stat(r['iterations'] for r in ft)[0]:.0f} L-BFGS iterations), export + "
-              f"validation {stat(r['export_s'] for r in ft)[0]:.3f} s; imports (onnx, "
-              f"onnxruntime) before the clock."]
+    lines += ["| site shift | base acc. original | base acc. shifted | n | layers trained | "
+              "fine-tuned acc. shifted | fine-tuned acc. original | recovered | fine-tune "
+              "wall s (1 core) | peak MB (tracemalloc / RSS delta) | verdict |",
+              "|---" * 11 + "|"]
+    for s, n, depth in ((s, n, depth) for s in SHIFTS
+                        for n in sorted({r["n"] for r in res["fine_tune"]})
+                        for depth in LAYERS):
+        rows = [r for r in res["fine_tune"]
+                if r["shift"] == s and r["n"] == n and r.get("layers", 1) == depth]
+        if not rows:
+            continue
+        rec = stat(r["recovered"] for r in rows)
+        orig = stat(r["acc_orig"] for r in rows)
+        wall = stat(r["wall_s"] for r in rows)
+        regress = (base["none"] - orig[0]) * 100
+        ok = [rec[0] >= 0.8 or n > 200, wall[2] <= 10, regress <= 2 + 1e-6]
+        why = [w for w, good in zip(("recovery < 80 %", "> 10 s", "regression > 2 pt"), ok)
+               if not good]
+        lines.append(
+            f"| {s} | {base['none'] * 100:.1f} | {base[s] * 100:.1f} | {n} | "
+            f"{'head' if depth == 1 else 'head + hidden'} | "
+            f"{fmt(stat(r['acc_shift'] for r in rows), 1, 100)} | {fmt(orig, 1, 100)} | "
+            f"{fmt(rec, 2)} | {fmt(wall, 3)} | "
+            f"{fmt(stat(r['tracemalloc_peak_mb'] for r in rows), 1)} / "
+            f"{fmt(stat(r['rss_delta_mb'] for r in rows), 1)} | "
+            f"{'met' if all(ok) else '**not met**: ' + ', '.join(why)} |")
+    lines.append("")
+    for depth in LAYERS:
+        ft = [r for r in res["fine_tune"] if r.get("layers", 1) == depth]
+        lines += [f"Fine-tune wall time split, {'head' if depth == 1 else 'head + hidden'} "
+                  f"(median over its rows): ORT session + features "
+                  f"{stat(r['features_s'] for r in ft)[0]:.3f} s, training "
+                  f"{stat(r['train_s'] for r in ft)[0]:.3f} s "
+                  f"({stat(r['iterations'] for r in ft)[0]:.0f} L-BFGS iterations), export + "
+                  f"validation {stat(r['export_s'] for r in ft)[0]:.3f} s; imports (onnx, "
+                  f"onnxruntime) before the clock.", ""]
     if res["cloud"]:
-        lines += ["", "Cloud retraining: the head retrained on 200 labelled samples from each "
-                  "of three sites (600 pooled) + 500 replay, one model for all:", "",
-                  "| scored on | base acc. | retrained acc. | recovered |", "|---|---|---|---|"]
+        lines += ["", "Cloud retraining: retrained on 200 labelled samples from each "
+                  "of three sites (600 pooled) + 500 replay, one model for all; the head "
+                  "alone and the head with the hidden layer:", "",
+                  "| scored on | base acc. | head: acc. | head: recovered | head + hidden: "
+                  "acc. | head + hidden: recovered |", "|---|---|---|---|---|---|"]
         for s in ("none",) + CLOUD_SITES:
-            accs = stat(r["acc"][s] for r in res["cloud"])
-            if s == "none":
-                lost = stat((base["none"] - r["acc"][s]) * 100 for r in res["cloud"])
-                rec = f"regression {fmt(lost, 1)} pt"
-            else:
-                rec = fmt(stat(r["recovered"][s] for r in res["cloud"]), 2)
+            cells = []
+            for depth in LAYERS:
+                rows = [r for r in res["cloud"] if r.get("layers", 1) == depth]
+                accs = stat(r["acc"][s] for r in rows)
+                if s == "none":
+                    lost = stat((base["none"] - r["acc"][s]) * 100 for r in rows)
+                    rec = f"regression {fmt(lost, 1)} pt"
+                else:
+                    rec = fmt(stat(r["recovered"][s] for r in rows), 2)
+                cells += [fmt(accs, 1, 100), rec]
             lines.append(f"| {'original' if s == 'none' else s} | {base[s] * 100:.1f} | "
-                         f"{fmt(accs, 1, 100)} | {rec} |")
-        lines.append(f"| (fine-tune wall s, 1 core) | | "
-                     f"{fmt(stat(r['wall_s'] for r in res['cloud']), 3)} | |")
+                         + " | ".join(cells) + " |")
+        walls = [fmt(stat(r["wall_s"] for r in res["cloud"] if r.get("layers", 1) == depth), 3)
+                 for depth in LAYERS]
+        lines.append(f"| (fine-tune wall s, 1 core) | | {walls[0]} | | {walls[-1]} | |")
     lines += ["", "References (not the node's method): the head ceiling = the head trained on "
               "all 898 training images shifted (alone; joint = with the 898 originals as "
               "replay), and the whole MLP retrained by sklearn on original + shifted training "
@@ -551,13 +636,15 @@ def report(res: dict) -> str:
               f"{j['train_s']:.3f} s, {j['iterations']} iterations, {j['stop_reason']}; the "
               f"rest is interpreter start, imports, export and validation), peak RSS "
               f"{j['max_rss_mb']:.0f} MB."]
-    if res.get("sweep"):
-        lines += ["", "Settings on the dev split (100 samples from 300 of the site pool, scored "
+    for key, what in (("sweep", "the head alone"), ("sweep2", "the head and the hidden layer")):
+        if not res.get(key):
+            continue
+        lines += ["", f"Settings for {what} on the dev split (100 samples from 300 of the site pool, scored "
                   "on the other 149 pool images, never the held-out set; median of 3 seeds; "
                   "recovered / regression on the original images in points):", "",
                   "| settings | " + " | ".join(SHIFTS) + " | mean |",
                   "|---|" + "---|" * (len(SHIFTS) + 1)]
-        for label, v in res["sweep"].items():
+        for label, v in res[key].items():
             cells = [f"{v[s]['recovered']:.2f} / {v[s]['regression'] * 100:.1f}" for s in SHIFTS]
             mean_rec = np.mean([v[s]["recovered"] for s in SHIFTS])
             mean_reg = np.mean([v[s]["regression"] for s in SHIFTS]) * 100
