@@ -319,7 +319,9 @@ class Retrainer:
         acc = gate_doc["accuracy"]
         metrics = {k: {f: acc.get(k, {}).get(f) for f in ("n", "base", "candidate")}
                    for k in ("heldout", "replay")}
-        metrics.update(train_s=ft["training"]["train_s"], wall_s=round(time.monotonic() - t0, 2),
+        metrics.update(layers=len(ft.get("layers") or [1]),
+                       candidates=gate_doc.get("candidates"),
+                       train_s=ft["training"]["train_s"], wall_s=round(time.monotonic() - t0, 2),
                        skipped=len(gate_doc["prepared"]["skipped"]),
                        features=feat)
         by_site = Counter(p["node"] for i in usable for p in i["provenance"])

@@ -325,6 +325,8 @@ class SiteLearning:
                    "replay": {k: acc.get("replay", {}).get(k) for k in
                               ("n", "base", "candidate")},
                    "site_train": ft["metrics"].get("site_train"),
+                   "layers": len(ft.get("layers") or [1]),
+                   "candidates": gate_doc.get("candidates"),
                    "train_s": ft["training"]["train_s"], "iterations":
                    ft["training"]["iterations"], "skipped": gate_doc["prepared"]["skipped"]}
         lineage = {**(run["lineage"] or {}), "model_sha256": ft["model"]["sha256"],

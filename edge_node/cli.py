@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "(judged, shadowed, then promoted or refused with the reason)")
     ft.add_argument("app")
     ft.add_argument("--by", help="who asks (recorded in the lineage)")
+    ft.add_argument("--layers", type=int, choices=(0, 1, 2),
+                    help="1: the head alone; 2: the head and the hidden layer before it; "
+                    "0 (default): both, the gate keeps the better")
     ft.add_argument("--l2", type=float)
     ft.add_argument("--max-iter", type=int)
     ft.add_argument("--wait", action="store_true", help="wait for the verdict")
@@ -141,7 +144,8 @@ def _run_line(r: dict) -> str:
 def cmd_finetune(args: argparse.Namespace) -> int:
     import time
 
-    config = {k: v for k, v in (("l2", args.l2), ("max_iter", args.max_iter)) if v is not None}
+    config = {k: v for k, v in (("layers", args.layers), ("l2", args.l2),
+                                ("max_iter", args.max_iter)) if v is not None}
     try:
         status, body = _call(f"{args.url}/api/v1/apps/{args.app}/finetune", "POST",
                              {"by": args.by, "config": config})
