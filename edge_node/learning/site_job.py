@@ -51,27 +51,12 @@ MODULE = "edge_node.learning.site_job"
 
 
 def _tensor(entry: dict, manifest: Any, input_spec: Any) -> np.ndarray:
-    path, kind = Path(entry["path"]), entry["input_type"]
-    if kind == "tensor/npy":
-        arr = np.load(path, allow_pickle=False)
-    else:
-        from edge_node.streams.snapshot import is_frame_png
-        from edge_node.worker.preprocess import image_to_tensor, pixels_to_tensor
+    """The tensor the worker was fed for a stored sample (edge_node.sharing does the
+    same for the features upload level)."""
+    from edge_node.sharing import sample_tensor
 
-        if manifest.preprocess is None:
-            raise ValueError("an image sample, but the app has no preprocessing")
-        data = path.read_bytes()
-        if is_frame_png(data):  # a camera frame: the worker made its tensor from the pixels
-            import cv2
-
-            pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-            if pixels is None:
-                raise ValueError("unreadable camera frame PNG")
-            arr = pixels_to_tensor(pixels, manifest.preprocess, input_spec)
-        else:
-            arr = image_to_tensor(data, manifest.preprocess, input_spec)
-    arr = np.asarray(arr)
-    return arr[0] if arr.ndim >= 2 and arr.shape[0] == 1 else arr
+    return sample_tensor(entry["input_type"], Path(entry["path"]).read_bytes(), manifest,
+                         input_spec)
 
 
 def prepare(app_dir: Path, listing: Path, work: Path) -> dict[str, Any]:
