@@ -45,6 +45,7 @@ class ApiContext:
     trusted_keys: Any  # () -> {key_id: raw public key}
     datasets: Any = None  # appstore.retrain.Datasets
     retrainer: Any = None  # appstore.retrain.Retrainer
+    enrolment: Any = None  # appstore.enrolment.Enrolment, or None: enrolment is off
 
 
 def _error(status: int, reason: str, detail: Any = "") -> Any:
@@ -260,6 +261,44 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
     def feedback_features(msg_id: str) -> Any:
         """A features-only sample's vector: {"tensor", "n", "model_sha256", "values"}."""
         return jsonify(ctx.feedback.features(msg_id))
+
+    def enrolment() -> Any:
+        if ctx.enrolment is None:
+            raise NotFound("enrolment_off", "enrolment is off in this AppStore "
+                           "(the 'enrolment' section of its config)")
+        return ctx.enrolment
+
+    @bp.post("/enrolment/tokens")
+    def token_create() -> Any:
+        """Operator: {"ttl_s": 3600, "by": "ops", "note": "..."}; the token is shown once."""
+        body = request.get_json(silent=True) or {}
+        if not isinstance(body, dict):
+            raise BadRequest("bad_json", "the body must be a JSON object")
+        return jsonify(enrolment().create_token(body.get("ttl_s"), body.get("by"),
+                                                body.get("note"))), 201
+
+    @bp.get("/enrolment/tokens")
+    def token_list() -> Any:
+        return jsonify({"tokens": enrolment().tokens()})
+
+    @bp.get("/enrolment/nodes")
+    def enrolled_nodes() -> Any:
+        return jsonify({"nodes": enrolment().nodes()})
+
+    @bp.post("/enrol")
+    def enrol() -> Any:
+        """Node: {"token", "node_id", "site"?, "group"?} -> its identity and broker
+        credentials (shown once)."""
+        body = _json_body()
+        return jsonify(enrolment().enrol(body.get("token"), body.get("node_id"),
+                                         body.get("site"), body.get("group"),
+                                         remote=request.remote_addr)), 201
+
+    @bp.post("/nodes/<node_id>/revoke")
+    def revoke(node_id: str) -> Any:
+        body = request.get_json(silent=True) or {}
+        by = body.get("by") if isinstance(body, dict) else None
+        return jsonify(enrolment().revoke(node_id, by))
 
     @bp.get("/stats")
     def stats() -> Any:

@@ -317,6 +317,65 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    """``90``, ``45s``, ``30m``, ``1h``, ``7d`` -> seconds."""
+    t = text.strip().lower()
+    try:
+        n = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: e.g. 90, 45s, 30m, 1h, 7d")
+    return int(n)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    body = json.dumps({"ttl_s": args.ttl, "by": args.by, "note": args.note}).encode()
+    t = ApiClient(args.api).request("POST", "/enrolment/tokens", body)
+    _out(args, t, [t["token"], f"(token {t['token_id']}, one node, once, until {t['expires']}; "
+                   "it is not shown again)"])
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    rows = ApiClient(args.api).get("/enrolment/tokens")["tokens"]
+    _out(args, rows, [f"{r['token_id']}  {r['state']:<7}  by {r['created_by'] or '-'}"
+                      + (f"  used by {r['used_by']}" if r["used_by"] else "")
+                      + (f"  {r['note']}" if r["note"] else "") for r in rows])
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from .client import _q
+
+    body = json.dumps({"by": args.by}).encode()
+    r = ApiClient(args.api).request("POST", f"/nodes/{_q(args.node)}/revoke", body)
+    state = "was already revoked" if r["already"] else "revoked"
+    print(f"node {args.node} {state}; broker "
+          + ("reloaded" if r["broker_reloaded"] else "NOT reloaded: reload it yourself"))
+    return 0
+
+
+def cmd_broker_files(args: argparse.Namespace) -> int:
+    from .db import Store
+    from .enrolment import Enrolment
+
+    cfg = _config(args)
+    if cfg.enrolment is None:
+        raise ConfigError("enrolment_off", "the config has no 'enrolment' section")
+    store = Store(cfg.db_path)
+    try:
+        reloaded = Enrolment(cfg, store).sync()
+    finally:
+        store.close()
+    print(f"wrote {cfg.enrolment.password_file} and {cfg.enrolment.acl_file}"
+          + ("; broker reloaded" if reloaded else ""))
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------
 def _local_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="AppStore config file (.json or .toml)")
@@ -426,6 +485,32 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    "published, 3 refused or failed)")
     _api_opt(p, json_out=True)
     p.set_defaults(func=_guard(cmd_retrain))
+
+    p = sub.add_parser("token", help="enrolment tokens (one node, once, expiring)")
+    tsub = p.add_subparsers(dest="token_cmd", metavar="COMMAND", required=True)
+    t = tsub.add_parser("create", help="a new token, printed once")
+    t.add_argument("--ttl", type=_duration, help="lifetime: 90, 45s, 30m, 1h, 7d "
+                   "(default enrolment.default_token_ttl_s)")
+    t.add_argument("--by", help="who asks (recorded)")
+    t.add_argument("--note", help="what it is for (recorded)")
+    _api_opt(t, json_out=True)
+    t.set_defaults(func=_guard(cmd_token_create))
+    t = tsub.add_parser("list", help="the tokens and their state (never the secret)")
+    _api_opt(t, json_out=True)
+    t.set_defaults(func=_guard(cmd_token_list))
+
+    p = sub.add_parser("revoke", help="take NODE's broker credentials away (the broker "
+                       "reloads; the node cannot connect any more)")
+    p.add_argument("node")
+    p.add_argument("--by", help="who asks (recorded)")
+    _api_opt(p)
+    p.set_defaults(func=_guard(cmd_revoke))
+
+    p = sub.add_parser("broker-files", help="write the broker's password and ACL files from "
+                       "the database (before the broker's first start), reload it if "
+                       "configured")
+    _local_opts(p)
+    p.set_defaults(func=_guard(cmd_broker_files))
 
     p = sub.add_parser("feedback", help="list hard examples uploaded by the fleet")
     p.add_argument("--app")

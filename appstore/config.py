@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+class EnrolmentConfig(BaseModel):
+    """Node enrolment and the broker's password and ACL files (docs/security.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Mosquitto's ``password_file`` and ``acl_file``, owned and rewritten by the
+    #: AppStore; default data_dir/broker/passwd and data_dir/broker/acl
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    #: group the two files are given to (mode 0640), e.g. ``mosquitto`` when the
+    #: broker runs as another user than the AppStore; None: the AppStore's own
+    file_group: str | None = None
+    #: the broker as enrolled nodes reach it (``mqtt://host:port``); default
+    #: ``mqtt://<mqtt_host>:<mqtt_port>``
+    broker_url: str | None = Field(default=None, pattern=r"^mqtt://[^/:]+(:\d+)?/?$")
+    #: where to send SIGHUP after the files change: a pid, or the file Mosquitto
+    #: writes its pid to (its ``pid_file`` option); neither: reload it yourself
+    broker_pid: int | None = Field(default=None, ge=1)
+    broker_pid_file: Path | None = None
+    #: token lifetime when none is asked for, and the longest one allowed
+    default_token_ttl_s: int = Field(default=3600, ge=1)
+    max_token_ttl_s: int = Field(default=7 * 86400, ge=1)
 
 
 class AppStoreConfig(BaseModel):
@@ -46,11 +71,24 @@ class AppStoreConfig(BaseModel):
     #: feedback/events waiting for the ingest thread; beyond it, dropped unacked
     #: (and counted) so the node resends them later
     ingest_queue: int = Field(default=10000, ge=10)
+    #: node enrolment with per-node broker credentials and ACLs; None: off
+    enrolment: EnrolmentConfig | None = None
 
     @model_validator(mode="after")
     def _defaults(self) -> "AppStoreConfig":
         if self.signing_key is None:
             self.signing_key = self.data_dir / "keys" / "publisher.pem"
+        e = self.enrolment
+        if e is not None:
+            if not (self.mqtt_username and self.mqtt_password):
+                raise ValueError("enrolment needs mqtt_username and mqtt_password: the "
+                                 "AppStore's own broker user, written into the password file")
+            if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.mqtt_username):
+                raise ValueError(f"mqtt_username {self.mqtt_username!r}: 1-64 of letters, "
+                                 "digits, '_', '-', '.'")
+            e.password_file = e.password_file or self.data_dir / "broker" / "passwd"
+            e.acl_file = e.acl_file or self.data_dir / "broker" / "acl"
+            e.broker_url = e.broker_url or f"mqtt://{self.mqtt_host}:{self.mqtt_port}"
         return self
 
     @property

@@ -150,6 +150,22 @@ def m008_feedback_features(db: Database) -> None:
     db["feedback"].create_index(["app", "features_sha256"])
 
 
+@migrations()
+def m009_enrolment(db: Database) -> None:
+    """Enrolment (appstore/enrolment.py): one-time tokens, kept as their sha256
+    only, and each enrolled node's broker credentials, kept as Mosquitto's
+    PBKDF2 hash only."""
+    db["enrolment_tokens"].create(
+        {"token_id": str, "token_sha256": str, "created_at": float, "expires_at": float,
+         "created_by": str, "note": str, "used_at": float, "used_by": str},
+        pk="token_id", not_null={"token_sha256", "created_at", "expires_at"})
+    db["enrolment_tokens"].create_index(["token_sha256"], unique=True)
+    db["node_credentials"].create(
+        {"node_id": str, "username": str, "password_hash": str, "site": str, "grp": str,
+         "token_id": str, "enrolled_at": float, "revoked_at": float, "revoked_by": str},
+        pk="node_id", not_null={"username", "password_hash", "enrolled_at"})
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

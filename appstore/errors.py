@@ -64,6 +64,20 @@ class Conflict(AppStoreError):
     default_reason = "conflict"
 
 
+class Forbidden(AppStoreError):
+    """E.g. an enrolment token that was never issued."""
+
+    status = 403
+    default_reason = "forbidden"
+
+
+class Gone(AppStoreError):
+    """E.g. an enrolment token past its expiry."""
+
+    status = 410
+    default_reason = "gone"
+
+
 class SigningKeyError(AppStoreError):
     """The publisher key is missing, unreadable or of the wrong kind."""
 

@@ -32,6 +32,7 @@ from .blobstore import ContentStore
 from .catalog import Catalog
 from .config import AppStoreConfig
 from .db import Store
+from .enrolment import Enrolment
 from .feedback import FeedbackStore
 from .fleet import Fleet
 from .registry import Registry
@@ -66,6 +67,7 @@ class AppStoreService:
         self.registry: Registry | None = None
         self.feedback: FeedbackStore | None = None
         self.blob_server: Any = None
+        self.enrolment: Enrolment | None = None
         self.app: Any = None
         self._http: BaseWSGIServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -92,6 +94,9 @@ class AppStoreService:
         self.catalog = Catalog(self.store, blobs, self.trusted_keys, cfg.max_upload_bytes)
         self.registry = Registry(self.store)
         self.feedback = FeedbackStore(self.store, ContentStore(cfg.samples_dir))
+        if cfg.enrolment is not None:  # the broker must know our own user first
+            self.enrolment = Enrolment(cfg, self.store)
+            self.enrolment.sync()
         self.conn = MqttConnection(
             f"appstore-{secrets.token_hex(4)}", cfg.mqtt_host, cfg.mqtt_port,
             username=cfg.mqtt_username, password=cfg.mqtt_password,
@@ -110,7 +115,7 @@ class AppStoreService:
                                    self.fleet)
         self.app = create_app(ApiContext(cfg, self.catalog, self.registry, self.feedback,
                                          self.fleet, self.trusted_keys, self.datasets,
-                                         self.retrainer))
+                                         self.retrainer, self.enrolment))
         self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True,
                                  request_handler=_QuietHandler)
         self._http_thread = threading.Thread(target=self._http.serve_forever,

@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     runs.add_argument("--url", default="http://127.0.0.1:8090")
     runs.set_defaults(func=cmd_runs)
 
+    from .enrol import register as register_enrol
+
+    register_enrol(esub)
+
 
 def _overrides(args: argparse.Namespace) -> dict:
     mqtt = {k: v for k, v in {"host": args.mqtt_host, "port": args.mqtt_port,

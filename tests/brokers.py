@@ -10,6 +10,7 @@ so some tests fail there) -- for poking at the demo broker, never in CI.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -39,8 +40,11 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Broker:
     """A broker process that can be stopped and restarted on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None,
+                 auth: tuple[Path, Path] | None = None) -> None:
+        """``auth``: (password_file, acl_file) -- no anonymous clients then."""
         self.host = "127.0.0.1"
+        self.auth = auth
         self.port = port or free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
@@ -55,8 +59,15 @@ class Broker:
         log = open(self.workdir / f"broker-{self.port}.log", "ab")
         if self.kind == "mosquitto":
             conf = self.workdir / f"mosquitto-{self.port}.conf"
+            access = "allow_anonymous true\n"
+            if self.auth:
+                # as root Mosquitto would drop to user mosquitto, who cannot
+                # read the test's files: stay who we are
+                me = pwd.getpwuid(os.getuid()).pw_name
+                access = (f"allow_anonymous false\npassword_file {self.auth[0]}\n"
+                          f"acl_file {self.auth[1]}\nuser {me}\n")
             conf.write_text(
-                f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                f"listener {self.port} 127.0.0.1\n{access}"
                 "persistence false\nmax_queued_messages 100000\n"
             )
             cmd = ["mosquitto", "-c", str(conf)]

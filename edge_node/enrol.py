@@ -1,0 +1,145 @@
+"""``aidc edge enrol``: spend an enrolment token on this node's broker credentials.
+
+Asks the AppStore (``POST /api/v1/enrol``) and writes the node id, the broker
+and the credentials into the node's JSON config, merged with what is there,
+checked as a whole and written atomically with mode 0600 (the file now holds a
+password).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .config import NodeConfig, _fmt, _merge
+from .errors import ConfigError
+
+
+class EnrolError(Exception):
+    """The AppStore refused (``reason``, ``detail``) or could not be reached."""
+
+    def __init__(self, reason: str, detail: Any = "") -> None:
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def request_enrolment(store_url: str, token: str, node_id: str, site: str | None = None,
+                      group: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    body = {"token": token, "node_id": node_id, "site": site, "group": group}
+    req = urllib.request.Request(f"{store_url.rstrip('/')}/api/v1/enrol",
+                                 data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as err:
+        try:
+            info = json.load(err)
+        except ValueError:
+            info = {}
+        raise EnrolError(info.get("error", f"http_{err.code}"), info.get("detail", "")) from err
+    except (urllib.error.URLError, OSError) as err:
+        raise EnrolError("unreachable", f"cannot reach the AppStore at {store_url}: "
+                         f"{getattr(err, 'reason', err)}") from err
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if path.suffix == ".toml":
+        raise ConfigError(f"{path}: enrol writes JSON configs; give --config FILE.json "
+                          "(copy the TOML settings into it)")
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be an object")
+    return raw
+
+
+def merged_config(path: Path, enrolled: dict[str, Any],
+                  data_dir: Path | None = None) -> dict[str, Any]:
+    """The config at ``path`` with the enrolment merged in, validated."""
+    raw = _read(path)
+    m = enrolled["mqtt"]
+    over: dict[str, Any] = {"node_id": enrolled["node_id"], "mqtt": {
+        "host": m["host"], "port": m["port"], "topic_prefix": m["topic_prefix"],
+        "username": m["username"], "password": m["password"]}}
+    if data_dir is not None:
+        over["data_dir"] = str(data_dir)
+    raw = _merge(raw, over)
+    try:
+        NodeConfig.model_validate(raw)
+    except Exception as err:  # noqa: BLE001 - pydantic's ValidationError, said plainly
+        msg = _fmt(err) if hasattr(err, "errors") else str(err)
+        raise ConfigError(f"the enrolled config would be invalid: {msg}") from err
+    return raw
+
+
+def write_config(path: Path, enrolled: dict[str, Any], data_dir: Path | None = None) -> None:
+    """Merge the enrolment into the config at ``path``; validate; write it 0600."""
+    raw = merged_config(path, enrolled, data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(raw, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def register(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("enrol", help="enrol this node with a one-time token: write its "
+                        "broker credentials into its config (mode 0600)")
+    p.add_argument("--store", required=True, help="the AppStore's URL, e.g. http://cloud:8080")
+    p.add_argument("--token", required=True, help="the token from `aidc store token create`")
+    p.add_argument("--config", type=Path, required=True, help="the node's JSON config "
+                   "(created when missing, else updated)")
+    p.add_argument("--node-id", help="default: node_id in the config")
+    p.add_argument("--data-dir", type=Path, help="set data_dir (needed for a new config)")
+    p.add_argument("--site")
+    p.add_argument("--group")
+    p.set_defaults(func=cmd_enrol)
+
+
+def cmd_enrol(args: argparse.Namespace) -> int:
+    try:
+        node_id = args.node_id or _read(args.config).get("node_id")
+        if not node_id:
+            raise ConfigError("say which node: --node-id ID (the config has no node_id)")
+        if not args.data_dir and not _read(args.config).get("data_dir"):
+            raise ConfigError("a new config needs --data-dir DIR")
+        # check the config would be valid before the token is spent
+        merged_config(args.config, {"node_id": node_id, "mqtt": {
+            "host": "x", "port": 1883, "topic_prefix": "", "username": "x", "password": "x"}},
+            args.data_dir)
+        enrolled = request_enrolment(args.store, args.token, node_id, args.site, args.group)
+        write_config(args.config, enrolled, args.data_dir)
+    except ConfigError as err:
+        print(f"aidc edge enrol: {err}", file=sys.stderr)
+        return 2
+    except EnrolError as err:
+        print(f"aidc edge enrol: refused: {err.reason}: {err.detail}", file=sys.stderr)
+        return 3 if err.reason == "unreachable" else 1
+    m = enrolled["mqtt"]
+    print(f"node {node_id} enrolled: broker {m['url']} as user {m['username']}; "
+          f"credentials written to {args.config} (mode 0600)"
+          + ("" if enrolled.get("broker_reloaded") else
+             "\nwarning: the AppStore could not reload the broker; the node may be refused "
+             "until it is reloaded"))
+    return 0
