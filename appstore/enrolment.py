@@ -72,7 +72,11 @@ class Enrolment:
     """Tokens, enrolled nodes and the broker files, on the AppStore's database."""
 
     def __init__(self, cfg: AppStoreConfig, store: Store,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_revoked: Callable[[str], Any] | None = None) -> None:
+        """``on_revoked(node_id)``: called after a revocation (the service
+        publishes the node's retained availability as offline: the broker
+        drops a revoked node's last will, which its ACL no longer allows)."""
         if cfg.enrolment is None:
             raise ValueError("enrolment is off in this AppStore's config")
         self.cfg = cfg
@@ -80,6 +84,7 @@ class Enrolment:
         self.store = store
         self.topics = Topics(prefix=cfg.topic_prefix)
         self.clock = clock
+        self.on_revoked = on_revoked
 
     # -- operators ----------------------------------------------------------------
     def create_token(self, ttl_s: Any = None, by: str | None = None,
@@ -136,8 +141,11 @@ class Enrolment:
             if not already:
                 db.execute("update node_credentials set revoked_at = ?, revoked_by = ? "
                            "where node_id = ?", [now, by, node_id])
+                db.execute("update nodes set online = 0 where node_id = ?", [node_id])
             self._write_files(db)
         reloaded = self.reload()
+        if self.on_revoked is not None and not already:
+            self.on_revoked(node_id)
         logger.warning("node %s revoked by %s%s", node_id, by or "?",
                        " (it already was)" if already else "")
         return {"node_id": node_id, "revoked": True, "already": already,

@@ -25,6 +25,7 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 from cloud_sync.connection import MqttConnection
+from cloud_sync.schemas import Availability
 from cloud_sync.topics import Topics
 
 from .api import ApiContext, create_app
@@ -95,7 +96,7 @@ class AppStoreService:
         self.registry = Registry(self.store)
         self.feedback = FeedbackStore(self.store, ContentStore(cfg.samples_dir))
         if cfg.enrolment is not None:  # the broker must know our own user first
-            self.enrolment = Enrolment(cfg, self.store)
+            self.enrolment = Enrolment(cfg, self.store, on_revoked=self._revoked)
             self.enrolment.sync()
         self.conn = MqttConnection(
             f"appstore-{secrets.token_hex(4)}", cfg.mqtt_host, cfg.mqtt_port,
@@ -123,6 +124,14 @@ class AppStoreService:
         self._http_thread.start()
         logger.info("AppStore up: %s (mqtt %s:%s, prefix %r, key %s)", self.url,
                     cfg.mqtt_host, cfg.mqtt_port, cfg.topic_prefix, self.key.key_id)
+
+    def _revoked(self, node_id: str) -> None:
+        """A revoked node's last will is dropped by the broker (its ACL is gone):
+        say it is offline in its place, retained, so every worker and a restarted
+        AppStore agree."""
+        if self.conn is not None:
+            self.conn.publish(self.topics.availability(node_id),
+                              Availability(status="offline").to_bytes(), qos=1, retain=True)
 
     @property
     def url(self) -> str:

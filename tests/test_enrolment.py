@@ -26,7 +26,7 @@ from appstore.service import AppStoreService
 from cloud_sync.topics import Topics
 from edge_node.config import load_config as load_node_config
 from installer.cli import main
-from tests.appstore_support import store, wait_until  # noqa: F401 - fixture
+from tests.appstore_support import digits_dir, store, wait_until  # noqa: F401 - fixtures
 from tests.brokers import Broker, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -117,6 +117,13 @@ def secured(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     svc.broker = broker  # type: ignore[attr-defined]
     peers: list[Peer] = []
     svc.peer = lambda u, p: peers.append(Peer(broker, u, p)) or peers[-1]  # type: ignore
+
+    def peer_ok(u: str, p: str) -> Peer:
+        """A peer that must get in: the broker reloads on SIGHUP asynchronously, so a
+        connect right after an enrolment may still meet the old files (a node's
+        agent retries the same way)."""
+        return wait_until(lambda: (c := svc.peer(u, p)).ok and c, timeout=5)
+    svc.peer_ok = peer_ok  # type: ignore[attr-defined]
     yield svc
     for p in peers:
         p.stop()
@@ -162,8 +169,8 @@ def test_enrolled_node_talks_on_its_own_topics_and_no_other(
 
     watch = svc.peer("appstore", svc.cfg.mqtt_password)
     watch.sub(f"{topics.root}/#")
-    a = svc.peer(ncfg.mqtt.username, ncfg.mqtt.password)
-    nb = svc.peer(b["username"], b["password"])
+    a = svc.peer_ok(ncfg.mqtt.username, ncfg.mqtt.password)
+    nb = svc.peer_ok(b["username"], b["password"])
     assert a.ok and nb.ok
     anon = svc.peer(None, None)
     assert not anon.ok and "authori" in str(anon.rc).lower()
@@ -252,7 +259,7 @@ def test_revoked_node_cannot_connect_after_the_reload(
     b = _enrol(svc, "site-b").json["mqtt"]
     watch = svc.peer("appstore", svc.cfg.mqtt_password)
     watch.sub(f"{topics.root}/#")
-    na, nb = svc.peer(a["username"], a["password"]), svc.peer(b["username"], b["password"])
+    na, nb = svc.peer_ok(a["username"], a["password"]), svc.peer_ok(b["username"], b["password"])
     na.pub(topics.events("site-a"), b"before")
     watch.expect(topics.events("site-a"), b"before")
 
@@ -274,7 +281,7 @@ def test_revoked_node_cannot_connect_after_the_reload(
     assert (r.status_code, r.json["error"]) == (404, "not_enrolled")
 
     again = _enrol(svc, "site-a").json["mqtt"]
-    assert svc.peer(again["username"], again["password"]).ok
+    assert svc.peer_ok(again["username"], again["password"]).ok
     assert not svc.peer(a["username"], a["password"]).ok
 
 
@@ -326,3 +333,54 @@ def test_edge_enrol_merges_into_the_config_and_checks_it_before_spending(
     assert raw["http"] == {"port": 9999} and raw["mqtt"]["keepalive"] == 60
     assert raw["mqtt"]["username"] == "site-c" and raw["mqtt"]["password"]
     assert os.stat(conf).st_mode & 0o777 == 0o600
+
+
+def test_enrolled_agent_runs_the_whole_loop_on_the_locked_broker(
+        secured: AppStoreService, tmp_path: Path, digits_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A real edge agent started from the config `aidc edge enrol` wrote gets the
+    assigned app (desired state, package chunks), serves it, and its hard examples
+    reach the AppStore and are acked -- every topic the agent uses is in its ACL;
+    revoked, it goes offline for the AppStore (its last will)."""
+    from edge_node.agent import NodeAgent
+    from tests.test_e2e import assign, feedback, http, node_app, publish
+
+    svc = secured
+    keys = tmp_path / "edge" / "trusted_keys"
+    keys.mkdir(parents=True)
+    (keys / "store.pub").write_bytes(svc.key.public_pem())
+    conf = tmp_path / "node.json"
+    conf.write_text(json.dumps({"node_id": "site-1", "data_dir": str(tmp_path / "edge"),
+                                "http": {"port": 0}, "feedback": {"threshold": 1.0}}))
+    assert main(["edge", "enrol", "--store", svc.url, "--token", _token(svc),
+                 "--config", str(conf)]) == 0, capsys.readouterr()
+    agent = NodeAgent(load_node_config(conf))
+    agent.start()
+    try:
+        manifest = json.loads((digits_dir / "manifest.json").read_text())
+        publish(svc, digits_dir / "model.onnx", manifest, digits_dir / "labels.txt",
+                tmp_path / "d.aidc")
+        assign(svc)
+        wait_until(lambda: (node_app(svc) or {}).get("status") == "ready", timeout=60)
+        import numpy as np
+
+        from tests.models import digit_png
+        X = np.load(digits_dir / "heldout.npz")["X_test"]
+        for x in X[:10]:
+            status, body = http("POST", f"{agent.http_url}/v2/models/digits/classify",
+                                digit_png(x), "image/png")
+            assert status == 200, body
+        kept = wait_until(lambda: agent.capture.stats.get("samples_kept", 0), timeout=10)
+        wait_until(lambda: len(feedback(svc)) >= kept and agent.outbox.pending() == 0,
+                   timeout=30)
+        assert agent.conn.stats.get("subscribe_refused", 0) == 0
+
+        assert main(["store", "revoke", "site-1", "--api", svc.url]) == 0
+        wait_until(lambda: not agent.conn.connected.is_set(), timeout=10)
+        assert not svc.registry.get_node("site-1")["online"]
+        watch = svc.peer("appstore", svc.cfg.mqtt_password)  # what a restarted store reads
+        watch.sub(Topics(prefix=svc.cfg.topic_prefix).availability("site-1"))
+        _topic, retained = watch.got.get(timeout=5)
+        assert json.loads(retained)["status"] == "offline"
+    finally:
+        agent.stop()
