@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from .config import NodeConfig, _fmt, _merge
 from .errors import ConfigError
 
@@ -78,9 +80,8 @@ def merged_config(path: Path, enrolled: dict[str, Any],
     raw = _merge(raw, over)
     try:
         NodeConfig.model_validate(raw)
-    except Exception as err:  # noqa: BLE001 - pydantic's ValidationError, said plainly
-        msg = _fmt(err) if hasattr(err, "errors") else str(err)
-        raise ConfigError(f"the enrolled config would be invalid: {msg}") from err
+    except ValidationError as err:
+        raise ConfigError(f"the enrolled config would be invalid: {_fmt(err)}") from err
     return raw
 
 
