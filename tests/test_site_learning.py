@@ -47,6 +47,11 @@ def test_the_gate_decides_on_held_out_gain_and_replay_loss():
     assert not ok and "forgets" in why
     ok, why = decide(gate, {"heldout": {"n": 5, "base": 0.5, "candidate": 1.0}})
     assert not ok and "not enough held-out" in why
+    # limits are inclusive, whatever float rounding does to 1.00 - 0.95 or 0.72 - 0.70
+    ok, why = decide(SimpleNamespace(min_heldout=10, min_gain=0.02, max_regression=0.05),
+                     {"heldout": {"n": 50, "base": 0.70, "candidate": 0.72},
+                      "replay": {"n": 100, "base": 1.0, "candidate": 0.95}})
+    assert ok, why
 
 
 def _publish_with_gate(store, digits_dir, tmp_path, **gate):  # noqa: F811

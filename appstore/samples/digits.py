@@ -19,7 +19,7 @@ SPLIT_SEED = 0
 LABELS = [str(i) for i in range(10)]
 
 
-REPLAY_PER_CLASS = 30
+REPLAY_PER_CLASS = 60
 
 
 def digits_manifest(version: str = "1.0.0") -> dict:
@@ -101,7 +101,8 @@ def build_digits_sample(out_dir: Path, version: str = "1.0.0") -> Path:
     (out_dir / "manifest.json").write_text(json.dumps(digits_manifest(version), indent=2) + "\n")
     np.savez(out_dir / "heldout.npz", X_test=X_test.astype(np.float32),
              y_test=y_test.astype(np.int64))
-    # the replay set: 30 training images per class, from the base distribution
+    # the replay set: 60 training images per class, from the base distribution (a third
+    # of it is the gate's replay check: 200 rows, so 2 points are 4 images)
     rng = np.random.default_rng(SPLIT_SEED)
     pick = np.concatenate([rng.choice(np.flatnonzero(y_train == c), REPLAY_PER_CLASS,
                                       replace=False) for c in range(10)])
