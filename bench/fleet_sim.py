@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import importlib.metadata
 import http.client
 import json
 import logging
@@ -301,7 +302,7 @@ class SimOptions:
     host: str
     port: int
     prefix: str
-    heartbeat_s: float = 10.0
+    heartbeat_s: float = 60.0
     keepalive: int = 60
     connecting: int = 100  # CONNACKs outstanding per process at most
     seed: int = 0
@@ -511,7 +512,8 @@ class Worker:
                     if not started and self._go:
                         started = True
                         hb = self.opts.heartbeat_s
-                        heap = [(time.monotonic() + hb * (1 + self.rng.random()), i)
+                        # spread over one interval, as a fleet's clocks are
+                        heap = [(time.monotonic() + hb * self.rng.random(), i)
                                 for i in range(len(self.nodes))]
                         heapq.heapify(heap)
                     continue
@@ -973,6 +975,60 @@ def run_size(n: int, args: argparse.Namespace, sample: Path, work: Path) -> dict
         broker.stop()
 
 
+# -- where one assign's time goes ------------------------------------------------------
+def profile_assign(n: int, work: Path, sample: Path, top: int = 25) -> str:
+    """``n`` assigns through the REST handler under cProfile, in process.
+
+    A real broker and a real :class:`AppStoreService` (SQLite in ``work``), the
+    calls made with Flask's test client on this thread (so cProfile sees the
+    handler, the registry, SQLite and the publish; not the HTTP server's socket
+    work, which is the measured latency less this). Returns a text report.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    from appstore.config import load_config
+    from appstore.publish import build_package
+    from appstore.service import AppStoreService
+
+    broker = Broker(work).start()
+    cfg = load_config(data_dir=str(work / "profile-store"), mqtt_port=broker.port, http_port=0)
+    svc = AppStoreService(cfg).start()
+    try:
+        if not svc.wait_connected(10):
+            raise RuntimeError("the in-process AppStore did not connect")
+        manifest = json.loads((sample / "manifest.json").read_text())
+        manifest.update(name=APP, version="1.0.0")
+        pkg = work / "profile.aidc"
+        build_package(sample / "model.onnx", manifest, sample / "labels.txt", svc.key, pkg)
+        svc.catalog.add_package_file(pkg)
+        client = svc.app.test_client()
+        body = json.dumps({"version": "1.0.0"})
+        for i in range(min(50, n)):  # warm up (imports, first connections)
+            client.put(f"/api/v1/nodes/warm-{i}/apps/{APP}", data=body,
+                       content_type="application/json")
+        prof = cProfile.Profile()
+        c0, t0 = time.process_time(), time.perf_counter()
+        prof.enable()
+        for i in range(n):
+            r = client.put(f"/api/v1/nodes/prof-{i:05d}/apps/{APP}", data=body,
+                           content_type="application/json")
+            assert r.status_code == 200, r.data
+        prof.disable()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        s = io.StringIO()
+        st = pstats.Stats(prof, stream=s)
+        st.sort_stats("cumulative").print_stats(top)
+        st.sort_stats("tottime").print_stats(top)
+        return (f"{n} assigns in process (under cProfile, which inflates Python time): "
+                f"{1000 * wall / n:.2f} ms wall, {1000 * cpu / n:.2f} ms CPU (process) each\n"
+                + s.getvalue())
+    finally:
+        svc.stop()
+        broker.stop()
+
+
 # -- report --------------------------------------------------------------------------
 def _f(x: float | None, nd: int = 2) -> str:
     return "—" if x is None else f"{x:.{nd}f}"
@@ -994,7 +1050,7 @@ def machine_line() -> str:
         "\n")[0].replace("mosquitto version ", "")
     return (f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, {mem} GB, "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"paho-mqtt {mqtt.__version__ if hasattr(mqtt, '__version__') else '2'}, "
+            f"paho-mqtt {importlib.metadata.version('paho-mqtt')}, "
             f"Mosquitto {mosq}")
 
 
@@ -1065,7 +1121,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--rollout-api", default="per-node", choices=sorted(ROLLOUT_APIS))
     ap.add_argument("--assign-concurrency", type=int, default=1,
                     help="keep-alive connections the operator's script assigns over")
-    ap.add_argument("--heartbeat", type=float, default=10.0, help="telemetry interval, s")
+    ap.add_argument("--heartbeat", type=float, default=60.0,
+                    help="telemetry interval, s (60: the edge agent's)")
     ap.add_argument("--connecting", type=int, default=100,
                     help="CONNACKs outstanding per simulator process at most")
     ap.add_argument("--idle", type=float, default=10.0, help="idle window, s (0: none)")
@@ -1075,6 +1132,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="skip the broker-alone connect reference")
     ap.add_argument("--out", type=Path, default=OUT, help="where fleet-<stamp>.md/.json go")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--note", default="", help="a line for the report (e.g. which commit)")
+    ap.add_argument("--profile-assign", type=int, default=0, metavar="N",
+                    help="instead: profile N assigns through the REST handler in process")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     nofile = raise_nofile()
@@ -1088,6 +1148,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         from appstore.samples.digits import build_digits_sample
 
         sample = build_digits_sample(work / "sample")
+        if args.profile_assign:
+            print(profile_assign(args.profile_assign, work, sample))
+            return []
         for n in sizes:
             say(f"-- {n} nodes (load {loadavg()})")
             t = time.monotonic()
@@ -1103,7 +1166,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         shutil.rmtree(work, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     head = (f"# Fleet scale (bench/fleet_sim.py), {time.strftime('%Y-%m-%d %H:%M')}\n\n"
-            f"Machine: {machine_line()}\n\nArgs: {vars(args)}\n\n")
+            f"Machine: {machine_line()}; load average {loadavg()} at the end\n\n"
+            f"{args.note + chr(10) + chr(10) if args.note else ''}Args: {vars(args)}\n\n")
     md = head + tables(results, args) + "\n"
     say("")
     say(md)
