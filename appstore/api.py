@@ -46,6 +46,7 @@ class ApiContext:
     datasets: Any = None  # appstore.retrain.Datasets
     retrainer: Any = None  # appstore.retrain.Retrainer
     enrolment: Any = None  # appstore.enrolment.Enrolment, or None: enrolment is off
+    rollouts: Any = None  # appstore.rollouts.RolloutEngine
 
 
 def _error(status: int, reason: str, detail: Any = "") -> Any:
@@ -210,6 +211,38 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
     @bp.get("/retrains/<rid>")
     def retrain_get(rid: str) -> Any:
         return jsonify(ctx.retrainer.get(rid))
+
+    @bp.put("/nodes/<node_id>/labels")
+    def node_labels(node_id: str) -> Any:
+        body = _json_body()
+        return jsonify(ctx.registry.set_labels(node_id, body.get("site"), body.get("group"),
+                                               body.get("tags")))
+
+    @bp.post("/rollouts")
+    def rollout_create() -> Any:
+        return jsonify(ctx.rollouts.create(_json_body())), 201
+
+    @bp.get("/rollouts")
+    def rollout_list() -> Any:
+        return jsonify({"rollouts": ctx.rollouts.list(request.args.get("app"))})
+
+    @bp.get("/rollouts/<rid>")
+    def rollout_get(rid: str) -> Any:
+        return jsonify(ctx.rollouts.get(rid, nodes=request.args.get("nodes") != "0"))
+
+    @bp.post("/rollouts/<rid>/<action>")
+    def rollout_action(rid: str, action: str) -> Any:
+        body = _json_body() if request.data else {}
+        by = body.get("by")
+        if action == "pause":
+            return jsonify(ctx.rollouts.pause(rid, by))
+        if action == "resume":
+            return jsonify(ctx.rollouts.resume(rid, by))
+        if action == "abort":
+            return jsonify(ctx.rollouts.abort(rid, by, bool(body.get("rollback"))))
+        if action == "rollback":
+            return jsonify(ctx.rollouts.rollback(rid, by))
+        raise NotFound("unknown_action", f"{action!r}: use pause, resume, abort or rollback")
 
     @bp.get("/telemetry")
     def telemetry() -> Any:

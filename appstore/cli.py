@@ -308,6 +308,79 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_rollout(r: dict[str, Any]) -> str:
+    waves = " ".join(f"{w['nodes']}" + (f"[{','.join(f'{k}:{v}' for k, v in w['states'].items())}]"
+                                        if w["states"] else "") for w in r["waves"])
+    return (f"{r['rollout_id']} {r['app']} {r['version']}: {r['state']} (wave {r['wave']} of "
+            f"{len(r['waves'])}: {waves}){' -- ' + r['reason'] if r.get('reason') else ''}")
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    import time
+
+    api = ApiClient(args.api)
+    if args.rollout_cmd == "list":
+        rows = api.get("/rollouts", app=args.app)["rollouts"]
+        _out(args, rows, [_fmt_rollout(r) for r in rows])
+        return 0
+    if args.rollout_cmd == "start":
+        target: dict[str, Any] = {}
+        if args.node:
+            target["nodes"] = args.node
+        for key in ("group", "site"):
+            if getattr(args, key):
+                target[key] = getattr(args, key)
+        if args.tag:
+            target["tags"] = args.tag
+        if args.all:
+            target["all"] = True
+        waves: dict[str, Any] = {"canary": args.canary}
+        if args.wave_size:
+            waves["wave_size"] = args.wave_size
+        elif args.steps:
+            waves["steps"] = [float(x) for x in args.steps.split(",")]
+        gate = {k: v for k, v in (("bake_s", args.bake), ("ready_timeout_s", args.ready_timeout),
+                                  ("max_error_rate", args.max_error_rate),
+                                  ("max_p95_ms", args.max_p95_ms),
+                                  ("min_accuracy", args.min_accuracy)) if v is not None}
+        body = {"app": args.app, "version": args.version, "target": target, "waves": waves,
+                "gate": gate, "by": args.by}
+        r = api.request("POST", "/rollouts", json.dumps(body).encode())
+    elif args.rollout_cmd == "status":
+        r = api.get(f"/rollouts/{args.rollout_id}")
+    else:  # pause, resume, abort, rollback
+        body = {"by": args.by}
+        if args.rollout_cmd == "abort":
+            body["rollback"] = args.rollback
+        r = api.request("POST", f"/rollouts/{args.rollout_id}/{args.rollout_cmd}",
+                        json.dumps(body).encode())
+    last = None
+    while True:
+        line = _fmt_rollout(r)
+        if line != last:
+            if getattr(args, "json", False) and not getattr(args, "wait", False):
+                print(json.dumps(r, indent=2))
+            else:
+                print(line)
+            last = line
+        if not getattr(args, "wait", False) or r["state"] in ("succeeded", "failed", "aborted"):
+            break
+        time.sleep(1.0)
+        r = api.get(f"/rollouts/{r['rollout_id']}", nodes="0")
+    if getattr(args, "wait", False):
+        return 0 if r["state"] == "succeeded" else 3
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    body = {"site": args.site, "group": args.group, "tags": args.tag}
+    r = ApiClient(args.api).request("PUT", f"/nodes/{args.node}/labels",
+                                    json.dumps(body).encode())
+    print(f"{r['node_id']}: site={r.get('site') or '-'} group={r.get('group') or '-'} "
+          f"tags={','.join(r.get('tags') or []) or '-'}")
+    return 0
+
+
 def cmd_feedback(args: argparse.Namespace) -> int:
     rows = ApiClient(args.api).get("/feedback", app=args.app, node=args.node,
                                    version=args.version, limit=args.limit)["feedback"]
@@ -511,6 +584,56 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                        "configured")
     _local_opts(p)
     p.set_defaults(func=_guard(cmd_broker_files))
+
+    p = sub.add_parser("label", help="where NODE sits: site, group, tags (rollout targets)")
+    p.add_argument("node")
+    p.add_argument("--site")
+    p.add_argument("--group")
+    p.add_argument("--tag", action="append", default=None, help="repeatable; replaces the tags")
+    _api_opt(p)
+    p.set_defaults(func=_guard(cmd_labels))
+
+    p = sub.add_parser("rollout", help="roll a version out in waves with health gates")
+    rsub = p.add_subparsers(dest="rollout_cmd", metavar="COMMAND", required=True)
+    r = rsub.add_parser("start", help="APP VERSION to a target, canary first, wave by wave")
+    r.add_argument("app")
+    r.add_argument("version")
+    r.add_argument("--node", action="append", default=[], help="a target node (repeatable)")
+    r.add_argument("--group")
+    r.add_argument("--site")
+    r.add_argument("--tag", action="append", default=[], help="nodes with every tag given")
+    r.add_argument("--all", action="store_true", help="the whole fleet")
+    r.add_argument("--canary", type=int, default=1, help="nodes in the first wave (default 1)")
+    r.add_argument("--steps", help="cumulative percentages after the canary, e.g. 10,50,100")
+    r.add_argument("--wave-size", type=int, help="instead of --steps: nodes per wave")
+    r.add_argument("--bake", type=float, help="seconds each wave is watched once ready "
+                   "(default 60)")
+    r.add_argument("--ready-timeout", type=float, help="seconds a wave may take to be ready "
+                   "(default 300)")
+    r.add_argument("--max-error-rate", type=float, help="default 0.05")
+    r.add_argument("--max-p95-ms", type=float)
+    r.add_argument("--min-accuracy", type=float, help="field accuracy where labelled")
+    r.add_argument("--by", help="who asks (recorded)")
+    r.add_argument("--wait", action="store_true", help="follow it to the end (exit 0 "
+                   "succeeded, 3 failed or aborted)")
+    _api_opt(r, json_out=True)
+    r.set_defaults(func=_guard(cmd_rollout))
+    r = rsub.add_parser("list", help="the rollouts, newest first")
+    r.add_argument("--app")
+    _api_opt(r, json_out=True)
+    r.set_defaults(func=_guard(cmd_rollout))
+    for name, hlp in (("status", "one rollout: waves, nodes, log"),
+                      ("pause", "start no new wave"), ("resume", "carry on"),
+                      ("abort", "stop here"), ("rollback", "every node it moved back")):
+        r = rsub.add_parser(name, help=hlp)
+        r.add_argument("rollout_id")
+        r.add_argument("--by", help="who asks (recorded)")
+        if name == "abort":
+            r.add_argument("--rollback", action="store_true", help="and move its nodes back")
+        if name in ("status", "resume"):
+            r.add_argument("--wait", action="store_true", help="follow it to the end")
+        _api_opt(r, json_out=True)
+        r.set_defaults(func=_guard(cmd_rollout))
 
     p = sub.add_parser("feedback", help="list hard examples uploaded by the fleet")
     p.add_argument("--app")

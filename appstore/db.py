@@ -166,6 +166,35 @@ def m009_enrolment(db: Database) -> None:
         pk="node_id", not_null={"username", "password_hash", "enrolled_at"})
 
 
+@migrations()
+def m010_rollouts(db: Database) -> None:
+    """Fleet rollouts (appstore/rollouts.py): where each node sits (site, group,
+    tags) for targeting, each node's app health per version from its telemetry,
+    and the rollouts with their per-node state and log."""
+    db["nodes"].add_column("site", str)
+    db["nodes"].add_column("grp", str)
+    db["nodes"].add_column("tags", str)
+    db["app_health"].create(
+        {"node_id": str, "app": str, "version": str, "since": float, "updated_at": float,
+         "requests": int, "errors": int, "p95_max_ms": float, "reports": int},
+        pk=("node_id", "app"))
+    db["rollouts"].create(
+        {"rollout_id": str, "app": str, "version": str, "target": str, "plan": str,
+         "gate": str, "state": str, "wave": int, "wave_started_at": float,
+         "ready_at": float, "reason": str, "created_at": float, "created_by": str,
+         "updated_at": float, "finished_at": float, "deadline": float},
+        pk="rollout_id", not_null={"app", "version", "state", "created_at"})
+    db["rollouts"].create_index(["state"])
+    db["rollout_nodes"].create(
+        {"rollout_id": str, "node_id": str, "wave": int, "prev_version": str,
+         "state": str, "reason": str, "updated_at": float},
+        pk=("rollout_id", "node_id"))
+    db["rollout_nodes"].create_index(["rollout_id", "wave"])
+    db["rollout_log"].create(
+        {"id": int, "rollout_id": str, "ts": float, "what": str, "detail": str}, pk="id")
+    db["rollout_log"].create_index(["rollout_id", "ts"])
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

@@ -142,6 +142,7 @@ class FeedbackStore:
                        "ts = excluded.ts, received_at = excluded.received_at, "
                        "data = excluded.data", [node_id, app, msg.ts, received_at,
                                                 json.dumps(data)])
+            FeedbackStore._health(db, node_id, app, t, msg.ts)
             key = ("version", "variant", "labelled", "correct", "samples_kept",
                    "samples_labelled")
             old = json.loads(prev[0]["data"]) if prev else None
@@ -151,6 +152,25 @@ class FeedbackStore:
                     **{k: data[k] for k in key}, "accuracy": data["accuracy"]})
                 added += 1
         return added
+
+    @staticmethod
+    def _health(db: Database, node_id: str, app: str, t: Any, ts: float) -> None:
+        """Accumulate the app's serving figures per version (rollout health gates):
+        a new version on the node starts from zero."""
+        db.execute(
+            "insert into app_health (node_id, app, version, since, updated_at, requests, "
+            "errors, p95_max_ms, reports) values (:n, :a, :v, :ts, :ts, :r, :e, :p, 1) "
+            "on conflict(node_id, app) do update set "
+            "since = iif(version = excluded.version, since, excluded.since), "
+            "requests = iif(version = excluded.version, requests, 0) + excluded.requests, "
+            "errors = iif(version = excluded.version, errors, 0) + excluded.errors, "
+            "p95_max_ms = iif(version = excluded.version, "
+            "  max(coalesce(p95_max_ms, 0), coalesce(excluded.p95_max_ms, 0)), "
+            "  excluded.p95_max_ms), "
+            "reports = iif(version = excluded.version, reports, 0) + 1, "
+            "updated_at = excluded.updated_at, version = excluded.version",
+            {"n": node_id, "a": app, "v": t.version, "ts": ts, "r": t.requests,
+             "e": t.errors, "p": t.latency_p95_ms})
 
     def telemetry(self, app: str | None = None, node: str | None = None) -> list[dict]:
         where, args = [], []

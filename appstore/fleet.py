@@ -93,6 +93,9 @@ class Fleet:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats: Counter[str] = Counter()
+        #: called after a batch with reported states or telemetry is committed
+        #: (the rollout engine ticks at once instead of at its next tick)
+        self.on_reported: Any = None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -228,6 +231,9 @@ class Fleet:
                     item = None
                 if item is not None:
                     acks[node_id].append(item)
+        if self.on_reported is not None and any(kind != "availability"
+                                                for _, kind in states):
+            self.on_reported()
         for node_id, items in acks.items():
             for i in range(0, len(items), ACKS_PER_MESSAGE):
                 msg = Ack(acks=items[i:i + ACKS_PER_MESSAGE])

@@ -132,6 +132,29 @@ class Registry:
         logger.info("node %s: removed %s (revision %d)", node_id, app, rev)
         return rev
 
+    def set_labels(self, node_id: str, site: str | None, group: str | None,
+                   tags: list[str] | None) -> dict[str, Any]:
+        """Where the node sits (rollout and subscription targets); None leaves a
+        field as it is, "" clears it."""
+        check_node_id(node_id)
+        for name, v in (("site", site), ("group", group)):
+            if v is not None and (not isinstance(v, str) or len(v) > 128):
+                raise BadRequest("bad_labels", f"{name}: a string of at most 128 characters")
+        if tags is not None and (not isinstance(tags, list) or len(tags) > 64 or any(
+                not isinstance(t, str) or not t or len(t) > 64 for t in tags)):
+            raise BadRequest("bad_labels", "tags: a list of at most 64 non-empty strings")
+        with self.store.write() as db:
+            db.execute(_UPSERT, {"node_id": node_id, "online": None, "seen": 0,
+                                 "agent_version": ""})
+            for col, v in (("site", site), ("grp", group)):
+                if v is not None:
+                    db.execute(f"update nodes set {col} = ? where node_id = ?",
+                               [v or None, node_id])
+            if tags is not None:
+                db.execute("update nodes set tags = ? where node_id = ?",
+                           [json.dumps(sorted(set(tags))) if tags else None, node_id])
+        return self.get_node(node_id)
+
     # -- queries ---------------------------------------------------------------
     def desired(self, node_id: str) -> DesiredState:
         with self.store.read() as db:
@@ -194,6 +217,8 @@ class Registry:
             "first_seen": r["first_seen"], "agent_version": r["agent_version"],
             "http_url": r["http_url"], "desired_revision": r["desired_revision"],
             "training": json.loads(r["training"]) if r.get("training") else None,
+            "site": r.get("site"), "group": r.get("grp"),
+            "tags": json.loads(r["tags"]) if r.get("tags") else [],
             "reported_revision": reported["desired_revision"] if reported else None,
             "reported": reported,
         }

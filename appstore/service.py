@@ -38,6 +38,7 @@ from .feedback import FeedbackStore
 from .fleet import Fleet
 from .registry import Registry
 from .retrain import Datasets, Retrainer
+from .rollouts import RolloutEngine
 from .signing import SigningKey, trusted_keys
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class AppStoreService:
         self.feedback: FeedbackStore | None = None
         self.blob_server: Any = None
         self.enrolment: Enrolment | None = None
+        self.rollouts: RolloutEngine | None = None
         self.app: Any = None
         self._http: BaseWSGIServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -106,6 +108,12 @@ class AppStoreService:
                            self.feedback, shared_group=cfg.shared_group,
                            queue_size=cfg.ingest_queue)
         self.fleet.start()
+        self.rollouts = RolloutEngine(
+            self.store, self.catalog, self.registry,
+            assign=lambda node, app, version: self.fleet.assign(node, app, version),
+            unassign=lambda node, app: self.fleet.unassign(node, app))
+        self.fleet.on_reported = self.rollouts.nudge
+        self.rollouts.start()
         self.blob_server = _blob_server(self.conn, self.topics, self.catalog.blob_path,
                                         cfg.shared_group)
         if self.blob_server is not None:
@@ -116,7 +124,7 @@ class AppStoreService:
                                    self.fleet)
         self.app = create_app(ApiContext(cfg, self.catalog, self.registry, self.feedback,
                                          self.fleet, self.trusted_keys, self.datasets,
-                                         self.retrainer, self.enrolment))
+                                         self.retrainer, self.enrolment, self.rollouts))
         self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True,
                                  request_handler=_QuietHandler)
         self._http_thread = threading.Thread(target=self._http.serve_forever,
@@ -156,6 +164,8 @@ class AppStoreService:
             self.blob_server.stop()
         if getattr(self, "retrainer", None) is not None:
             self.retrainer.join()
+        if self.rollouts is not None:
+            self.rollouts.stop()
         if self.fleet is not None:
             self.fleet.stop()
         if self.store is not None:

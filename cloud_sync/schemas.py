@@ -164,6 +164,12 @@ class AppTelemetry(BaseModel):
     shared_features: int = Field(default=0, ge=0)
     #: fine-tune runs on the node by state (promoted, rejected, failed, ...)
     finetunes: dict[str, int] = Field(default_factory=dict)
+    #: inference at the node's HTTP front since the previous telemetry message (the
+    #: interval): requests answered, those that failed (5xx), and the 95th
+    #: percentile latency in ms (upper bound of its histogram bucket; None: none)
+    requests: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    latency_p95_ms: float | None = Field(default=None, ge=0)
 
 
 class Telemetry(Message):

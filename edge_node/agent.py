@@ -60,7 +60,6 @@ from .worker.supervisor import WorkerSupervisor
 
 logger = logging.getLogger(__name__)
 #: seconds between learning-telemetry messages to the cloud (QoS 0)
-TELEMETRY_INTERVAL_S = 60.0
 
 
 class NodeAgent:
@@ -127,8 +126,9 @@ class NodeAgent:
             placement=self.placement, data_dir=d, emit_event=self.emit_event)
         self.telemetry = Telemetry(
             node_id=cfg.node_id, store=self.store, registry=self.registry,
-            reconciler=self.reconciler, interval_s=TELEMETRY_INTERVAL_S,
-            publish=lambda b: self.conn.publish(self.topics.telemetry(cfg.node_id), b, qos=0))
+            reconciler=self.reconciler, interval_s=cfg.telemetry_interval_s,
+            publish=lambda b: self.conn.publish(self.topics.telemetry(cfg.node_id), b, qos=0),
+            serving=lambda: self.v2_service.stats())
         self.flask = Flask("edge_node")
         self.flask.config["MAX_CONTENT_LENGTH"] = cfg.http.max_body_mb << 20
         v2 = make_v2_blueprint(self.registry, max_body_bytes=cfg.http.max_body_mb << 20,
@@ -247,6 +247,11 @@ class NodeAgent:
                             kind="event")
         except CloudSyncError as err:
             logger.warning("event %s not queued: %s", type, err)
+        if type == "app_ready" and getattr(self, "telemetry", None) is not None:
+            # a new version serves: close the telemetry interval now, so the next one
+            # (what rollout health gates read) holds this version's requests only
+            threading.Thread(target=self.telemetry.send, name="telemetry-switch",
+                             daemon=True).start()
 
     def reported_state(self) -> schemas.ReportedState:
         desired = self.reconciler.desired

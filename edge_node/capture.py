@@ -252,15 +252,20 @@ class Capture:
              "score": float(o.result.get("score", 0.0)), "source": o.source}
             for o in obs
         ])
-        self.stats["results"] += len(obs)
-        for o in obs:
-            if o.reason is None or (o.tensor is None and o.image is None and o.pixels is None):
-                continue  # not a hard example (decided in on_result)
-            limit = self._limits.setdefault(o.app, RateLimit(self.cfg.max_per_minute))
-            if not limit.allow():
-                self.stats["samples_rate_limited"] += 1
-                continue
-            self._keep(o)
+        try:
+            for o in obs:
+                if o.reason is None or (o.tensor is None and o.image is None
+                                        and o.pixels is None):
+                    continue  # not a hard example (decided in on_result)
+                limit = self._limits.setdefault(o.app, RateLimit(self.cfg.max_per_minute))
+                if not limit.allow():
+                    self.stats["samples_rate_limited"] += 1
+                    continue
+                self._keep(o)
+        finally:
+            # counted once the batch's samples are kept too: results >= n means the
+            # first n results are fully handled (their samples counted)
+            self.stats["results"] += len(obs)
 
     def _keep(self, o: Observation, label: str | None = None,
               label_source: str | None = None, by: str | None = None) -> dict | None:

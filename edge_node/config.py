@@ -170,6 +170,9 @@ class NodeConfig(_Strict):
     streams: list[StreamConfig] = Field(default_factory=list)
     #: rules that turn stream results into alarms, see docs/alarms.md
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
+    #: seconds between two telemetry messages (per-app accuracy, samples, and the
+    #: interval's requests / errors / p95 latency the cloud's rollout gates read)
+    telemetry_interval_s: float = Field(default=60.0, ge=0.5, le=3600)
     #: public keys (PEM or raw-32-byte files) of publishers whose apps we run;
     #: every *.pub in <data_dir>/trusted_keys is trusted as well
     trusted_keys: list[Path] = Field(default_factory=list)
