@@ -199,6 +199,11 @@ class Enrolment:
                 "revoked_by": None}, pk="node_id")
             db.execute("insert into nodes (node_id, online, desired_revision) values (?, 0, 0) "
                        "on conflict(node_id) do nothing", [node_id])
+            # where it sits, for rollout targets (an operator may change it later)
+            if site:
+                db.execute("update nodes set site = ? where node_id = ?", [site, node_id])
+            if group:
+                db.execute("update nodes set grp = ? where node_id = ?", [group, node_id])
             self._write_files(db)
         reloaded = self.reload()
         logger.info("node %s enrolled with token %s (site %s, group %s)", node_id,

@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,8 @@ def test_enrolled_node_talks_on_its_own_topics_and_no_other(
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "site-a enrolled" in out
+    node_row = json.loads(urllib.request.urlopen(f"{url}/api/v1/nodes/site-a").read())
+    assert node_row["site"] == "mine-1"  # where it sits: a rollout target from now on
     assert os.stat(node_conf).st_mode & 0o777 == 0o600
     ncfg = load_node_config(node_conf)
     assert (ncfg.node_id, ncfg.mqtt.username, ncfg.mqtt.port) == \
