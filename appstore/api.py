@@ -47,6 +47,7 @@ class ApiContext:
     retrainer: Any = None  # appstore.retrain.Retrainer
     enrolment: Any = None  # appstore.enrolment.Enrolment, or None: enrolment is off
     rollouts: Any = None  # appstore.rollouts.RolloutEngine
+    subscriptions: Any = None  # appstore.subscriptions.Subscriptions
 
 
 def _error(status: int, reason: str, detail: Any = "") -> Any:
@@ -217,6 +218,28 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
         body = _json_body()
         return jsonify(ctx.registry.set_labels(node_id, body.get("site"), body.get("group"),
                                                body.get("tags")))
+
+    @bp.get("/apps/<name>/channels")
+    def channels(name: str) -> Any:
+        return jsonify({"app": name, "channels": ctx.subscriptions.channels(name)})
+
+    @bp.put("/apps/<name>/channels/<channel>")
+    def set_channel(name: str, channel: str) -> Any:
+        body = _json_body()
+        return jsonify(ctx.subscriptions.set_channel(name, channel, body.get("version"),
+                                                     body.get("by")))
+
+    @bp.post("/subscriptions")
+    def subscribe() -> Any:
+        return jsonify(ctx.subscriptions.create(_json_body())), 201
+
+    @bp.get("/subscriptions")
+    def subscriptions() -> Any:
+        return jsonify({"subscriptions": ctx.subscriptions.list(request.args.get("app"))})
+
+    @bp.delete("/subscriptions/<int:sid>")
+    def unsubscribe(sid: int) -> Any:
+        return jsonify(ctx.subscriptions.delete(sid))
 
     @bp.post("/rollouts")
     def rollout_create() -> Any:

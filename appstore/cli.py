@@ -324,16 +324,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         _out(args, rows, [_fmt_rollout(r) for r in rows])
         return 0
     if args.rollout_cmd == "start":
-        target: dict[str, Any] = {}
-        if args.node:
-            target["nodes"] = args.node
-        for key in ("group", "site"):
-            if getattr(args, key):
-                target[key] = getattr(args, key)
-        if args.tag:
-            target["tags"] = args.tag
-        if args.all:
-            target["all"] = True
+        target = _target(args)
         waves: dict[str, Any] = {"canary": args.canary}
         if args.wave_size:
             waves["wave_size"] = args.wave_size
@@ -344,7 +335,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                                   ("max_p95_ms", args.max_p95_ms),
                                   ("min_accuracy", args.min_accuracy)) if v is not None}
         body = {"app": args.app, "version": args.version, "target": target, "waves": waves,
-                "gate": gate, "by": args.by}
+                "gate": gate, "by": args.by, "channel": args.channel}
         r = api.request("POST", "/rollouts", json.dumps(body).encode())
     elif args.rollout_cmd == "status":
         r = api.get(f"/rollouts/{args.rollout_id}")
@@ -369,6 +360,53 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         r = api.get(f"/rollouts/{r['rollout_id']}", nodes="0")
     if getattr(args, "wait", False):
         return 0 if r["state"] == "succeeded" else 3
+    return 0
+
+
+def _target(args: argparse.Namespace) -> dict[str, Any]:
+    target: dict[str, Any] = {}
+    if args.node:
+        target["nodes"] = args.node
+    for key in ("group", "site"):
+        if getattr(args, key):
+            target[key] = getattr(args, key)
+    if args.tag:
+        target["tags"] = args.tag
+    if args.all:
+        target["all"] = True
+    return target
+
+
+def cmd_channel(args: argparse.Namespace) -> int:
+    api = ApiClient(args.api)
+    if args.version:
+        api.request("PUT", f"/apps/{args.app}/channels/{args.channel}",
+                    json.dumps({"version": args.version, "by": args.by}).encode())
+    rows = api.get(f"/apps/{args.app}/channels")["channels"]
+    _out(args, rows, [f"{r['app']}@{r['channel']} -> {r['version']} (by "
+                      f"{r['updated_by'] or '?'})" for r in rows])
+    return 0
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    body = {"app": args.app, "channel": args.channel, "target": _target(args), "by": args.by}
+    r = ApiClient(args.api).request("POST", "/subscriptions", json.dumps(body).encode())
+    print(_fmt_subscription(r))
+    return 0
+
+
+def _fmt_subscription(r: dict[str, Any]) -> str:
+    return (f"#{r['id']} {r['app']}@{r['channel']} ({r['version']}) -> "
+            f"{json.dumps(r['target'])}: {r['nodes']} nodes, {r['running']} run it, "
+            f"{r['on_channel_version']} on {r['version']}")
+
+
+def cmd_subscriptions(args: argparse.Namespace) -> int:
+    api = ApiClient(args.api)
+    if args.delete is not None:
+        api.request("DELETE", f"/subscriptions/{args.delete}")
+    rows = api.get("/subscriptions", app=args.app)["subscriptions"]
+    _out(args, rows, [_fmt_subscription(r) for r in rows])
     return 0
 
 
@@ -593,6 +631,33 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     _api_opt(p)
     p.set_defaults(func=_guard(cmd_labels))
 
+    p = sub.add_parser("channel", help="show APP's channels, or point CHANNEL to VERSION")
+    p.add_argument("app")
+    p.add_argument("channel", nargs="?", default="stable")
+    p.add_argument("version", nargs="?")
+    p.add_argument("--by", help="who asks (recorded)")
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_channel))
+
+    p = sub.add_parser("subscribe", help="give APP's channel to a target; nodes that join it "
+                       "later get it too")
+    p.add_argument("app")
+    p.add_argument("--channel", default="stable")
+    p.add_argument("--node", action="append", default=[])
+    p.add_argument("--group")
+    p.add_argument("--site")
+    p.add_argument("--tag", action="append", default=[])
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--by", help="who asks (recorded)")
+    _api_opt(p)
+    p.set_defaults(func=_guard(cmd_subscribe))
+
+    p = sub.add_parser("subscriptions", help="list subscriptions (--delete ID removes one)")
+    p.add_argument("--app")
+    p.add_argument("--delete", type=int, metavar="ID")
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_subscriptions))
+
     p = sub.add_parser("rollout", help="roll a version out in waves with health gates")
     rsub = p.add_subparsers(dest="rollout_cmd", metavar="COMMAND", required=True)
     r = rsub.add_parser("start", help="APP VERSION to a target, canary first, wave by wave")
@@ -613,6 +678,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--max-error-rate", type=float, help="default 0.05")
     r.add_argument("--max-p95-ms", type=float)
     r.add_argument("--min-accuracy", type=float, help="field accuracy where labelled")
+    r.add_argument("--channel", help="point this channel to VERSION when every wave passed")
     r.add_argument("--by", help="who asks (recorded)")
     r.add_argument("--wait", action="store_true", help="follow it to the end (exit 0 "
                    "succeeded, 3 failed or aborted)")

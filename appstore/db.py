@@ -195,6 +195,19 @@ def m010_rollouts(db: Database) -> None:
     db["rollout_log"].create_index(["rollout_id", "ts"])
 
 
+@migrations()
+def m012_subscriptions(db: Database) -> None:
+    """Channels (an app's named pointer to a version) and subscriptions (a channel
+    given to a target), appstore/subscriptions.py; a rollout may move a channel."""
+    db["channels"].create(
+        {"app": str, "channel": str, "version": str, "updated_at": float, "updated_by": str},
+        pk=("app", "channel"))
+    db["subscriptions"].create(
+        {"id": int, "app": str, "channel": str, "target": str, "created_at": float,
+         "created_by": str}, pk="id")
+    db["rollouts"].add_column("channel", str)
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

@@ -116,7 +116,27 @@ class RolloutRequest(BaseModel):
     waves: Waves = Field(default_factory=Waves)
     gate: Gate = Field(default_factory=Gate)
     deadline_s: float = Field(default=6 * 3600.0, gt=0)
+    #: when every wave passed, the app's channel (docs/fleet.md) points to the version
+    channel: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")
     by: str | None = Field(default=None, max_length=200)
+
+
+def resolve_target(db: Any, t: Target, strict: bool = True) -> list[str]:
+    """The registry's nodes a target names, sorted; ``strict``: a listed node id
+    the registry does not know is an error (else it is left out)."""
+    rows = list(db.query("select node_id, site, grp, tags from nodes order by node_id"))
+    known = {r["node_id"] for r in rows}
+    unknown = [n for n in t.nodes if n not in known]
+    if unknown and strict:
+        raise BadRequest("unknown_node", f"not in the registry: {', '.join(unknown[:10])}")
+    picked = {n for n in t.nodes if n in known}
+    if t.all or t.group or t.site or t.tags:
+        for r in rows:
+            tags = set(json.loads(r["tags"])) if r["tags"] else set()
+            if (t.group is None or r["grp"] == t.group) and \
+                    (t.site is None or r["site"] == t.site) and set(t.tags) <= tags:
+                picked.add(r["node_id"])
+    return sorted(picked)
 
 
 def plan_waves(nodes: list[str], waves: Waves) -> list[list[str]]:
@@ -145,8 +165,11 @@ class RolloutEngine:
     def __init__(self, store: Store, catalog: Any, registry: Any,
                  assign: Callable[[str, str, str], Any],
                  unassign: Callable[[str, str], Any],
-                 tick_s: float = 0.5, clock: Callable[[], float] = time.time) -> None:
+                 tick_s: float = 0.5, clock: Callable[[], float] = time.time,
+                 periodic: list[tuple[float, Callable[[], Any]]] | None = None) -> None:
         self.store, self.catalog, self.registry = store, catalog, registry
+        #: (every seconds, fn) run on the engine's thread (subscription reconcile)
+        self.periodic = [[every, fn, 0.0] for every, fn in (periodic or [])]
         self.assign, self.unassign = assign, unassign
         self.tick_s, self.clock = tick_s, clock
         self._stop = threading.Event()
@@ -184,6 +207,7 @@ class RolloutEngine:
                 "plan": json.dumps({"waves": [len(w) for w in waves],
                                     **req.waves.model_dump()}),
                 "gate": req.gate.model_dump_json(), "state": "waiting", "wave": -1,
+                "channel": req.channel,
                 "wave_started_at": None, "ready_at": None, "reason": None,
                 "created_at": now, "created_by": req.by, "updated_at": now,
                 "finished_at": None, "deadline": now + req.deadline_s})
@@ -276,9 +300,9 @@ class RolloutEngine:
         waves = [{"wave": i, "nodes": n, "states": {s: c for (w, s), c in counts.items()
                                                      if w == i}}
                  for i, n in enumerate(plan["waves"])]
-        out = {k: r[k] for k in ("rollout_id", "app", "version", "state", "wave", "reason",
-                                 "created_at", "created_by", "updated_at", "finished_at",
-                                 "wave_started_at", "deadline")}
+        out = {k: r.get(k) for k in (
+            "rollout_id", "app", "version", "channel", "state", "wave", "reason", "created_at",
+            "created_by", "updated_at", "finished_at", "wave_started_at", "deadline")}
         out.update(target=json.loads(r["target"]), gate=json.loads(r["gate"]), waves=waves,
                    log=log)
         if rows is not None:
@@ -294,20 +318,7 @@ class RolloutEngine:
 
     def _resolve(self, t: Target) -> list[str]:
         with self.store.read() as db:
-            rows = list(db.query("select node_id, site, grp, tags from nodes "
-                                 "order by node_id"))
-        known = {r["node_id"] for r in rows}
-        unknown = [n for n in t.nodes if n not in known]
-        if unknown:
-            raise BadRequest("unknown_node", f"not in the registry: {', '.join(unknown[:10])}")
-        picked = set(t.nodes)
-        if t.all or t.group or t.site or t.tags:
-            for r in rows:
-                tags = set(json.loads(r["tags"])) if r["tags"] else set()
-                if (t.group is None or r["grp"] == t.group) and \
-                        (t.site is None or r["site"] == t.site) and set(t.tags) <= tags:
-                    picked.add(r["node_id"])
-        return sorted(picked)
+            return resolve_target(db, t)
 
     # -- the engine --------------------------------------------------------------
     def start(self) -> None:
@@ -332,6 +343,14 @@ class RolloutEngine:
                 self.tick()
             except Exception:  # noqa: BLE001 - the engine must outlive one bad tick
                 logger.exception("rollout tick")
+            now = time.monotonic()
+            for job in self.periodic:
+                if now - job[2] >= job[0]:
+                    job[2] = now
+                    try:
+                        job[1]()
+                    except Exception:  # noqa: BLE001
+                        logger.exception("periodic %s", getattr(job[1], "__name__", job[1]))
 
     def tick(self) -> None:
         with self.store.read() as db:
@@ -401,7 +420,18 @@ class RolloutEngine:
                 self._log(db, rid, "wave_passed", f"wave {wave} passed its gate")
             self._start_wave(r, wave + 1)
         else:
-            self._finish(rid, "succeeded", f"all {n_waves} waves passed their gates")
+            why = f"all {n_waves} waves passed their gates"
+            if r.get("channel"):
+                now = self.clock()
+                with self.store.write() as db:
+                    db.execute(
+                        "insert into channels (app, channel, version, updated_at, updated_by) "
+                        "values (?, ?, ?, ?, ?) on conflict(app, channel) do update set "
+                        "version = excluded.version, updated_at = excluded.updated_at, "
+                        "updated_by = excluded.updated_by",
+                        [r["app"], r["channel"], r["version"], now, f"rollout {rid}"])
+                why += f"; channel {r['channel']} now {r['version']}"
+            self._finish(rid, "succeeded", why)
 
     def _wave_nodes(self, rid: str, wave: int) -> list[dict[str, Any]]:
         with self.store.read() as db:

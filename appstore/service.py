@@ -39,6 +39,7 @@ from .fleet import Fleet
 from .registry import Registry
 from .retrain import Datasets, Retrainer
 from .rollouts import RolloutEngine
+from .subscriptions import Subscriptions
 from .signing import SigningKey, trusted_keys
 
 logger = logging.getLogger(__name__)
@@ -108,10 +109,14 @@ class AppStoreService:
                            self.feedback, shared_group=cfg.shared_group,
                            queue_size=cfg.ingest_queue)
         self.fleet.start()
+        self.subscriptions = Subscriptions(
+            self.store, self.catalog,
+            assign=lambda node, app, version: self.fleet.assign(node, app, version))
         self.rollouts = RolloutEngine(
             self.store, self.catalog, self.registry,
             assign=lambda node, app, version: self.fleet.assign(node, app, version),
-            unassign=lambda node, app: self.fleet.unassign(node, app))
+            unassign=lambda node, app: self.fleet.unassign(node, app),
+            periodic=[(2.0, self.subscriptions.reconcile)])
         self.fleet.on_reported = self.rollouts.nudge
         self.rollouts.start()
         self.blob_server = _blob_server(self.conn, self.topics, self.catalog.blob_path,
@@ -124,7 +129,8 @@ class AppStoreService:
                                    self.fleet)
         self.app = create_app(ApiContext(cfg, self.catalog, self.registry, self.feedback,
                                          self.fleet, self.trusted_keys, self.datasets,
-                                         self.retrainer, self.enrolment, self.rollouts))
+                                         self.retrainer, self.enrolment, self.rollouts,
+                                         self.subscriptions))
         self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True,
                                  request_handler=_QuietHandler)
         self._http_thread = threading.Thread(target=self._http.serve_forever,

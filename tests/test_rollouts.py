@@ -319,3 +319,52 @@ def test_an_offline_node_converges_later_and_operators_control_rollouts(
     assert got == 409 and json.loads(out)["error"] == "not_paused"
     listed = jget(f"{store.url}{API}/rollouts?app=digits")["rollouts"]
     assert [r["state"] for r in listed] == ["aborted", "succeeded"]
+
+
+def test_subscriptions_give_a_channel_to_nodes_as_they_come_and_rollouts_move_it(
+        fleet, digits_dir, tmp_path, capsys):  # noqa: F811
+    """A group subscribed to digits@stable: its nodes get the channel's version, a node
+    labelled into the group later converges by itself, and a rollout that names the
+    channel moves it when every wave passed, so later nodes get the new version."""
+    store, agents, up = fleet
+    _publish(store, digits_dir, tmp_path, "1.0.0")
+    _publish(store, digits_dir, tmp_path, "1.2.0")
+    url = f"{store.url}{API}"
+
+    got, out = http("POST", f"{url}/subscriptions", {"app": "digits", "channel": "stable",
+                                                     "target": {"group": "cameras"}})
+    assert got == 400 and json.loads(out)["error"] == "unknown_channel"
+    got, out = http("PUT", f"{url}/apps/digits/channels/Stable!", {"version": "1.0.0"})
+    assert got == 400 and json.loads(out)["error"] == "bad_channel"
+    got, out = http("PUT", f"{url}/apps/digits/channels/stable", {"version": "7.0.0"})
+    assert got == 404
+    # as an operator would, with the CLI
+    assert store_cli(["store", "channel", "digits", "stable", "1.0.0", "--by", "ops-1",
+                      "--api", store.url]) == 0
+    assert store_cli(["store", "subscribe", "digits", "--channel", "stable", "--group",
+                      "cameras", "--api", store.url]) == 0
+    assert "digits@stable (1.0.0)" in capsys.readouterr().out
+    sub = jget(f"{url}/subscriptions?app=digits")["subscriptions"][0]
+    wait_until(lambda: all(_serving(store, n) == ("1.0.0", "ready") for n in NODES),
+               timeout=90)
+
+    # a node joins the group later: it converges without anyone assigning it
+    up("n4")
+    assert http("PUT", f"{url}/nodes/n4/labels", {"group": "cameras"})[0] == 200
+    wait_until(lambda: _serving(store, "n4") == ("1.0.0", "ready"), timeout=90)
+
+    # a rollout that names the channel moves it when it succeeds
+    ro = _rollout(store, "1.2.0", channel="stable", gate={**FAST_GATE, "min_requests": 0},
+                  waves={"canary": 1, "steps": [100]})
+    done = wait_until(lambda: (s := _state(store, ro["rollout_id"]))["state"] in
+                      ("succeeded", "failed") and s, timeout=120)
+    assert done["state"] == "succeeded" and "channel stable now 1.2.0" in done["reason"], done
+    chans = jget(f"{url}/apps/digits/channels")["channels"]
+    assert [(c["channel"], c["version"]) for c in chans] == [("stable", "1.2.0")]
+    up("n5")
+    assert http("PUT", f"{url}/nodes/n5/labels", {"group": "cameras"})[0] == 200
+    wait_until(lambda: _serving(store, "n5") == ("1.2.0", "ready"), timeout=90)
+    listed = jget(f"{url}/subscriptions?app=digits")["subscriptions"]
+    assert listed[0]["id"] == sub["id"] and listed[0]["nodes"] == 5
+    wait_until(lambda: jget(f"{url}/subscriptions?app=digits")["subscriptions"][0][
+        "on_channel_version"] == 5, timeout=30)
