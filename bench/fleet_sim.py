@@ -580,8 +580,8 @@ class Worker:
         if cmd == "go":
             self._go = True
         elif cmd == "status":
-            tag = arg
-            times = self.applied.get(tag, []) if tag else []
+            tag, since = arg
+            times = [t for t in self.applied.get(tag, []) if t >= since] if tag else []
             self.pipe.send({"ready": self.ready, "last_ready": self.last_ready,
                             "nodes": len(self.nodes), "applied": len(times),
                             "last_applied": max(times) if times else 0.0,
@@ -643,10 +643,12 @@ class SimFleet:
             pipe.send(("go", None))
         return self.t_go
 
-    def status(self, tag: str | None = None) -> dict[str, Any]:
+    def status(self, tag: str | None = None, since: float = 0.0) -> dict[str, Any]:
+        """Totals of the workers; ``applied``: nodes that reported running ``tag``
+        (``app@version``) since ``since`` (monotonic)."""
         outs = []
         for pipe in self.pipes:
-            pipe.send(("status", tag))
+            pipe.send(("status", (tag, since)))
         for pipe in self.pipes:
             if not pipe.poll(30):
                 raise RuntimeError("a simulator process stopped answering")
@@ -669,10 +671,10 @@ class SimFleet:
                 return st
             time.sleep(0.05)
 
-    def wait_applied(self, tag: str, timeout: float) -> dict[str, Any]:
+    def wait_applied(self, tag: str, since: float, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            st = self.status(tag)
+            st = self.status(tag, since)
             if st["applied"] >= self.n or time.monotonic() > deadline:
                 return st
             time.sleep(0.05)
@@ -710,11 +712,11 @@ class SimFleet:
 class AppStoreProc:
     """``python -m appstore store serve`` in its own process, SQLite in ``data``."""
 
-    def __init__(self, work: Path, mqtt_port: int) -> None:
-        self.data = work / "store"
+    def __init__(self, work: Path, mqtt_port: int, name: str = "store") -> None:
+        self.data = work / name  # a fresh database: no node of an earlier size in it
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
-        log = open(work / "appstore.log", "ab")
+        log = open(work / f"{name}.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appstore", "store", "serve", "--data-dir", str(self.data),
              "--mqtt-port", str(mqtt_port), "--http-port", str(self.http_port)],
@@ -729,7 +731,7 @@ class AppStoreProc:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the AppStore did not come up (see {work}/appstore.log)")
+                raise RuntimeError(f"the AppStore did not come up (see {work}/{name}.log)")
             time.sleep(0.1)
 
     def request(self, method: str, path: str, body: bytes | None = None,
@@ -879,7 +881,7 @@ def run_size(n: int, args: argparse.Namespace, sample: Path, work: Path) -> dict
     store = fleet = mon = None
     try:
         mon = SysMonitor(broker.port)
-        store = AppStoreProc(work, broker.port)
+        store = AppStoreProc(work, broker.port, f"store-{n}-{int(time.time())}")
         versions = [f"1.0.{k}" for k in range(args.rollouts)]
         for v in versions:
             publish_version(store, sample, v, work)
@@ -918,7 +920,7 @@ def run_size(n: int, args: argparse.Namespace, sample: Path, work: Path) -> dict
             s0, b0, f0 = store.cpu(), cpu_seconds(bpid), fleet.status()["cpu"]
             calls = rollout(store, fleet.node_ids, APP, v, args.rollout_api,
                             args.assign_concurrency)
-            stv = fleet.wait_applied(tag, args.rollout_timeout)
+            stv = fleet.wait_applied(tag, calls.t_first, args.rollout_timeout)
             t_nodes = stv["last_applied"] if stv["applied"] >= n else None
             t_store, seen = None, 0
             if t_nodes is not None:  # now the operator's view: the registry

@@ -37,7 +37,8 @@ def test_fleet_sim_small_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert ro["calls"] == 20 and ro["nodes_s"] is not None and ro["store_s"] is not None
     assert r["store_stats"]["counts"]["nodes"] == 20
     assert r["store_stats"]["counts"]["online"] == 20
-    assert r["sim_stats"].get("rejected", 0) == 0
+    # one desired state per node and rollout, none other (a fresh database per size)
+    assert r["sim_stats"].get("rejected", 0) == 0 and r["sim_stats"]["desired"] == 40
     # the report files were written
     md = list(tmp_path.glob("fleet-*.md"))
     assert len(md) == 1 and "| 20 |" in md[0].read_text()
