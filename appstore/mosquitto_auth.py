@@ -9,7 +9,9 @@ never stored: only Mosquitto's own ``$7$`` hash (PBKDF2-SHA512, the format
 
 Each node's user may write only the node's upward topics and read only its
 downward ones (:data:`cloud_sync.topics.NODE_KINDS`), plus its camera streams'
-status; the AppStore's own user may read and write the whole root.
+status; the AppStore's own user may read and write the whole root. So only the
+AppStore can send a node remote operations (``commands``: the node reads it) and
+only the node answers them (``results``: the node writes it).
 """
 
 from __future__ import annotations

@@ -342,6 +342,96 @@ class Ack(Message):
     acks: list[AckItem] = Field(min_length=1, max_length=1000)
 
 
+# -- remote operations (commands / results) ---------------------------------
+
+#: what the cloud may ask a node to do (docs/fleet.md, Remote operations)
+COMMAND_OPS = ("restart_app", "diagnostics", "selfcheck", "set_config")
+CommandOp = Literal["restart_app", "diagnostics", "selfcheck", "set_config"]
+COMMAND_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{7,63}$"
+#: the largest diagnostics bundle a result may carry (base64 grows it by 4/3)
+MAX_BUNDLE_BYTES = 700 * 1024
+
+
+class RestartAppArgs(BaseModel):
+    """``restart_app``: stop the app's worker process and start it again."""
+
+    model_config = ConfigDict(extra="forbid")
+    app: str = Field(pattern=NAME_RE)
+
+
+class DiagnosticsArgs(BaseModel):
+    """``diagnostics``: a bundle (logs tail, redacted config, health) back to the cloud."""
+
+    model_config = ConfigDict(extra="forbid")
+    log_lines: int = Field(default=500, ge=1, le=5000)
+
+
+class SelfcheckArgs(BaseModel):
+    """``selfcheck``: the node's health checks (edge_node/selfcheck.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HardExampleSettings(BaseModel):
+    """One app's hard-example policy and upload level, as the cloud may set them
+    (the node validates them again with its own config model)."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: Literal["confidence", "margin", "entropy", "box", "none"] | None = None
+    threshold: float | None = Field(default=None, ge=0, le=1)
+    box_low: float | None = Field(default=None, ge=0, le=1)
+    upload: UploadLevel | None = None
+
+
+class SetConfigArgs(BaseModel):
+    """``set_config``: an app's hard-example / feedback settings; ``feedback: null``
+    drops the cloud's settings (the node's own config applies again)."""
+
+    model_config = ConfigDict(extra="forbid")
+    app: str = Field(pattern=NAME_RE)
+    feedback: HardExampleSettings | None
+
+
+COMMAND_ARGS: dict[str, type[BaseModel]] = {
+    "restart_app": RestartAppArgs, "diagnostics": DiagnosticsArgs,
+    "selfcheck": SelfcheckArgs, "set_config": SetConfigArgs,
+}
+
+
+class Command(Message):
+    """Cloud -> node on ``commands``: run ``op`` once. Re-sent until the node
+    answers; the node runs a ``command_id`` at most once and answers ``expired``
+    without running it after ``expires_at``."""
+
+    command_id: str = Field(pattern=COMMAND_ID_RE)
+    node_id: str
+    op: CommandOp
+    args: dict[str, Any] = Field(default_factory=dict)
+    issued_at: float = Field(default_factory=now)
+    expires_at: float
+    by: str | None = Field(default=None, max_length=64)
+
+
+class CommandResult(Message):
+    """Node -> cloud on ``results``, through the outbox (acked by ``msg_id``)."""
+
+    msg_id: str = Field(default_factory=new_msg_id, min_length=8, max_length=64)
+    command_id: str = Field(pattern=COMMAND_ID_RE)
+    node_id: str
+    op: str = Field(max_length=64)
+    status: Literal["done", "failed", "expired", "rejected"]
+    ts: float = Field(default_factory=now)
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = Field(default=None, max_length=4000)
+    #: an answer sent again for a command id seen before (it did not run again)
+    duplicate: bool = False
+    #: ``diagnostics``: the bundle (tar.gz), base64, and its sha256
+    bundle_b64: str | None = Field(default=None, max_length=MAX_BUNDLE_BYTES * 4 // 3 + 8)
+    bundle_sha256: str | None = Field(default=None, pattern=SHA256_RE)
+
+
 # -- blob transfer --------------------------------------------------------
 
 

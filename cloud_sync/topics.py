@@ -31,6 +31,8 @@ NODE_KINDS: dict[str, tuple[str, bool, int]] = {
     "ack": ("down", False, 1),  # cloud acknowledges outbox messages by msg_id
     "blob/request": ("up", False, 1),  # node asks for a byte range of a blob
     "blob/chunk": ("down", False, 1),  # cloud answers with one chunk
+    "commands": ("down", False, 1),  # remote operations: the cloud asks (re-sent until answered)
+    "results": ("up", False, 1),  # the node answers a command, from its outbox, acked
 }
 
 
@@ -85,6 +87,12 @@ class Topics:
 
     def blob_chunk(self, node_id: str) -> str:
         return self.node(node_id, "blob/chunk")
+
+    def commands(self, node_id: str) -> str:
+        return self.node(node_id, "commands")
+
+    def results(self, node_id: str) -> str:
+        return self.node(node_id, "results")
 
     def stream_status(self, node_id: str, stream_id: str) -> str:
         """Retained status of one camera stream of a node."""
