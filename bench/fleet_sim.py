@@ -45,12 +45,13 @@ What is measured, per fleet size, in one run:
 2. a fresh broker and a fresh AppStore: the same connect; time until every node
    is connected (node side) and until the AppStore counts them all online
    (``GET /api/v1/stats``);
-3. *rollouts* (``--rollouts``, 2 by default: install 1.0.0, then upgrade to
-   1.0.1, ...): a small signed package is published to the catalog
-   (``POST /api/v1/packages``), then :func:`rollout` assigns it to every node
-   through the REST API as an operator's script would (``PUT
-   /api/v1/nodes/<id>/apps/<app>``, keep-alive, ``--assign-concurrency``
-   connections). Timed from the start of the first call until every node has
+3. *rollouts* (``--rollouts`` per API, 2 by default: install 1.0.0, then
+   upgrade to 1.0.1, ...): small signed packages are published to the catalog
+   first (``POST /api/v1/packages``), then :func:`rollout` gives a version to
+   every node through the REST API, as an operator would (``PUT
+   /api/v1/nodes/<id>/apps/<app>`` over ``--assign-concurrency`` keep-alive
+   connections, or one ``POST /api/v1/rollouts``). Timed from the start of the
+   first call until every node has
    published (and the broker acknowledged) a reported state with the new
    version, and until the AppStore's registry shows it for every node
    (``GET /api/v1/nodes``, polled only once the nodes are done, so polling
@@ -59,18 +60,23 @@ What is measured, per fleet size, in one run:
 
 AppStore and broker CPU come from ``/proc/<pid>/stat`` (utime + stime) per
 phase, peak RSS from ``VmHWM``; broker messages/s from ``$SYS/broker/messages/
-received|sent`` (mean over the phase and the highest 1-s rate). The
+publish/messages/received|sent`` (PUBLISH packets in + out; mean over the
+phase and the highest 1-s step). The
 simulator's own processes share the same 2 cores and their CPU is reported
 too. Output: a table on stdout and ``bench/out/fleet-<stamp>.md`` / ``.json``.
 
     .venv/bin/python bench/fleet_sim.py                       # 100, 500, 1000, 2000
-    .venv/bin/python bench/fleet_sim.py --sizes 2000,3000,5000 --rollouts 2
+    .venv/bin/python bench/fleet_sim.py --sizes 2000,5000 --rollout-api per-node,rollouts
     .venv/bin/python bench/fleet_sim.py --sizes 20 --rollouts 1 --idle 1   # smoke
+    .venv/bin/python bench/fleet_sim.py --profile-assign 1000   # where an assign's time goes
 
-The rollout is one function, :func:`rollout`, selected by ``--rollout-api``:
-``per-node`` (today's API: one PUT per node). When the batch rollout API lands
-(``POST /api/v1/rollouts``), add it to :data:`ROLLOUT_APIS` and run both in one
-run to compare.
+The rollout is one function, :func:`rollout`, that picks an entry of
+:data:`ROLLOUT_APIS` (``--rollout-api``, several comma separated are
+alternated within each size, so they are compared in one run): ``per-node``
+(one ``PUT /api/v1/nodes/<id>/apps/<app>`` per node, as an operator's script
+would) and ``rollouts`` (one ``POST /api/v1/rollouts`` naming every node, one
+wave, no canary, no bake: the AppStore's rollout engine assigns and waits for
+the nodes; its "succeeded" time is reported too).
 """
 
 from __future__ import annotations
@@ -576,7 +582,11 @@ class Worker:
         """Answer the parent; True on "stop"."""
         if not self.pipe.poll():
             return False
-        cmd, arg = self.pipe.recv()
+        try:
+            cmd, arg = self.pipe.recv()
+        except (EOFError, OSError):  # the bench is gone: so are we
+            self.stopping = True
+            return True
         if cmd == "go":
             self._go = True
         elif cmd == "status":
@@ -785,6 +795,8 @@ class RolloutCalls:
     t_last: float  # monotonic, end of the last call
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
+    #: the AppStore's id of a batch rollout (GET /api/v1/rollouts/<ref>), or None
+    ref: str | None = None
 
 
 def rollout_per_node(store: AppStoreProc, node_ids: list[str], app: str, version: str,
@@ -823,9 +835,26 @@ def rollout_per_node(store: AppStoreProc, node_ids: list[str], app: str, version
     return RolloutCalls(t_first, time.monotonic(), lat, errors[0])
 
 
+def rollout_batch(store: AppStoreProc, node_ids: list[str], app: str, version: str,
+                  concurrency: int = 1) -> RolloutCalls:
+    """The rollout API: one ``POST /api/v1/rollouts`` naming every node, in one
+    wave (no canary), no bake time: the engine assigns the version to each node
+    itself and the rollout succeeds when all report it ready."""
+    body = json.dumps({"app": app, "version": version, "target": {"nodes": node_ids},
+                       "waves": {"canary": 0, "steps": [100]},
+                       "gate": {"bake_s": 0, "ready_timeout_s": 600},
+                       "by": "fleet_sim"}).encode()
+    t0 = time.monotonic()
+    status, resp = store.request("POST", "/rollouts", body)
+    t1 = time.monotonic()
+    ok = status in (200, 201) and isinstance(resp, dict)
+    return RolloutCalls(t0, t1, [1000 * (t1 - t0)], 0 if ok else 1,
+                        resp.get("rollout_id") if ok else None)
+
+
 #: name -> fn(store, node_ids, app, version, concurrency) -> RolloutCalls.
-#: Add "rollouts" (one ``POST /api/v1/rollouts``) when the batch API lands.
-ROLLOUT_APIS: dict[str, Callable[..., RolloutCalls]] = {"per-node": rollout_per_node}
+ROLLOUT_APIS: dict[str, Callable[..., RolloutCalls]] = {"per-node": rollout_per_node,
+                                                        "rollouts": rollout_batch}
 
 
 def rollout(store: AppStoreProc, node_ids: list[str], app: str, version: str,
@@ -882,7 +911,10 @@ def run_size(n: int, args: argparse.Namespace, sample: Path, work: Path) -> dict
     try:
         mon = SysMonitor(broker.port)
         store = AppStoreProc(work, broker.port, f"store-{n}-{int(time.time())}")
-        versions = [f"1.0.{k}" for k in range(args.rollouts)]
+        apis = [a for a in args.rollout_api.split(",") if a]
+        plan = [(f"1.0.{k}", api) for k, api in
+                enumerate(api for _ in range(args.rollouts) for api in apis)]
+        versions = [v for v, _ in plan]
         for v in versions:
             publish_version(store, sample, v, work)
         opts = SimOptions("127.0.0.1", broker.port, "", heartbeat_s=args.heartbeat,
@@ -915,11 +947,10 @@ def run_size(n: int, args: argparse.Namespace, sample: Path, work: Path) -> dict
             return res
         time.sleep(1.0)  # let the reported states settle before the rollouts
         res["rollouts"] = []
-        for v in versions:
+        for v, api in plan:
             tag = f"{APP}@{v}"
             s0, b0, f0 = store.cpu(), cpu_seconds(bpid), fleet.status()["cpu"]
-            calls = rollout(store, fleet.node_ids, APP, v, args.rollout_api,
-                            args.assign_concurrency)
+            calls = rollout(store, fleet.node_ids, APP, v, api, args.assign_concurrency)
             stv = fleet.wait_applied(tag, calls.t_first, args.rollout_timeout)
             t_nodes = stv["last_applied"] if stv["applied"] >= n else None
             t_store, seen = None, 0
@@ -931,10 +962,21 @@ def run_size(n: int, args: argparse.Namespace, sample: Path, work: Path) -> dict
                         t_store = time.monotonic()
                         break
                     time.sleep(0.2)
+            t_engine, engine_state = None, None
+            if calls.ref and t_store is not None:  # the rollout engine's own verdict
+                end = time.monotonic() + args.rollout_timeout
+                while time.monotonic() < end:
+                    engine_state = store.get(f"/rollouts/{calls.ref}?nodes=0")["state"]
+                    if engine_state in ("succeeded", "failed", "aborted"):
+                        t_engine = time.monotonic()
+                        break
+                    time.sleep(0.2)
             t_end = time.monotonic()
             lat = calls.latencies_ms
             r = {
-                "version": v, "applied": stv["applied"], "store_seen": seen,
+                "version": v, "api": api, "applied": stv["applied"], "store_seen": seen,
+                "engine_state": engine_state,
+                "engine_s": (t_engine - calls.t_first) if t_engine else None,
                 "calls": len(lat), "errors": calls.errors,
                 "calls_s": calls.t_last - calls.t_first,
                 "assign_p50_ms": statistics.median(lat) if lat else 0.0,
@@ -947,8 +989,9 @@ def run_size(n: int, args: argparse.Namespace, sample: Path, work: Path) -> dict
                 "sim_cpu_s": fleet.status()["cpu"] - f0,
                 **mon.rates(calls.t_first, t_end)}
             res["rollouts"].append(r)
-            if t_store is None:
-                res["error"] = f"rollout {v} did not reach all {n} nodes"
+            if t_store is None or (calls.ref and engine_state != "succeeded"):
+                res["error"] = f"rollout {v} ({api}) did not reach all {n} nodes " \
+                               f"(engine: {engine_state})"
                 break
         # idle with telemetry flowing
         if args.idle > 0:
@@ -1059,9 +1102,9 @@ def machine_line() -> str:
 def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out = []
     out.append("| nodes | connect, broker alone (ref) | connect, with AppStore | registered "
-               "by AppStore | rollout: calls | rollout: all nodes | rollout: AppStore sees all "
-               "| after last call | assign p50 / p99 ms |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+               "by AppStore | rollout (API) | calls | all nodes run it | AppStore sees all "
+               "| after last call | call p50 / p99 ms |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ref = r.get("reference", {})
         c = r.get("connect", {})
@@ -1072,9 +1115,13 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 (_f(ref.get("connect_s")) + " s") if first and ref else "",
                 (_f(c.get("connect_s")) + " s") if first else "",
                 (_f(c.get("registered_s")) + " s") if first else "",
+                f"{ro.get('version', '')} ({ro.get('api', '')})" if ro else "",
                 f"{_f(ro.get('calls_s'))} s" if ro else "",
                 f"**{_f(ro.get('nodes_s'))} s**" if ro else "",
-                f"{_f(ro.get('store_s'))} s" if ro else "",
+                (f"{_f(ro.get('store_s'))} s" + (f" (engine: succeeded at "
+                                                 f"{_f(ro.get('engine_s'))} s)"
+                                                 if ro.get("engine_s") else ""))
+                if ro else "",
                 f"{_f(ro.get('store_after_last_call_s'))} s" if ro else "",
                 f"{_f(ro.get('assign_p50_ms'), 1)} / {_f(ro.get('assign_p99_ms'), 1)}"
                 if ro else ""]) + " |")
@@ -1093,7 +1140,8 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                        f"{_f(c['broker_cpu_s'])} s | — | {c['msgs_per_s']:.0f} / "
                        f"{c['msgs_peak_per_s']:.0f} |")
         for ro in r.get("rollouts", []):
-            out.append(f"| {r['nodes']} | rollout {ro['version']} | {_f(ro['store_cpu_s'])} s | "
+            out.append(f"| {r['nodes']} | rollout {ro['version']} ({ro['api']}) | "
+                       f"{_f(ro['store_cpu_s'])} s | "
                        f"{_f(ro['broker_cpu_s'])} s | {_f(ro['sim_cpu_s'])} s | "
                        f"{ro['msgs_per_s']:.0f} / {ro['msgs_peak_per_s']:.0f} |")
         idle = r.get("idle")
@@ -1119,8 +1167,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100,500,1000,2000", help="fleet sizes, comma separated")
     ap.add_argument("--procs", type=int, default=2, help="simulator processes")
-    ap.add_argument("--rollouts", type=int, default=2, help="rollouts per size (1.0.0, 1.0.1..)")
-    ap.add_argument("--rollout-api", default="per-node", choices=sorted(ROLLOUT_APIS))
+    ap.add_argument("--rollouts", type=int, default=2,
+                    help="rollouts per size and API (versions 1.0.0, 1.0.1, ...)")
+    ap.add_argument("--rollout-api", default="per-node",
+                    help=f"comma separated, alternated: {', '.join(ROLLOUT_APIS)}")
     ap.add_argument("--assign-concurrency", type=int, default=1,
                     help="keep-alive connections the operator's script assigns over")
     ap.add_argument("--heartbeat", type=float, default=60.0,
@@ -1139,6 +1189,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="instead: profile N assigns through the REST handler in process")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    bad = set(args.rollout_api.split(",")) - set(ROLLOUT_APIS)
+    if bad:
+        raise SystemExit(f"unknown --rollout-api {sorted(bad)}: {', '.join(ROLLOUT_APIS)}")
     nofile = raise_nofile()
     need = max(sizes) + 200
     if nofile < need:
@@ -1183,4 +1236,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    # SIGTERM cleans up as Ctrl-C does (the finally blocks stop every process)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

@@ -1,5 +1,6 @@
 """bench/fleet_sim.py end to end with a small fleet: real Mosquitto, the real
-AppStore in its own process, 20 simulated nodes, one rollout.
+AppStore in its own process, 20 simulated nodes, a rollout by per-node assigns
+and one by ``POST /api/v1/rollouts``.
 
 A smoke test that the simulator works (CI proves the bench runs), not a timed
 one: the figures are the bench's job (docs/benchmarks.md).
@@ -22,7 +23,8 @@ def test_fleet_sim_small_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     # on sys.path while the test runs: the simulator's spawned processes import it
     monkeypatch.syspath_prepend(str(BENCH))
     import fleet_sim
-    results = fleet_sim.main(["--sizes", "20", "--rollouts", "2", "--idle", "0",
+    results = fleet_sim.main(["--sizes", "20", "--rollouts", "1",
+                              "--rollout-api", "per-node,rollouts", "--idle", "0",
                               "--heartbeat", "1", "--connect-timeout", "30",
                               "--rollout-timeout", "30", "--out", str(tmp_path), "--quiet"])
     (r,) = results
@@ -30,11 +32,14 @@ def test_fleet_sim_small_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert r["reference"]["ready"] == 20 and r["reference"]["connect_s"] is not None
     c = r["connect"]
     assert c["ready"] == 20 and c["connect_s"] is not None and c["registered_s"] is not None
-    assert [ro["version"] for ro in r["rollouts"]] == ["1.0.0", "1.0.1"]
+    assert [(ro["version"], ro["api"]) for ro in r["rollouts"]] == [
+        ("1.0.0", "per-node"), ("1.0.1", "rollouts")]
     for ro in r["rollouts"]:
         # every node said it runs the new version, and the AppStore's registry agrees
         assert ro["applied"] == 20 and ro["store_seen"] == 20 and ro["errors"] == 0
-        assert ro["calls"] == 20 and ro["nodes_s"] is not None and ro["store_s"] is not None
+        assert ro["nodes_s"] is not None and ro["store_s"] is not None
+    assert r["rollouts"][0]["calls"] == 20  # one PUT per node
+    assert r["rollouts"][1]["calls"] == 1 and r["rollouts"][1]["engine_state"] == "succeeded"
     assert r["store_stats"]["counts"]["nodes"] == 20
     assert r["store_stats"]["counts"]["online"] == 20
     # one desired state per node and rollout, none other (a fresh database per size)
