@@ -284,6 +284,13 @@ class Fleet:
             self.registry.assign(node_id, app, version, resources, upload)
             return self._publish_desired(node_id)
 
+    def set_version(self, node_id: str, app: str, version: str) -> DesiredState:
+        """Move ``app`` on the node to ``version``, keeping its resource override and
+        upload level (rollouts, subscriptions)."""
+        cur = next((a for a in self.registry.assignments(node_id) if a["app"] == app), None)
+        res = json.loads(cur["resources"]) if cur and cur["resources"] else None
+        return self.assign(node_id, app, version, res, cur["upload"] if cur else None)
+
     def set_training(self, node_id: str, training: TrainingSchedule | None) -> DesiredState:
         """Set (None: clear) the node's training windows; publishes the desired state."""
         with self._desired_lock:

@@ -116,6 +116,8 @@ class RolloutRequest(BaseModel):
     waves: Waves = Field(default_factory=Waves)
     gate: Gate = Field(default_factory=Gate)
     deadline_s: float = Field(default=6 * 3600.0, gt=0)
+    #: leave out target nodes that have no room for the version (default: refuse)
+    skip_unfit: bool = False
     #: when every wave passed, the app's channel (docs/fleet.md) points to the version
     channel: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")
     by: str | None = Field(default=None, max_length=200)
@@ -195,6 +197,15 @@ class RolloutEngine:
         if busy:
             raise Conflict("rollout_running", f"rollout {busy[0]['rollout_id']} of "
                            f"{req.app} is still running: pause, abort or wait for it")
+        unfit = self._unfit(req.app, req.version, nodes)
+        if unfit and not req.skip_unfit:
+            raise Conflict("placement", {"reason": f"{len(unfit)} of {len(nodes)} target "
+                                         "nodes have no room for it: nothing deployed "
+                                         "(free slices, or skip_unfit: true)",
+                                         "nodes": dict(list(unfit.items())[:50])})
+        nodes = [n for n in nodes if n not in unfit]
+        if not nodes:
+            raise BadRequest("no_nodes", "no target node has room for it")
         waves = plan_waves(nodes, req.waves)
         now = self.clock()
         rid = f"ro-{req.app}-{secrets.token_hex(4)}"[:64]
@@ -217,11 +228,35 @@ class RolloutEngine:
                   "updated_at": now} for i, w in enumerate(waves) for n in w),
                 batch_size=1000)
             self._log(db, rid, "created", f"{req.app} {req.version} to {len(nodes)} nodes in "
-                      f"{len(waves)} waves ({', '.join(str(len(w)) for w in waves)})")
+                      f"{len(waves)} waves ({', '.join(str(len(w)) for w in waves)})"
+                      + (f"; {len(unfit)} left out, no room: " + "; ".join(
+                          f"{n}: {why}" for n, why in list(unfit.items())[:5])
+                         if unfit else ""))
         logger.info("rollout %s: %s %s to %d nodes, waves %s", rid, req.app, req.version,
                     len(nodes), [len(w) for w in waves])
         self._wake.set()
         return self.get(rid)
+
+    def _unfit(self, app: str, version: str, nodes: list[str]) -> dict[str, str]:
+        """Target nodes whose reported cards have no room for the version: node -> why."""
+        from .placement import fits, request
+
+        manifest = self.catalog.get_version(app, version)["manifest"]
+        out: dict[str, str] = {}
+        with self.store.read() as db:
+            override = {r["node_id"]: json.loads(r["resources"]) if r["resources"] else None
+                        for r in db.query("select node_id, resources from assignments "
+                                          "where app = ?", [app])}
+            for i in range(0, len(nodes), 500):
+                chunk = nodes[i:i + 500]
+                for row in db.query(f"select node_id, reported from nodes where node_id in "
+                                    f"({','.join('?' * len(chunk))})", chunk):
+                    cards = (json.loads(row["reported"]) or {}).get("cards", []) \
+                        if row["reported"] else []
+                    ok, why = fits(cards, app, request(manifest, override.get(row["node_id"])))
+                    if not ok:
+                        out[row["node_id"]] = why
+        return out
 
     def pause(self, rid: str, by: str | None = None) -> dict[str, Any]:
         return self._set_state(rid, "paused", ("waiting", "baking"), f"paused by {by or '?'}")

@@ -109,12 +109,10 @@ class AppStoreService:
                            self.feedback, shared_group=cfg.shared_group,
                            queue_size=cfg.ingest_queue)
         self.fleet.start()
-        self.subscriptions = Subscriptions(
-            self.store, self.catalog,
-            assign=lambda node, app, version: self.fleet.assign(node, app, version))
+        self.subscriptions = Subscriptions(self.store, self.catalog,
+                                           assign=self.fleet.set_version)
         self.rollouts = RolloutEngine(
-            self.store, self.catalog, self.registry,
-            assign=lambda node, app, version: self.fleet.assign(node, app, version),
+            self.store, self.catalog, self.registry, assign=self.fleet.set_version,
             unassign=lambda node, app: self.fleet.unassign(node, app),
             periodic=[(2.0, self.subscriptions.reconcile)])
         self.fleet.on_reported = self.rollouts.nudge

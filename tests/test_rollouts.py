@@ -271,6 +271,22 @@ def test_an_offline_node_converges_later_and_operators_control_rollouts(
         if reason:
             assert json.loads(out)["error"] == reason
 
+    # a version no node has room for: refused up front, nothing deployed
+    manifest = json.loads((digits_dir / "manifest.json").read_text())
+    manifest.update(version="3.0.0", resources={"card_fraction": 1.0, "memory_mb": 10 ** 7})
+    publish(store, digits_dir / "model.onnx", manifest, digits_dir / "labels.txt",
+            tmp_path / "huge.aidc")
+    got, out = http("POST", f"{store.url}{API}/rollouts",
+                    {"app": "digits", "version": "3.0.0", "target": {"all": True}})
+    err = json.loads(out)
+    assert got == 409 and err["error"] == "placement", out
+    assert set(err["detail"]["nodes"]) == set(NODES) and "10000000 MB" in \
+        err["detail"]["nodes"]["n1"]
+    got, out = http("POST", f"{store.url}{API}/rollouts", {
+        "app": "digits", "version": "3.0.0", "target": {"all": True}, "skip_unfit": True})
+    assert got == 400 and json.loads(out)["error"] == "no_nodes"
+    assert jget(f"{store.url}{API}/nodes/n1")["assignments"] == []
+
     # n3 goes offline; a rollout to everyone does not wait for it
     agents["n3"].stop()
     wait_until(lambda: not jget(f"{store.url}{API}/nodes/n3")["online"], timeout=30)

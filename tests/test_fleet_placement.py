@@ -1,0 +1,83 @@
+"""The cloud's placement check (appstore/placement.py) against the node's own
+placement (edge_node/resources/placement.py): for the same cards and slices, as
+the node reports them, the cloud must say "fits" exactly when the node would
+place the slice -- counting the slice the app holds now, since an upgrade
+replaces it. Real code on both sides; the cards are described, not probed
+(a GPU cannot be real here)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from appstore.placement import fits, request
+from edge_node.resources.cards import Card
+from edge_node.resources.placement import Placement, PlacementError, SliceRequest
+
+CPU = Card(id="cpu", kind="cpu", name="test cpu", memory_mb=8192, cores=(0, 1, 2, 3))
+GPU = Card(id="gpu0", kind="gpu", name="test gpu (described)", memory_mb=16384, index=0)
+
+
+def reported(p: Placement, cards: list[Card]) -> list[dict]:
+    """What the node puts in ReportedState.cards (NodeAgent.cards_state)."""
+    alloc = p.snapshot()
+    return [{**c.to_dict(), "allocation": alloc.get(c.id)} for c in cards]
+
+
+def node_says(p: Placement, req: SliceRequest) -> bool:
+    try:
+        p.place(req)
+    except PlacementError:
+        return False
+    p.release(req.app)  # leave the placement as it was for the next question
+    return True
+
+
+@pytest.mark.parametrize("share_cores", [False, True])
+def test_the_cloud_agrees_with_the_node_on_cpu(share_cores):
+    p = Placement([CPU], reserve_mb=1024, share_cores=share_cores)
+    p.place(SliceRequest("a", 0.5, 1024))     # 2 cores
+    p.place(SliceRequest("b", 0.125, 512))    # half a core (shared) or a whole one
+    cards = reported(p, [CPU])
+    for fraction, memory, app in itertools.product(
+            (0.1, 0.25, 0.5, 0.75, 1.0), (256, 4096, 7000), ("new", "a", "b")):
+        req = SliceRequest(app, fraction, memory)
+        cloud, why = fits(cards, app, request({"resources": {"card_fraction": fraction,
+                                                             "memory_mb": memory}}, None))
+        node = node_says(_upgrade(p, app), req)
+        assert cloud == node, (share_cores, fraction, memory, app, why)
+
+
+def _upgrade(p: Placement, app: str) -> Placement:
+    """The node places an upgrade in place of the app's current slice: the same
+    placement without it."""
+    q = Placement([CPU, GPU][:len(p.cards)], reserve_mb=p.reserve_mb,
+                  share_cores=p.share_cores, gpu_context_mb=p.gpu_context_mb)
+    for name, s in p._slices.items():  # noqa: SLF001 - rebuilding the node's own state
+        if name != app:
+            q.place(p._requests[name])  # noqa: SLF001
+    return q
+
+
+def test_gpu_compute_and_memory_and_a_pinned_card():
+    p = Placement([CPU, GPU], reserve_mb=1024, gpu_context_mb=0, prefer=("gpu", "cpu"))
+    p.place(SliceRequest("a", 0.6, 8000, card="gpu0"))
+    cards = reported(p, [CPU, GPU])
+    ok, why = fits(cards, "new", request({"resources": {"card_fraction": 0.5,
+                                                        "memory_mb": 4000,
+                                                        "card": "gpu0"}}, None))
+    assert not ok and "gpu0 needs 50% compute" in why and "has 40%" in why
+    ok, _ = fits(cards, "a", request({"resources": {"card_fraction": 0.9, "memory_mb": 9000,
+                                                    "card": "gpu0"}}, None))
+    assert ok  # an upgrade of "a" gets its own 60 % back
+    ok, why = fits(cards, "new", request({"resources": {"card": "tpu"}}, None))
+    assert not ok and "asks for card 'tpu'" in why
+    # the assignment's override wins over the manifest
+    ok, _ = fits(cards, "new", request({"resources": {"card_fraction": 0.9, "card": "gpu0"}},
+                                       {"card_fraction": 0.3, "memory_mb": 1000}))
+    assert ok
+
+
+def test_a_node_that_reported_nothing_is_left_to_decide():
+    assert fits([], "new", request({}, None))[0]
