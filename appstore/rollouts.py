@@ -31,7 +31,10 @@ fleet) and how to move:
 
 The engine is one thread (:meth:`RolloutEngine.start`) that ticks every
 ``tick_s``; each step is a database transaction, so an AppStore restarted in
-the middle of a rollout carries on from its rows. Every state change is a
+the middle of a rollout carries on from its rows. Several AppStore workers on
+one database each run an engine, but only the holder of a lease in
+``store_meta`` (renewed every tick, taken over ``LEASE_S`` after it lapsed)
+moves rollouts. Every state change is a
 line in ``rollout_log``.
 """
 
@@ -40,7 +43,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +60,8 @@ from .registry import check_node_id
 logger = logging.getLogger(__name__)
 
 ACTIVE = ("waiting", "baking", "paused")
+#: seconds a rollout engine's lease lasts without renewal (another worker takes over)
+LEASE_S = 10.0
 FINAL = ("succeeded", "failed", "aborted")
 
 
@@ -178,6 +185,8 @@ class RolloutEngine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.leader = False
 
     # -- operators ---------------------------------------------------------------
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -387,7 +396,29 @@ class RolloutEngine:
                     except Exception:  # noqa: BLE001
                         logger.exception("periodic %s", getattr(job[1], "__name__", job[1]))
 
+    def _lease(self) -> bool:
+        """One engine moves rollouts when several AppStore workers share the database:
+        a lease in ``store_meta``, renewed every tick, taken over when it lapsed."""
+        now = self.clock()
+        with self.store.write() as db:
+            db.execute(
+                "insert into store_meta (key, value) values ('rollout_lease', :v) "
+                "on conflict(key) do update set value = excluded.value "
+                "where json_extract(store_meta.value, '$.owner') = :me "
+                "or json_extract(store_meta.value, '$.until') < :now",
+                {"v": json.dumps({"owner": self.owner, "until": now + LEASE_S}),
+                 "me": self.owner, "now": now})
+            cur = next(db.query("select value from store_meta where key = 'rollout_lease'"))
+        held = json.loads(cur["value"])["owner"] == self.owner
+        if held != self.leader:
+            logger.info("rollout engine %s: %s the lease", self.owner,
+                        "took" if held else "lost")
+            self.leader = held
+        return held
+
     def tick(self) -> None:
+        if not self._lease():
+            return  # another AppStore worker moves the rollouts
         with self.store.read() as db:
             active = list(db.query("select * from rollouts where state in ('waiting', "
                                    "'baking') order by created_at"))

@@ -1,9 +1,14 @@
-"""The cloud's placement check (appstore/placement.py) against the node's own
-placement (edge_node/resources/placement.py): for the same cards and slices, as
-the node reports them, the cloud must say "fits" exactly when the node would
-place the slice -- counting the slice the app holds now, since an upgrade
-replaces it. Real code on both sides; the cards are described, not probed
-(a GPU cannot be real here)."""
+"""Fleet pieces without a fleet.
+
+- The cloud's placement check (appstore/placement.py) against the node's own
+  placement (edge_node/resources/placement.py): for the same cards and slices,
+  as the node reports them, the cloud must say "fits" exactly when the node
+  would place the slice, counting the slice the app holds now (an upgrade
+  replaces it). Real code on both sides; the cards are described, not probed
+  (a GPU cannot be real here).
+- The rollout engine's lease when AppStore workers share one database (real
+  SQLite; the clock is injected so the lease can lapse without waiting).
+"""
 
 from __future__ import annotations
 
@@ -81,3 +86,22 @@ def test_gpu_compute_and_memory_and_a_pinned_card():
 
 def test_a_node_that_reported_nothing_is_left_to_decide():
     assert fits([], "new", request({}, None))[0]
+
+
+def test_one_rollout_engine_moves_rollouts_when_workers_share_a_database(tmp_path):
+    """Two AppStore workers on one SQLite file: only the lease holder ticks; when it
+    stops renewing, the other takes over after the lease lapses."""
+    from appstore.db import Store
+    from appstore.rollouts import LEASE_S, RolloutEngine
+
+    now = [1000.0]
+    store = Store(tmp_path / "store.db")
+    a, b = (RolloutEngine(store, None, None, assign=None, unassign=None,
+                          clock=lambda: now[0]) for _ in range(2))
+    assert a._lease() and not b._lease()  # noqa: SLF001
+    now[0] += LEASE_S / 2
+    assert a._lease() and not b._lease()  # noqa: SLF001 - renewed
+    now[0] += LEASE_S + 1
+    assert b._lease() and b.leader  # noqa: SLF001 - a stopped renewing: b takes over
+    assert not a._lease() and not a.leader  # noqa: SLF001
+    store.close()
