@@ -487,6 +487,89 @@ def cmd_broker_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def _arg(text: str) -> tuple[list[str], Any]:
+    """``key=value`` (``a.b=value`` nests) -> (path, value); the value is read as
+    JSON when it is JSON (``0.9``, ``true``, ``null``), else kept as a string."""
+    k, sep, v = text.partition("=")
+    if not sep or not k.strip():
+        raise argparse.ArgumentTypeError(f"bad --arg {text!r}: use key=value (a.b=value nests)")
+    try:
+        value: Any = json.loads(v)
+    except ValueError:
+        value = v
+    return k.strip().split("."), value
+
+
+def _fmt_command(c: dict[str, Any]) -> str:
+    line = f"{c['command_id']} {c['node_id']} {c['op']}: {c['state']}"
+    if c.get("error"):
+        line += f" -- {c['error']}"
+    res = c.get("result") or {}
+    if c["op"] == "selfcheck" and res.get("checks"):
+        line += " (" + ", ".join(f"{x['name']} {'ok' if x['ok'] else 'FAILED'}"
+                                 for x in res["checks"]) + ")"
+    elif c["op"] == "restart_app" and res.get("new_pid"):
+        line += f" (pid {res.get('old_pid')} -> {res['new_pid']})"
+    if c.get("bundle_url"):
+        line += f" bundle {c['bundle_url']}"
+    return line
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    import time
+
+    from .client import _q
+
+    body_args: dict[str, Any] = {}
+    for path, value in args.arg:
+        d = body_args
+        for part in path[:-1]:
+            d = d.setdefault(part, {})
+        d[path[-1]] = value
+    body: dict[str, Any] = {"op": args.op, "args": body_args, "ttl_s": args.ttl, "by": args.by}
+    if args.id:
+        body["command_id"] = args.id
+    api = ApiClient(args.api)
+    c = api.request("POST", f"/nodes/{_q(args.node)}/commands", json.dumps(body).encode())
+    while args.wait and c["state"] in ("queued", "sent"):
+        time.sleep(0.5)
+        c = api.get(f"/commands/{_q(c['command_id'])}")
+    if args.bundle and c.get("bundle_url"):
+        import urllib.request
+
+        with urllib.request.urlopen(f"{api.base}{c['bundle_url']}", timeout=60) as r:
+            Path(args.bundle).write_bytes(r.read())
+    if getattr(args, "json", False):
+        print(json.dumps(c, indent=2))
+    else:
+        print(_fmt_command(c))
+        if args.bundle and c.get("bundle_url"):
+            print(f"bundle written to {args.bundle}")
+    if args.wait:
+        return 0 if c["state"] == "done" else 3
+    return 0
+
+
+def cmd_commands(args: argparse.Namespace) -> int:
+    rows = ApiClient(args.api).get("/commands", node=args.node, state=args.state,
+                                   limit=args.limit)["commands"]
+    _out(args, rows, [_fmt_command(c) for c in rows])
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import time
+
+    rows = ApiClient(args.api).get("/audit", node=args.node, by=args.by,
+                                   limit=args.limit)["audit"]
+    _out(args, rows, [
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r['ts']))}Z {r['actor'] or '-'} "
+        f"{r['op']} {r['node_id']} {r['action'].removeprefix('command_')} {r['command_id']}: "
+        f"{r['outcome']}" + (f" -- {r['detail']}" if r.get("detail") else "")
+        for r in rows])
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------
 def _local_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="AppStore config file (.json or .toml)")
@@ -700,6 +783,39 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             r.add_argument("--wait", action="store_true", help="follow it to the end")
         _api_opt(r, json_out=True)
         r.set_defaults(func=_guard(cmd_rollout))
+
+    p = sub.add_parser("command", help="run OP on NODE remotely: restart_app, diagnostics, "
+                       "selfcheck, set_config (held for an offline node until --ttl)",
+                       description="Examples: command n1 restart_app --arg app=digits; "
+                       "command n1 diagnostics --wait --bundle diag.tar.gz; command n1 "
+                       "set_config --arg app=digits --arg feedback.threshold=0.8")
+    p.add_argument("node")
+    p.add_argument("op", help="restart_app | diagnostics | selfcheck | set_config")
+    p.add_argument("--arg", action="append", default=[], type=_arg, metavar="K=V",
+                   help="an argument (repeatable; a.b=v nests; values read as JSON)")
+    p.add_argument("--ttl", type=_duration, default=600, help="expires after: 90, 45s, "
+                   "30m, 1h (default 10m)")
+    p.add_argument("--id", help="command id (a repeat returns the stored command)")
+    p.add_argument("--by", help="who asks (audit log)")
+    p.add_argument("--wait", action="store_true", help="wait for the outcome (exit 0 done, "
+                   "3 failed or expired)")
+    p.add_argument("--bundle", metavar="FILE", help="with --wait: save a diagnostics bundle")
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_command))
+
+    p = sub.add_parser("commands", help="remote commands, newest first")
+    p.add_argument("--node")
+    p.add_argument("--state", help="queued, sent, done, failed, expired")
+    p.add_argument("--limit", type=int, default=50)
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_commands))
+
+    p = sub.add_parser("audit", help="the audit log: who asked what, when, where, outcome")
+    p.add_argument("--node")
+    p.add_argument("--by")
+    p.add_argument("--limit", type=int, default=50)
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_audit))
 
     p = sub.add_parser("feedback", help="list hard examples uploaded by the fleet")
     p.add_argument("--app")

@@ -196,6 +196,26 @@ def m010_rollouts(db: Database) -> None:
 
 
 @migrations()
+def m011_commands(db: Database) -> None:
+    """Remote operations (appstore/commands.py): commands to nodes with their state
+    and result (a diagnostics bundle by its sha256 in the bundles store), and the
+    audit log of who asked what, when, for which node, and the outcome."""
+    db["commands"].create(
+        {"command_id": str, "node_id": str, "op": str, "args": str, "created_by": str,
+         "created_at": float, "expires_at": float, "state": str, "sent_at": float,
+         "sends": int, "started_at": float, "finished_at": float, "result": str,
+         "error": str, "bundle_sha256": str, "duplicates": int, "updated_at": float},
+        pk="command_id", not_null={"node_id", "op", "state", "created_at", "expires_at"})
+    db["commands"].create_index(["state", "expires_at"])
+    db["commands"].create_index(["node_id", "created_at"])
+    db["audit_log"].create(
+        {"id": int, "ts": float, "actor": str, "action": str, "node_id": str,
+         "command_id": str, "op": str, "args": str, "outcome": str, "detail": str},
+        pk="id", not_null={"ts", "action"})
+    db["audit_log"].create_index(["node_id", "ts"])
+
+
+@migrations()
 def m012_subscriptions(db: Database) -> None:
     """Channels (an app's named pointer to a version) and subscriptions (a channel
     given to a target), appstore/subscriptions.py; a rollout may move a channel."""

@@ -31,6 +31,7 @@ from cloud_sync.topics import Topics
 from .api import ApiContext, create_app
 from .blobstore import ContentStore
 from .catalog import Catalog
+from .commands import Commands, make_blueprint as commands_blueprint
 from .config import AppStoreConfig
 from .db import Store
 from .enrolment import Enrolment
@@ -121,6 +122,9 @@ class AppStoreService:
                                         cfg.shared_group)
         if self.blob_server is not None:
             self.blob_server.start()
+        self.commands = Commands(self.store, self.registry, self.conn, self.topics,
+                                 ContentStore(cfg.data_dir / "bundles"), cfg.shared_group)
+        self.commands.start()  # subscribes to the results: before the connect
         self.conn.start()
         self.datasets = Datasets(self.store, self.feedback.samples)
         self.retrainer = Retrainer(cfg, self.store, self.catalog, self.datasets, self.key,
@@ -129,6 +133,7 @@ class AppStoreService:
                                          self.fleet, self.trusted_keys, self.datasets,
                                          self.retrainer, self.enrolment, self.rollouts,
                                          self.subscriptions))
+        self.app.register_blueprint(commands_blueprint(self.commands))
         self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True,
                                  request_handler=_QuietHandler)
         self._http_thread = threading.Thread(target=self._http.serve_forever,
@@ -162,6 +167,8 @@ class AppStoreService:
             self._http = None
         if self._http_thread is not None:
             self._http_thread.join(5)
+        if getattr(self, "commands", None) is not None:
+            self.commands.stop()
         if self.conn is not None:
             self.conn.stop()
         if self.blob_server is not None:

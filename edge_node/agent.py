@@ -43,6 +43,7 @@ from .keys import trusted_keys
 from .metrics import make_registry
 from .inference_load import InferenceLoad
 from .reconciler import Reconciler
+from .remote import RemoteOps
 from .resources import Placement, discover_cards
 from .reporter import Reporter
 from .scheduling.jobs import JobRegistry
@@ -138,6 +139,7 @@ class NodeAgent:
         self.flask.register_blueprint(make_local_blueprint(self))
         self.flask.register_blueprint(make_ui_blueprint())
         self.metrics = make_registry(self.metrics_snapshot)
+        self.remote = RemoteOps(self)  # the cloud's commands (docs/fleet.md, Remote operations)
         self._http = None
         self._http_thread: threading.Thread | None = None
 
@@ -309,6 +311,7 @@ class NodeAgent:
         for sub in ("blobs", "apps", "samples", "trusted_keys"):
             (self.cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
         self.outbox.start()
+        self.remote.start()
         self.fetcher.start()
         self.capture.start()
         self.alarms.start()
@@ -328,6 +331,7 @@ class NodeAgent:
 
     def stop(self) -> None:
         self.conn.stop()
+        self.remote.stop()
         self.reporter.stop()
         if self._http:
             self._http.shutdown()

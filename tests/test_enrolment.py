@@ -312,6 +312,9 @@ def test_password_hash_is_mosquittos_own_format(tmp_path: Path) -> None:
     acl = auth.render_acl(Topics(prefix="p"), "appstore", ["n1"])
     assert "user n1\ntopic write p/aidc/v1/nodes/n1/availability" in acl
     assert "topic read p/aidc/v1/nodes/n1/state/desired" in acl
+    # remote operations: the node only hears commands and only answers results
+    assert "topic read p/aidc/v1/nodes/n1/commands\n" in acl
+    assert "topic write p/aidc/v1/nodes/n1/results\n" in acl
     assert acl.index("user appstore") < acl.index("\ntopic ")  # no topic for anonymous
 
 
@@ -377,6 +380,26 @@ def test_enrolled_agent_runs_the_whole_loop_on_the_locked_broker(
         wait_until(lambda: len(feedback(svc)) >= kept and agent.outbox.pending() == 0,
                    timeout=30)
         assert agent.conn.stats.get("subscribe_refused", 0) == 0
+
+        # a remote operation on the locked broker: the command reaches the node on
+        # its read-only `commands`, the result comes back on `results` and is acked
+        r = svc.app.test_client().post(f"{API}/nodes/site-1/commands",
+                                       json={"op": "selfcheck", "by": "ops"})
+        assert r.status_code == 201, r.json
+        done = wait_until(lambda: (c := svc.commands.get(r.json["command_id"]))["state"]
+                          == "done" and c, timeout=30)
+        assert done["result"]["ok"], done
+        wait_until(lambda: agent.outbox.pending() == 0, timeout=10)
+        # the node's own user cannot send the node a command (only the AppStore can)
+        from cloud_sync.schemas import Command
+
+        forged = Command(command_id="forged-0001", node_id="site-1", op="selfcheck",
+                         expires_at=time.time() + 60)
+        me = svc.peer_ok(agent.cfg.mqtt.username, agent.cfg.mqtt.password)
+        me.pub(Topics(prefix=svc.cfg.topic_prefix).commands("site-1"), forged.to_bytes())
+        me.stop()
+        time.sleep(1.0)
+        assert agent.remote.get("forged-0001") is None
 
         assert main(["store", "revoke", "site-1", "--api", svc.url]) == 0
         wait_until(lambda: not agent.conn.connected.is_set(), timeout=10)

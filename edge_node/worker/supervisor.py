@@ -214,6 +214,32 @@ class WorkerSupervisor:
                 logger.warning("restart %d of worker %s failed: %s", w.restarts, w.key, err.reason)
                 delay = min(delay * 2, 5.0)
 
+    def restart(self, app_key: str) -> WorkerClient:
+        """Stop the worker for ``app_key`` and start it again as it was (same model,
+        settings, socket and client object); KeyError for a worker never started.
+        The new worker takes the key before the old one stops, so the app never
+        looks stopped (which would make the reconciler start one of its own)."""
+        with self._lock:
+            old = self._workers[app_key]
+            w = _Worker(app_key, old.app_dir, old.socket, old.settings, old.env,
+                        old.ready_timeout, old)
+            old.stopping.set()
+            proc = old.proc
+            self._workers[app_key] = w
+        if proc is not None:
+            proc.terminate()
+            proc.stop(self.stop_timeout)
+        old.state = "stopped"
+        w.client.close()  # connections to the old process; reopened to the new one
+        logger.info("worker %s restarting", app_key)
+        try:
+            self._launch(w)
+        except WorkerStartError as err:
+            w.state = "stopped" if w.stopping.is_set() else "failed"
+            w.last_error = err.reason
+            raise
+        return w.client
+
     def stop(self, app_key: str) -> None:
         """Stop the worker for ``app_key`` (SIGTERM, then SIGKILL); it stays ``stopped``."""
         self._stop_many([app_key])
