@@ -291,6 +291,17 @@ class Fleet:
         res = json.loads(cur["resources"]) if cur and cur["resources"] else None
         return self.assign(node_id, app, version, res, cur["upload"] if cur else None)
 
+    def set_versions(self, node_ids: list[str], app: str, version: str) -> int:
+        """:meth:`set_version` for many nodes: one transaction, then each changed
+        node's desired state published; how many changed."""
+        with self._desired_lock:
+            self.catalog.get_version(app, version)
+            changed = self.registry.set_versions(node_ids, app, version)
+            with self.store.read() as db:
+                for node_id in changed:
+                    self._publish_desired(node_id, self.registry._desired(db, node_id))
+        return len(changed)
+
     def set_training(self, node_id: str, training: TrainingSchedule | None) -> DesiredState:
         """Set (None: clear) the node's training windows; publishes the desired state."""
         with self._desired_lock:

@@ -99,6 +99,34 @@ class Registry:
         logger.info("node %s: want %s %s (revision %d)", node_id, app, version, rev)
         return rev
 
+    def set_versions(self, node_ids: list[str], app: str, version: str) -> list[str]:
+        """Want ``app`` at ``version`` on every node, keeping each node's resource
+        override and upload level, in one transaction; the nodes whose desired
+        state changed. The caller checked the version exists."""
+        now = time.time()
+        changed = []
+        with self.store.write() as db:
+            cur = {r["node_id"]: r for r in db.query(
+                "select node_id, version, resources, upload from assignments where app = ?",
+                [app])}
+            for node_id in node_ids:
+                check_node_id(node_id)
+                c = cur.get(node_id)
+                if c is not None and c["version"] == version:
+                    continue
+                db.execute(_UPSERT, {"node_id": node_id, "online": None, "seen": 0,
+                                     "agent_version": ""})
+                db["assignments"].upsert(
+                    {"node_id": node_id, "app": app, "version": version, "assigned_at": now,
+                     "resources": c["resources"] if c else None,
+                     "upload": c["upload"] if c else None}, pk=("node_id", "app"))
+                db.execute("update nodes set desired_revision = desired_revision + 1 "
+                           "where node_id = ?", [node_id])
+                changed.append(node_id)
+        if changed:
+            logger.info("%d node(s): want %s %s", len(changed), app, version)
+        return changed
+
     def set_training(self, node_id: str, training: TrainingSchedule | None) -> int:
         """Set (or with None, clear) the node's training windows; returns the
         desired revision (bumped only when something changed)."""

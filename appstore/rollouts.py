@@ -175,11 +175,15 @@ class RolloutEngine:
                  assign: Callable[[str, str, str], Any],
                  unassign: Callable[[str, str], Any],
                  tick_s: float = 0.5, clock: Callable[[], float] = time.time,
-                 periodic: list[tuple[float, Callable[[], Any]]] | None = None) -> None:
+                 periodic: list[tuple[float, Callable[[], Any]]] | None = None,
+                 assign_many: Callable[[list[str], str, str], Any] | None = None) -> None:
         self.store, self.catalog, self.registry = store, catalog, registry
         #: (every seconds, fn) run on the engine's thread (subscription reconcile)
         self.periodic = [[every, fn, 0.0] for every, fn in (periodic or [])]
         self.assign, self.unassign = assign, unassign
+        #: many nodes to one version in one go (a wave of 2,000 nodes is one
+        #: transaction, not 2,000); falls back to ``assign`` per node
+        self.assign_many = assign_many
         self.tick_s, self.clock = tick_s, clock
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -511,8 +515,11 @@ class RolloutEngine:
             online = {x["node_id"] for x in db.query(
                 "select node_id from nodes where online = 1 and node_id in (select node_id "
                 "from rollout_nodes where rollout_id = ? and wave = ?)", [rid, wave])}
-        for n in nodes:
-            self.assign(n["node_id"], r["app"], r["version"])
+        if self.assign_many is not None:
+            self.assign_many([n["node_id"] for n in nodes], r["app"], r["version"])
+        else:
+            for n in nodes:
+                self.assign(n["node_id"], r["app"], r["version"])
         with self.store.write() as db:
             for n in nodes:
                 state = "assigned" if n["node_id"] in online else "offline"

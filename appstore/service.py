@@ -115,7 +115,8 @@ class AppStoreService:
         self.rollouts = RolloutEngine(
             self.store, self.catalog, self.registry, assign=self.fleet.set_version,
             unassign=lambda node, app: self.fleet.unassign(node, app),
-            periodic=[(2.0, self.subscriptions.reconcile)])
+            periodic=[(2.0, self.subscriptions.reconcile)],
+            assign_many=self.fleet.set_versions)
         self.fleet.on_reported = self.rollouts.nudge
         self.rollouts.start()
         self.blob_server = _blob_server(self.conn, self.topics, self.catalog.blob_path,
