@@ -73,6 +73,11 @@ def m001_remote(db: Database) -> None:
                                 "command_id": str}, pk="key")
 
 
+def redact_text(text: str) -> str:
+    """URL credentials masked in free text (log lines)."""
+    return _URL_CREDS_RE.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+
+
 def redact(value: Any, key: str = "") -> Any:
     """A copy of ``value`` with secret-named keys' values replaced and URL
     credentials (``rtsp://user:pw@host``) masked."""
@@ -375,9 +380,14 @@ class RemoteOps:
         }
         check = selfcheck.run(agent)
         config = redact(cfg.model_dump(mode="json"))
-        logs = self.logs.tail(args.log_lines)
+        logs = [redact_text(x) for x in self.logs.tail(args.log_lines)]
+        workers = agent.supervisor.status()
         parts = {
             "logs.txt": ("\n".join(logs) + "\n").encode(),
+            "workers.txt": "".join(
+                f"== {key} ({w.get('state')}, pid {w.get('pid')})\n"
+                f"{redact_text(agent.supervisor.output_tail(key, 200))}\n"
+                for key, w in sorted(workers.items())).encode(),
             "config.json": _json(config),
             "health.json": _json(health),
             "selfcheck.json": _json(check),
@@ -390,6 +400,7 @@ class RemoteOps:
         while len(bundle) > schemas.MAX_BUNDLE_BYTES and logs:  # too big: fewer log lines
             logs = logs[len(logs) // 2:] if len(logs) > 1 else []
             parts["logs.txt"] = ("\n".join(logs) + "\n").encode()
+            parts["workers.txt"] = parts["workers.txt"][-64 * 1024:]
             bundle = _tar(parts)
         return ({"parts": sorted(parts), "bytes": len(bundle), "log_lines": len(logs),
                  "selfcheck_ok": check["ok"]}, bundle)

@@ -189,8 +189,9 @@ def test_restart_diagnostics_selfcheck_audit_and_no_second_run(ops, digits_dir, 
     assert hashlib.sha256(raw).hexdigest() == diag["bundle_sha256"]
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
         parts = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()}
-    assert set(parts) == {"manifest.json", "logs.txt", "config.json", "health.json",
-                          "selfcheck.json"}
+    assert set(parts) == {"manifest.json", "logs.txt", "workers.txt", "config.json",
+                          "health.json", "selfcheck.json"}
+    assert f"== {key} (ready, pid {new_pid})".encode() in parts["workers.txt"]
     config = json.loads(parts["config.json"])
     assert config["mqtt"]["password"] == "***" and config["mqtt"]["username"] == "n1"
     assert all(PASSWORD.encode() not in data for data in parts.values())

@@ -285,6 +285,13 @@ class WorkerSupervisor:
                 for key, w in self._workers.items()
             }
 
+    def output_tail(self, app_key: str, n: int = 100) -> str:
+        """The last ``n`` lines the worker process wrote to stderr ("" if none)."""
+        with self._lock:
+            w = self._workers.get(app_key)
+            proc = w.proc if w is not None else None
+        return proc.tail(n) if proc is not None else ""
+
     def client(self, app_key: str) -> WorkerClient | None:
         """The app's client unless its worker is stopped or failed (or unknown)."""
         with self._lock:
