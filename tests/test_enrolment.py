@@ -389,7 +389,7 @@ def test_enrolled_agent_runs_the_whole_loop_on_the_locked_broker(
         done = wait_until(lambda: (c := svc.commands.get(r.json["command_id"]))["state"]
                           == "done" and c, timeout=30)
         assert done["result"]["ok"], done
-        wait_until(lambda: agent.outbox.pending() == 0, timeout=10)
+        wait_until(lambda: agent.outbox.pending() == 0, timeout=30)
         # the node's own user cannot send the node a command (only the AppStore can)
         from cloud_sync.schemas import Command
 
