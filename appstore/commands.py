@@ -191,7 +191,7 @@ class Commands:
                + " order by created_at desc, rowid desc limit ?")
         with self.store.read() as db:
             rows = list(db.query(sql, [*params, max(1, min(limit, 1000))]))
-        return [_public(r, with_result=False) for r in rows]
+        return [_public(r) for r in rows]  # results are small: bundles are apart
 
     def bundle_path(self, command_id: str) -> Any:
         cmd = self.get(command_id)

@@ -219,6 +219,10 @@ def test_restart_diagnostics_selfcheck_audit_and_no_second_run(ops, digits_dir, 
                and a["outcome"] == "done" for a in audit)
     assert store_cli(["store", "audit", "--node", "n1", "--api", store.url]) == 0
     assert "ops-2 diagnostics n1" in capsys.readouterr().out
+    assert store_cli(["store", "commands", "--node", "n1", "--api", store.url]) == 0
+    listed = capsys.readouterr().out
+    assert f"restart-0001 n1 restart_app: done (pid {pid} -> {new_pid})" in listed, listed
+    assert "selfcheck: done (broker_connected ok, workers_alive ok" in listed, listed
 
 
 def test_set_config_changes_the_threshold_and_survives_a_restart(ops, tmp_path, broker,
