@@ -113,6 +113,9 @@ class Gate(BaseModel):
     min_labelled: int = Field(default=20, ge=1)
     #: nodes of a wave that may fail before the wave fails (0: any failure fails it)
     max_failed_nodes: int = Field(default=0, ge=0)
+    #: while baking, a node not reporting the app ready (but not failed) fails the wave
+    #: only once it stayed so this long (a worker restart, a report in flight)
+    unready_grace_s: float = Field(default=15.0, ge=0)
 
 
 class RolloutRequest(BaseModel):
@@ -190,6 +193,8 @@ class RolloutEngine:
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        #: (app, version, node) -> when a baking node was first seen not ready
+        self._unready: dict[tuple[str, str, str], float] = {}
         self.leader = False
 
     # -- operators ---------------------------------------------------------------
@@ -428,7 +433,11 @@ class RolloutEngine:
                                    "'baking') order by created_at"))
         for r in active:
             with self._lock:
-                self._step(r)
+                # read again under the lock: an operator may have paused or aborted it
+                # since the list was read (a stale row would write its state back)
+                r = self._row(r["rollout_id"])
+                if r["state"] in ("waiting", "baking"):
+                    self._step(r)
 
     def _step(self, r: dict[str, Any]) -> None:
         rid, now = r["rollout_id"], self.clock()
@@ -564,9 +573,17 @@ class RolloutEngine:
         if not nodes:
             return None
         status = self._status(app, version, nodes)
-        down = [n for n in nodes if status.get(n, ("waiting",))[0] != "ready"]
+        now = self.clock()
+        down = []
+        for n in nodes:
+            key = (app, version, n)
+            if status.get(n, ("waiting",))[0] == "ready":
+                self._unready.pop(key, None)
+            elif now - self._unready.setdefault(key, now) >= gate.unready_grace_s:
+                down.append(n)
         if down:
-            why = status.get(down[0], ("", None))[1] or "no longer ready"
+            why = status.get(down[0], ("", None))[1] or \
+                f"not ready for {gate.unready_grace_s:g} s"
             return f"{len(down)} node(s) not ready while baking ({down[0]}: {why})"
         ph = ",".join("?" * len(nodes))
         with self.store.read() as db:

@@ -44,12 +44,18 @@ def jget(url: str):
     return json.loads(body)
 
 
-def start_node(tmp_path: Path, broker, prefix: str, store, **over) -> NodeAgent:
-    keys = tmp_path / "edge" / "trusted_keys"
+def start_node(tmp_path: Path, broker, prefix: str, store, node_id: str = "site-1",
+               mqtt: dict | None = None, **over) -> NodeAgent:
+    """A real edge agent trusting ``store``'s key; data in ``tmp_path/edge`` for the
+    default node, ``tmp_path/<node_id>`` for others; ``mqtt`` adds to the broker's
+    address (e.g. credentials)."""
+    data = tmp_path / ("edge" if node_id == "site-1" else node_id)
+    keys = data / "trusted_keys"
     keys.mkdir(parents=True, exist_ok=True)
     (keys / "store.pub").write_bytes(store.key.public_pem())
-    cfg = load_config(node_id="site-1", data_dir=tmp_path / "edge",
-                      mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
+    cfg = load_config(node_id=node_id, data_dir=data,
+                      mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix,
+                            **(mqtt or {})},
                       http={"port": 0}, **over)
     agent = NodeAgent(cfg)
     agent.start()

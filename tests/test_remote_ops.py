@@ -20,7 +20,6 @@ import json
 import tarfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,27 +29,11 @@ from cloud_sync.connection import MqttConnection
 from cloud_sync.schemas import Command
 from cloud_sync.topics import Topics
 from edge_node.agent import NodeAgent
-from edge_node.config import load_config
 from tests.appstore_support import digits_dir, start_store, wait_until  # noqa: F401
 from tests.models import digit_png
-from tests.test_e2e import API, http, jget, publish
+from tests.test_e2e import API, http, jget, publish, start_node
 
 PASSWORD = "pw-Zq8-never-leaves"
-
-
-def start_node(tmp_path: Path, broker, prefix: str, store, node_id: str) -> NodeAgent:
-    data = tmp_path / node_id
-    keys = data / "trusted_keys"
-    keys.mkdir(parents=True, exist_ok=True)
-    (keys / "store.pub").write_bytes(store.key.public_pem())
-    # the broker lets anyone in: the credentials are here to be redacted
-    cfg = load_config(node_id=node_id, data_dir=data, http={"port": 0},
-                      mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix,
-                            "username": node_id, "password": PASSWORD},
-                      telemetry_interval_s=5)
-    agent = NodeAgent(cfg)
-    agent.start()
-    return agent
 
 
 @pytest.fixture
@@ -59,7 +42,10 @@ def ops(tmp_path, broker, prefix, digits_dir):  # noqa: F811
     agents: dict[str, NodeAgent] = {}
 
     def up(node_id: str) -> NodeAgent:
-        agents[node_id] = start_node(tmp_path, broker, prefix, store, node_id)
+        # the broker lets anyone in: the credentials are here to be redacted
+        agents[node_id] = start_node(
+            tmp_path, broker, prefix, store, node_id,
+            mqtt={"username": node_id, "password": PASSWORD}, telemetry_interval_s=5)
         return agents[node_id]
 
     def down(node_id: str) -> None:

@@ -26,26 +26,12 @@ import pytest
 
 from appstore.cli import main as store_cli
 from edge_node.agent import NodeAgent
-from edge_node.config import load_config
 from tests.appstore_support import digits_dir, start_store, wait_until  # noqa: F401
 from tests.models import digit_png
-from tests.test_e2e import API, http, jget, publish
+from tests.test_e2e import API, http, jget, publish, start_node
 
 NODES = ("n1", "n2", "n3")
 FAST_GATE = {"bake_s": 1.0, "ready_timeout_s": 60, "min_requests": 5, "max_error_rate": 0.05}
-
-
-def start_node(tmp_path: Path, broker, prefix: str, store, node_id: str) -> NodeAgent:
-    data = tmp_path / node_id
-    keys = data / "trusted_keys"
-    keys.mkdir(parents=True, exist_ok=True)
-    (keys / "store.pub").write_bytes(store.key.public_pem())
-    cfg = load_config(node_id=node_id, data_dir=data, http={"port": 0},
-                      mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
-                      telemetry_interval_s=0.5)
-    agent = NodeAgent(cfg)
-    agent.start()
-    return agent
 
 
 @pytest.fixture
@@ -54,7 +40,8 @@ def fleet(tmp_path, broker, prefix, digits_dir):  # noqa: F811
     agents: dict[str, NodeAgent] = {}
 
     def up(node_id: str) -> NodeAgent:
-        agents[node_id] = start_node(tmp_path, broker, prefix, store, node_id)
+        agents[node_id] = start_node(tmp_path, broker, prefix, store, node_id,
+                                     telemetry_interval_s=0.5)
         return agents[node_id]
 
     for n in NODES:
