@@ -582,6 +582,15 @@ def _api_opt(p: argparse.ArgumentParser, json_out: bool = False) -> None:
         p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _target_opts(p: argparse.ArgumentParser) -> None:
+    """Which nodes (rollouts, subscriptions): read back by :func:`_target`."""
+    p.add_argument("--node", action="append", default=[], help="a target node (repeatable)")
+    p.add_argument("--group")
+    p.add_argument("--site")
+    p.add_argument("--tag", action="append", default=[], help="nodes with every tag given")
+    p.add_argument("--all", action="store_true", help="the whole fleet")
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     store = subparsers.add_parser("store", help="the cloud AppStore: serve, publish, operate")
     sub = store.add_subparsers(dest="store_cmd", metavar="COMMAND", required=True)
@@ -726,11 +735,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                        "later get it too")
     p.add_argument("app")
     p.add_argument("--channel", default="stable")
-    p.add_argument("--node", action="append", default=[])
-    p.add_argument("--group")
-    p.add_argument("--site")
-    p.add_argument("--tag", action="append", default=[])
-    p.add_argument("--all", action="store_true")
+    _target_opts(p)
     p.add_argument("--by", help="who asks (recorded)")
     _api_opt(p)
     p.set_defaults(func=_guard(cmd_subscribe))
@@ -746,11 +751,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     r = rsub.add_parser("start", help="APP VERSION to a target, canary first, wave by wave")
     r.add_argument("app")
     r.add_argument("version")
-    r.add_argument("--node", action="append", default=[], help="a target node (repeatable)")
-    r.add_argument("--group")
-    r.add_argument("--site")
-    r.add_argument("--tag", action="append", default=[], help="nodes with every tag given")
-    r.add_argument("--all", action="store_true", help="the whole fleet")
+    _target_opts(r)
     r.add_argument("--canary", type=int, default=1, help="nodes in the first wave (default 1)")
     r.add_argument("--steps", help="cumulative percentages after the canary, e.g. 10,50,100")
     r.add_argument("--wave-size", type=int, help="instead of --steps: nodes per wave")
