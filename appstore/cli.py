@@ -311,8 +311,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def _fmt_rollout(r: dict[str, Any]) -> str:
     waves = " ".join(f"{w['nodes']}" + (f"[{','.join(f'{k}:{v}' for k, v in w['states'].items())}]"
                                         if w["states"] else "") for w in r["waves"])
-    return (f"{r['rollout_id']} {r['app']} {r['version']}: {r['state']} (wave {r['wave']} of "
-            f"{len(r['waves'])}: {waves}){' -- ' + r['reason'] if r.get('reason') else ''}")
+    return (f"{r['rollout_id']} {r['app']} {r['version']}: {r['state']} (wave "
+            f"{r['wave'] + 1}/{len(r['waves'])}, nodes per wave {waves})"
+            f"{' -- ' + r['reason'] if r.get('reason') else ''}")
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
