@@ -287,11 +287,11 @@ class RolloutEngine:
             paused_for = self.clock() - r["updated_at"]
             with self.store.write() as db:
                 # the clocks stopped while paused: the wave restarts its wait
-                db.execute("update rollouts set state = 'waiting', wave_started_at = "
-                           "wave_started_at + ?, deadline = deadline + ?, ready_at = null, "
-                           "updated_at = ? where rollout_id = ?",
-                           [paused_for, paused_for, self.clock(), rid])
-                self._log(db, rid, "resumed", f"by {by or '?'} after {paused_for:.0f} s")
+                if db.execute("update rollouts set state = 'waiting', wave_started_at = "
+                              "wave_started_at + ?, deadline = deadline + ?, ready_at = null, "
+                              "updated_at = ? where rollout_id = ? and state = 'paused'",
+                              [paused_for, paused_for, self.clock(), rid]).rowcount:
+                    self._log(db, rid, "resumed", f"by {by or '?'} after {paused_for:.0f} s")
         self._wake.set()
         return self.get(rid)
 
@@ -325,9 +325,11 @@ class RolloutEngine:
             if r["state"] not in allowed:
                 raise Conflict("bad_state", f"rollout {rid} is {r['state']}")
             with self.store.write() as db:
-                db.execute("update rollouts set state = ?, updated_at = ? where rollout_id = ?",
-                           [state, self.clock(), rid])
-                self._log(db, rid, state, why)
+                ph = ",".join("?" * len(allowed))
+                if db.execute(f"update rollouts set state = ?, updated_at = ? where "
+                              f"rollout_id = ? and state in ({ph})",
+                              [state, self.clock(), rid, *allowed]).rowcount:
+                    self._log(db, rid, state, why)
         return self.get(rid)
 
     # -- queries -----------------------------------------------------------------
@@ -482,9 +484,10 @@ class RolloutEngine:
                                f" s: {names}" + (" ..." if len(waiting) > 5 else ""))
                 return
             with self.store.write() as db:
-                db.execute("update rollouts set state = 'baking', ready_at = ?, updated_at = ?"
-                           " where rollout_id = ?", [now, now, rid])
-                self._log(db, rid, "baking", f"wave {wave}: ready, baking {gate.bake_s:g} s")
+                if db.execute("update rollouts set state = 'baking', ready_at = ?, "
+                              "updated_at = ? where rollout_id = ? and state = 'waiting'",
+                              [now, now, rid]).rowcount:
+                    self._log(db, rid, "baking", f"wave {wave}: ready, baking {gate.bake_s:g} s")
             return
         # baking: the health gate
         problem = self._health(r["app"], r["version"], [n["node_id"] for n in nodes
@@ -538,8 +541,8 @@ class RolloutEngine:
                             "offline when its wave started: converges when it is back",
                             now, rid, n["node_id"]])
             db.execute("update rollouts set wave = ?, state = 'waiting', wave_started_at = ?, "
-                       "ready_at = null, updated_at = ? where rollout_id = ?",
-                       [wave, now, now, rid])
+                       "ready_at = null, updated_at = ? where rollout_id = ? and state in "
+                       "('waiting', 'baking')", [wave, now, now, rid])
             off = len(nodes) - len(online)
             self._log(db, rid, "wave_started", f"wave {wave}: {len(nodes)} nodes"
                       + (f" ({off} offline, not waited for)" if off else ""))
@@ -645,10 +648,15 @@ class RolloutEngine:
         return len(rows)
 
     def _finish(self, rid: str, state: str, why: str) -> None:
+        """End the rollout unless it ended meanwhile (another AppStore worker's
+        operator request, or its engine): a final state is never overwritten."""
         now = self.clock()
         with self.store.write() as db:
-            db.execute("update rollouts set state = ?, reason = ?, finished_at = ?, "
-                       "updated_at = ? where rollout_id = ?", [state, why, now, now, rid])
+            if not db.execute("update rollouts set state = ?, reason = ?, finished_at = ?, "
+                              "updated_at = ? where rollout_id = ? and state not in "
+                              "('succeeded', 'failed', 'aborted')",
+                              [state, why, now, now, rid]).rowcount:
+                return
             self._log(db, rid, state, why)
         (logger.info if state == "succeeded" else logger.warning)("rollout %s %s: %s", rid,
                                                                    state, why)
