@@ -17,17 +17,16 @@ only the node answers them (``results``: the node writes it).
 from __future__ import annotations
 
 import base64
-import grp
 import hashlib
 import hmac
 import logging
 import os
 import secrets
 import signal
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from cloud_sync.atomic import write_atomic as _write_atomic
 from cloud_sync.topics import NODE_KINDS, Topics
 
 logger = logging.getLogger(__name__)
@@ -85,29 +84,8 @@ def render_passwords(users: Iterable[tuple[str, str]]) -> str:
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o640, group: str | None = None) -> None:
-    """Replace ``path`` with ``text`` in one rename: a reader sees the old file or
-    the new one, never half of one, even across a power loss. ``group``: the
-    file's group (the broker's, so it can read a 0640 file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        if group is not None:
-            os.fchown(fd, -1, grp.getgrnam(group).gr_gid)
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """The broker's files: :func:`cloud_sync.atomic.write_atomic`, 0640 by default."""
+    _write_atomic(path, text, mode=mode, group=group)
 
 
 def broker_pid(pid: int | None, pid_file: Path | None) -> int | None:

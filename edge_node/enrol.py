@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+
+from cloud_sync.atomic import write_atomic
 
 from .config import NodeConfig, _fmt, _merge
 from .errors import ConfigError
@@ -88,20 +88,7 @@ def merged_config(path: Path, enrolled: dict[str, Any],
 def write_config(path: Path, enrolled: dict[str, Any], data_dir: Path | None = None) -> None:
     """Merge the enrolment into the config at ``path``; validate; write it 0600."""
     raw = merged_config(path, enrolled, data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(raw, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(raw, indent=2) + "\n", mode=0o600)
 
 
 def register(esub: argparse._SubParsersAction) -> None:

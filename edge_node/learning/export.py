@@ -13,8 +13,6 @@ it, and that this input equals the base model's.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -166,17 +164,9 @@ def validate(model, head: Head, W: np.ndarray, b: np.ndarray, X_probe: np.ndarra
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from cloud_sync.atomic import write_atomic
+
+    write_atomic(path, data)
 
 
 def export_layers(base_model, layers: Layers, out_path: Path,

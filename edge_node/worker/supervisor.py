@@ -132,6 +132,10 @@ class WorkerSupervisor:
                     {**settings.env, **(env or {})}, ready_timeout, old)
         with self._lock:
             self._workers[app_key] = w
+        return self._launch_client(w)
+
+    def _launch_client(self, w: _Worker) -> WorkerClient:
+        """:meth:`_launch`, the worker marked stopped or failed when it does not start."""
         try:
             self._launch(w)
         except WorkerStartError as err:
@@ -232,13 +236,7 @@ class WorkerSupervisor:
         old.state = "stopped"
         w.client.close()  # connections to the old process; reopened to the new one
         logger.info("worker %s restarting", app_key)
-        try:
-            self._launch(w)
-        except WorkerStartError as err:
-            w.state = "stopped" if w.stopping.is_set() else "failed"
-            w.last_error = err.reason
-            raise
-        return w.client
+        return self._launch_client(w)
 
     def stop(self, app_key: str) -> None:
         """Stop the worker for ``app_key`` (SIGTERM, then SIGKILL); it stays ``stopped``."""
