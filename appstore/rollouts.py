@@ -503,6 +503,9 @@ class RolloutEngine:
             self._start_wave(r, wave + 1)
         else:
             why = f"all {n_waves} waves passed their gates"
+            late = self._join_late(r, n_waves - 1, assign=True)
+            if late:
+                why += f"; {late} node(s) that joined the target meanwhile given it"
             if r.get("channel"):
                 now = self.clock()
                 with self.store.write() as db:
@@ -520,8 +523,59 @@ class RolloutEngine:
             return list(db.query("select * from rollout_nodes where rollout_id = ? and "
                                  "wave = ?", [rid, wave]))
 
+    def _join_late(self, r: dict[str, Any], last: int, assign: bool = False) -> int:
+        """Nodes that joined the target after the rollout was planned (enrolled, or
+        labelled into its group) join its last wave, so a rollout's target is what
+        it names *now*, not a snapshot: a node that joins a group mid-rollout is not
+        left on the old version. Before the last wave starts they simply join it; once
+        every wave passed (``assign``) they are given the version that passed every
+        gate, recorded ``assigned`` (not waited for, like a node that was offline).
+        Nodes without room for it are left out, logged with why. How many joined."""
+        rid = r["rollout_id"]
+        with self.store.read() as db:
+            target = Target.model_validate_json(r["target"])
+            planned = {x["node_id"] for x in db.query(
+                "select node_id from rollout_nodes where rollout_id = ?", [rid])}
+            new = [n for n in resolve_target(db, target, strict=False) if n not in planned]
+            if not new:
+                return 0
+            current = {x["node_id"]: x["version"] for x in db.query(
+                "select node_id, version from assignments where app = ?", [r["app"]])}
+        unfit = self._unfit(r["app"], r["version"], new)
+        new = [n for n in new if n not in unfit]
+        if new and assign:
+            if self.assign_many is not None:
+                self.assign_many(new, r["app"], r["version"])
+            else:
+                for n in new:
+                    self.assign(n, r["app"], r["version"])
+        now = self.clock()
+        with self.store.write() as db:
+            db["rollout_nodes"].insert_all(
+                ({"rollout_id": rid, "node_id": n, "wave": last,
+                  "prev_version": current.get(n),
+                  "state": "assigned" if assign else "pending",
+                  "reason": "joined the target after its waves passed" if assign else None,
+                  "updated_at": now} for n in new), batch_size=1000, ignore=True)
+            plan = json.loads(r["plan"])
+            plan["waves"][last] += len(new)
+            db.execute("update rollouts set plan = ? where rollout_id = ?",
+                       [json.dumps(plan), rid])
+            r["plan"] = json.dumps(plan)
+            self._log(db, rid, "joined", f"{len(new)} node(s) joined the target: "
+                      + ", ".join(new[:10]) + (" ..." if len(new) > 10 else "")
+                      + (f" ({'given it' if assign else f'in wave {last}'})")
+                      + (f"; {len(unfit)} left out, no room: " + "; ".join(
+                          f"{n}: {why}" for n, why in list(unfit.items())[:5])
+                         if unfit else ""))
+        logger.info("rollout %s: %d node(s) joined its target", rid, len(new))
+        return len(new)
+
     def _start_wave(self, r: dict[str, Any], wave: int) -> None:
         rid, now = r["rollout_id"], self.clock()
+        n_waves = len(json.loads(r["plan"])["waves"])
+        if wave == n_waves - 1:
+            self._join_late(r, wave)
         nodes = self._wave_nodes(rid, wave)
         with self.store.read() as db:
             online = {x["node_id"] for x in db.query(

@@ -105,3 +105,82 @@ def test_one_rollout_engine_moves_rollouts_when_workers_share_a_database(tmp_pat
     assert b._lease() and b.leader  # noqa: SLF001 - a stopped renewing: b takes over
     assert not a._lease() and not a.leader  # noqa: SLF001
     store.close()
+
+
+class _Catalog:
+    """The catalog seam: the engine asks it only for a version's manifest (the real
+    catalog needs signed packages; tests/test_rollouts.py uses the real one)."""
+
+    def get_version(self, app, version):
+        return {"manifest": {"name": app, "version": version}}
+
+
+def test_nodes_that_join_a_rollouts_target_midway_get_the_new_version(tmp_path):
+    """A rollout's target is what it names now: a node labelled into the group while
+    the rollout runs joins its last wave (gated with it); one that joins while the
+    last wave runs is given the version when every wave passed. Nobody is left on
+    the old version, and a rollback takes the late ones back to what they had."""
+    import json
+
+    from appstore.db import Store
+    from appstore.registry import Registry
+    from appstore.rollouts import RolloutEngine
+
+    now = [1000.0]
+    store = Store(tmp_path / "store.db")
+    reg = Registry(store)
+    eng = RolloutEngine(store, _Catalog(), reg, assign=reg.assign, unassign=reg.unassign,
+                        clock=lambda: now[0])
+
+    def ready(*nodes, version="2.0"):
+        with store.write() as db:
+            for n in nodes:
+                db.execute("update nodes set online = 1, reported = ? where node_id = ?",
+                           [json.dumps({"apps": [{"name": "cam", "version": version,
+                                                  "status": "ready"}]}), n])
+
+    for n in ("a", "b", "c"):
+        reg.set_labels(n, None, "g", None)
+        reg.assign(n, "cam", "1.0")
+        ready(n, version="1.0")
+    ro = eng.create({"app": "cam", "version": "2.0", "target": {"group": "g"},
+                     "waves": {"canary": 1, "steps": [50, 100]},
+                     "gate": {"bake_s": 0, "min_requests": 0}})
+    rid = ro["rollout_id"]
+    assert [w["nodes"] for w in ro["waves"]] == [1, 1, 1]
+
+    def step(n=1):
+        for _ in range(n):
+            now[0] += 1
+            eng.tick()
+
+    def version(n):
+        return {a["app"]: a["version"] for a in reg.assignments(n)}.get("cam")
+
+    step()  # wave 0 (the canary) starts
+    assert version("a") == "2.0" and version("b") == "1.0"
+    ready("a")
+    step(2)  # baking, passed: wave 1
+    reg.set_labels("d", None, "g", None)  # joins the group mid-rollout, on the old version
+    reg.assign("d", "cam", "1.0")
+    ready("d", version="1.0")
+    ready("b")
+    step(2)  # wave 1 passed: the last wave starts, with d in it
+    got = eng.get(rid)
+    assert got["wave"] == 2 and [w["nodes"] for w in got["waves"]] == [1, 1, 2]
+    assert version("c") == version("d") == "2.0"
+    assert any(e["what"] == "joined" and "d" in e["detail"] for e in got["log"])
+    reg.set_labels("e", None, "g", None)  # joins while the last wave runs
+    reg.assign("e", "cam", "1.0")
+    step()
+    assert version("e") == "1.0" and eng.get(rid)["state"] == "waiting"  # d is not ready
+    ready("c", "d")
+    step(3)
+    got = eng.get(rid)
+    assert got["state"] == "succeeded" and "1 node(s) that joined" in got["reason"], got
+    assert version("e") == "2.0"
+    late = {n["node_id"]: n for n in got["nodes"]}["e"]
+    assert late["state"] == "assigned" and late["prev_version"] == "1.0"
+    eng.rollback(rid)
+    assert {n: version(n) for n in "abcde"} == dict.fromkeys("abcde", "1.0")
+    store.close()
