@@ -92,6 +92,20 @@ def m005_alarms(db: sqlite_utils.Database) -> None:
     db["alarms"].create_index(["raised_at"])
 
 
+@migrations()
+def m006_faults(db: sqlite_utils.Database) -> None:
+    """The fault journal (edge_node/health/journal.py): one row per step of a fault
+    episode -- ``detected``, ``healed``, ``unhealed``, ``repeated`` (a persisting
+    fault re-reported) or ``noted`` (a fault handled at start, before the monitor
+    runs); ``data`` is JSON."""
+    db["faults"].create(
+        {"id": int, "ts": float, "kind": str, "check_name": str, "phase": str,
+         "detail": str, "remedy": str, "seconds": float, "count": int, "data": str},
+        pk="id", not_null={"ts", "kind", "phase"})
+    db["faults"].create_index(["kind", "ts"])
+    db["faults"].create_index(["ts"])
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
