@@ -17,9 +17,12 @@ Nothing here does work of its own; each part owns one job:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from flask import Flask
@@ -51,6 +54,8 @@ from .scheduling.scheduler import Scheduler
 from .serving.registry import AppRegistry, ServedApp
 from .serving.v2 import make_v2_blueprint
 from .store import NodeStore
+from .systemd import Notifier, Watchdog
+from .systemd import watchdog_interval as sd_watchdog_interval
 from .ui import make_ui_blueprint
 from . import hardex
 from .labelling import Labeller
@@ -66,6 +71,10 @@ logger = logging.getLogger(__name__)
 class NodeAgent:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
+        # systemd: READY, watchdog, STATUS (no-op elsewhere); taken out of the
+        # environment so that worker processes do not inherit it
+        self.sd = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
+        self.watchdog: Watchdog | None = None
         d = cfg.data_dir
         self.topics = Topics(cfg.mqtt.topic_prefix)
         self.store = NodeStore(d / "node.db")
@@ -326,10 +335,43 @@ class NodeAgent:
                             self.reconciler.on_desired_message)
         self.reporter.start()
         self.conn.start()
+        self._systemd_ready()
         logger.info("edge node %s serving on %s, broker %s:%s", self.cfg.node_id,
                     self.http_url, self.cfg.mqtt.host, self.cfg.mqtt.port)
 
+    #: threads that live as long as the agent: one that died means the agent is broken
+    VITAL_THREADS = ("reconciler", "outbox-sender", "reporter", "telemetry", "remote-ops",
+                     "scheduler", "capture", "alarms", "http")
+
+    def liveness(self) -> list[str]:
+        """What is wrong with the agent's own process (empty: alive): a vital thread
+        that died, or the HTTP server not answering ``/v2/health/live`` in 5 s. The
+        systemd watchdog pings only while this is empty (edge_node/systemd.py)."""
+        alive = {t.name for t in threading.enumerate() if t.is_alive()}
+        problems = [f"thread {n} is not running" for n in self.VITAL_THREADS if n not in alive]
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/live", timeout=5) as r:
+                if r.status != 200:
+                    problems.append(f"HTTP /v2/health/live answered {r.status}")
+        except (OSError, urllib.error.URLError) as err:
+            problems.append(f"HTTP /v2/health/live: {err}")
+        return problems
+
+    def _systemd_ready(self) -> None:
+        """Under systemd (``Type=notify``): READY=1, and the watchdog when it has one."""
+        if not self.sd.enabled:
+            return
+        self.sd.notify("READY=1", f"STATUS=serving on {self.http_url}")
+        every = sd_watchdog_interval()
+        if every:
+            self.watchdog = Watchdog(self.sd, every, self.liveness)
+            self.watchdog.start()
+            logger.info("systemd watchdog: pinging every %.1f s while alive", every)
+
     def stop(self) -> None:
+        self.sd.notify("STOPPING=1")
+        if self.watchdog:
+            self.watchdog.stop()
         self.conn.stop()
         self.remote.stop()
         self.reporter.stop()
