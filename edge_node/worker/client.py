@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,8 +129,35 @@ class WorkerClient:
             raise _Stale() from EOFError("connection closed by the worker")
         return frame
 
-    def ping(self) -> dict:
-        return self.request({"op": "ping"})
+    def ping(self, timeout: float | None = None) -> dict:
+        """The worker's ping reply. With ``timeout``: on a connection of its own
+        (never a pooled one, which a long request may hold) that must connect,
+        authenticate and answer within ``timeout`` seconds in all, else
+        :class:`WorkerUnavailable` -- a liveness probe: the worker answers a ping
+        on its connection's own thread even while inferences run."""
+        if timeout is None:
+            return self.request({"op": "ping"})
+        deadline = time.monotonic() + timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.socket_path)
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            wire.client_handshake(sock, self._authkey)
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            wire.send(sock, wire.encode({"op": "ping"}))
+            frame = wire.read_frame(sock)
+            if frame is None:
+                raise EOFError("connection closed by the worker")
+            return check_reply(wire.decode(frame), self.socket_path)
+        except TimeoutError as err:
+            raise WorkerUnavailable(f"worker at {self.socket_path} did not answer a ping "
+                                    f"within {timeout:g}s") from err
+        except (OSError, EOFError, wire.FrameError, PermissionError) as err:
+            raise WorkerUnavailable(f"worker at {self.socket_path} did not answer a ping: "
+                                    f"{err}") from err
+        finally:
+            sock.close()
 
     def meta(self) -> dict:
         """``{"name", "version", "task", "inputs", "outputs", "classify"}`` (v2 datatypes)."""

@@ -168,6 +168,14 @@ class WorkerProc:
             except ProcessLookupError:
                 pass
 
+    def kill(self) -> None:
+        """SIGKILL now (also ends a SIGSTOPped process)."""
+        if self.popen.poll() is None:
+            try:
+                self.popen.kill()
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout: float) -> int:
         """SIGTERM, wait ``timeout``, then SIGKILL; returns the exit code."""
         self.terminate()

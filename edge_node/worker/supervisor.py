@@ -13,6 +13,15 @@ when they carry a memory budget, the worker's private resident memory is read
 every ``memory_poll`` seconds, and a worker over budget is stopped and
 restarted with the reason ("memory budget exceeded: 612 MB > 512 MB") in
 ``last_error``, counted in ``memory_restarts`` and against the restart budget.
+With ``memory_poll=None`` the supervisor neither reads nor enforces memory: the
+node's ``worker_memory`` health check (edge_node/health/worker_memory.py) does,
+over several readings, through :meth:`WorkerSupervisor.recycle`.
+
+:meth:`WorkerSupervisor.recycle` is how a health check restarts a worker that
+is alive but wrong (over its memory quota, stuck): the process is stopped
+(SIGTERM then SIGKILL, or SIGKILL at once for a process that cannot answer)
+and restarted like one that died, against the same restart budget, with the
+reason in ``last_error`` and a count under the check's counter.
 
 Every worker is spawned from one long-lived thread: Linux delivers the
 worker's parent-death signal (``PR_SET_PDEATHSIG``, set by the worker itself)
@@ -81,13 +90,16 @@ class _Worker:
         self.meta: dict | None = None
         self.rss_mb: int | None = None
         self.memory_restarts = 0
+        self.stuck_restarts = 0
+        #: (reason, counter) of a recycle asked for: the watcher restarts it with these
+        self.recycling: tuple[str, str | None] | None = None
         self.stopping = threading.Event()
         self.restart_times: deque[float] = deque()
 
 
 class WorkerSupervisor:
     def __init__(self, run_dir: Path, *, restart_budget: tuple[int, float] = (5, 60.0),
-                 stop_timeout: float = 5.0, memory_poll: float = 1.0) -> None:
+                 stop_timeout: float = 5.0, memory_poll: float | None = 1.0) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_restarts, self.window = restart_budget
@@ -164,6 +176,8 @@ class WorkerSupervisor:
         logger.info("worker %s ready (pid %d)", w.key, proc.pid)
 
     def _over_budget(self, w: _Worker, proc: WorkerProc) -> str | None:
+        if self.memory_poll is None:
+            return None
         w.rss_mb = rss = proc.rss_mb()
         budget = w.settings.memory_mb
         if budget is None or rss is None or rss <= budget or w.stopping.is_set():
@@ -183,9 +197,14 @@ class WorkerSupervisor:
         with self._lock:
             if w.stopping.is_set() or w.proc is not proc:
                 return
-            w.state, w.last_error = "restarting", over or describe_exit(rc, proc.tail())
-            if over is not None:
+            recycled, w.recycling = w.recycling, None
+            if recycled is not None:  # a health check stopped it: its reason, its counter
+                over, counter = recycled
+                if counter:
+                    setattr(w, counter, getattr(w, counter) + 1)
+            elif over is not None:
                 w.memory_restarts += 1
+            w.state, w.last_error = "restarting", over or describe_exit(rc, proc.tail())
         if over is None:
             logger.warning("worker %s (pid %d) died unexpectedly: %s", w.key, proc.pid,
                            w.last_error)
@@ -238,6 +257,37 @@ class WorkerSupervisor:
         logger.info("worker %s restarting", app_key)
         return self._launch_client(w)
 
+    def recycle(self, app_key: str, reason: str, *, counter: str | None = None,
+                kill: bool = False, pid: int | None = None) -> bool:
+        """Stop a live worker that is wrong (over its memory quota, stuck) and let it
+        be restarted like one that died: same client, against the restart budget,
+        ``reason`` in ``last_error``, one more in ``counter`` (``"memory_restarts"``
+        or ``"stuck_restarts"``). SIGTERM and up to ``stop_timeout`` before SIGKILL;
+        ``kill``: SIGKILL at once (a stopped or deadlocked process cannot answer
+        SIGTERM). ``pid``: only if that is still the worker's process. Returns
+        False when there was nothing to stop (gone, stopped, already restarting).
+        The restart happens on the worker's watch thread; this returns once the
+        old process is gone."""
+        if counter not in (None, "memory_restarts", "stuck_restarts"):
+            raise ValueError(f"unknown counter {counter!r}")
+        with self._lock:
+            w = self._workers.get(app_key)
+            if w is None or w.stopping.is_set() or w.state != "ready" or w.proc is None \
+                    or not w.proc.alive() or w.recycling is not None:
+                return False
+            proc = w.proc
+            if pid is not None and proc.pid != pid:
+                return False
+            w.recycling = (reason, counter)
+            w.state = "restarting"
+        logger.warning("worker %s (pid %d): %s; restarting it", app_key, proc.pid, reason)
+        if kill:
+            proc.kill()
+            proc.wait_exit(self.stop_timeout)
+        else:
+            proc.stop(self.stop_timeout)
+        return True
+
     def stop(self, app_key: str) -> None:
         """Stop the worker for ``app_key`` (SIGTERM, then SIGKILL); it stays ``stopped``."""
         self._stop_many([app_key])
@@ -273,12 +323,17 @@ class WorkerSupervisor:
 
     def status(self) -> dict[str, dict]:
         with self._lock:
+            if self.memory_poll is None:  # not polled: read now (one small /proc file each)
+                for w in self._workers.values():
+                    w.rss_mb = w.proc.rss_mb() if w.proc is not None and w.proc.alive() \
+                        else None
             return {
                 key: {"state": w.state,
                       "pid": w.proc.pid if w.proc is not None and w.proc.alive() else None,
                       "restarts": w.restarts, "last_error": w.last_error,
                       "memory_budget_mb": w.settings.memory_mb, "rss_mb": w.rss_mb,
                       "memory_restarts": w.memory_restarts,
+                      "stuck_restarts": w.stuck_restarts,
                       "runtime": (w.meta or {}).get("runtime")}
                 for key, w in self._workers.items()
             }

@@ -1,0 +1,111 @@
+"""worker_stuck: a worker alive but not answering (SIGSTOP) is found by a ping with a
+deadline, killed and restarted by the supervisor, and serves again -- on real
+worker processes with a real ONNX model, under the real Monitor."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_node.health import FaultJournal, Monitor
+from edge_node.health.worker_stuck import WorkerStuckCheck, process_state
+from edge_node.worker import WorkerUnavailable
+from edge_node.worker.supervisor import WorkerSupervisor
+from tests.models import build_digits_app_dir, load_test_split, pid_alive, worker_pids
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def app_dir(tmp_path_factory) -> Path:
+    return build_digits_app_dir(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture
+def sup():
+    run_dir = Path(tempfile.mkdtemp(prefix="aidc-w-", dir="/tmp"))
+    s = WorkerSupervisor(run_dir, restart_budget=(3, 60.0))
+    yield s
+    s.stop_all()
+    assert worker_pids(str(run_dir)) == []
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_healthy_worker_answers_the_ping_and_is_not_touched(sup, app_dir):
+    sup.start("digits", app_dir)
+    pid = sup.status()["digits"]["pid"]
+    check = WorkerStuckCheck(sup, ping_timeout_s=5.0)
+    for _ in range(3):
+        f = check.probe()
+        assert f.ok, f.detail
+    assert sup.status()["digits"]["pid"] == pid
+    assert sup.status()["digits"]["stuck_restarts"] == 0
+
+
+def test_a_sigstopped_worker_is_killed_restarted_and_serves_again(sup, app_dir):
+    x, y = load_test_split(app_dir)
+    client = sup.start("digits", app_dir)
+    pid = sup.status()["digits"]["pid"]
+    events: list[tuple[str, dict]] = []
+    journal = FaultJournal(None)
+    monitor = Monitor([WorkerStuckCheck(sup)], journal,
+                      lambda type, severity="info", app=None, data=None:
+                      events.append((type, data or {})))
+    monitor.start()
+    try:
+        assert monitor.checks[0].probe().ok
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        wait_for(lambda: process_state(pid) == "T", 5, "the worker to stop")
+        # a request sent to the stopped worker: answered once the worker is replaced,
+        # well before the client's own 30 s deadline
+        outcome: dict = {}
+
+        def call() -> None:
+            t = time.monotonic()
+            try:
+                outcome["labels"] = client.infer({"input": x[:20]})["label"]
+            except WorkerUnavailable as err:
+                outcome["error"] = str(err)
+            outcome["took"] = time.monotonic() - t
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        detected = wait_for(lambda: [d for t, d in events if t == "fault_detected"], 40,
+                            "the stuck worker to be detected")
+        detected_after = time.monotonic() - stopped_at
+        healed = wait_for(lambda: [d for t, d in events if t == "fault_healed"], 60,
+                          "the fault to be healed")
+        healed_after = time.monotonic() - stopped_at
+    finally:
+        monitor.stop()
+    assert detected[0]["fault"] == "worker_stuck"
+    assert detected[0]["data"]["workers"]["digits"]["state"] == "T"
+    # default: <= 10 s; generous here (a loaded 2-core box), not a benchmark
+    assert detected_after < 25, detected_after
+    assert "killed and restarted digits" in healed[0]["remedy"]
+    st = sup.status()["digits"]
+    assert st["state"] == "ready" and st["pid"] not in (None, pid) and not pid_alive(pid)
+    assert st["stuck_restarts"] == 1 and st["restarts"] == 1
+    assert st["last_error"].startswith("stuck: no answer to 2 pings")
+    assert (client.infer({"input": x})["label"] == y).mean() > 0.9
+    assert sup.client("digits") is client
+    caller.join(10)
+    assert not caller.is_alive() and outcome["took"] < healed_after + 5, outcome
+    summary = journal.summary()
+    assert summary["worker_stuck"]["healed"] == 1, summary
