@@ -46,6 +46,10 @@ class Check:
     def heal(self, finding: Finding) -> str:
         raise HealError("no automatic remedy")
 
+    def after_ok(self, finding: Finding) -> None:
+        """Called by the monitor's thread after an ok probe: upkeep that must only
+        happen on a healthy state (e.g. the last good copy of the database)."""
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} every {self.interval_s:g}s>"
 

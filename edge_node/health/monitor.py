@@ -200,6 +200,7 @@ class Monitor:
                 if ep is not None:  # healed by a retried remedy, or by itself
                     s.episode = None
                     self._close(s.check, ep, ep.last_remedy or "recovered by itself", f)
+                self._after_ok(s.check, f)
                 return f
             now_m = time.monotonic()
             if ep is None:
@@ -260,6 +261,12 @@ class Monitor:
                    {"fault": ep.kind, "check": check.name, "remedy": remedy,
                     "seconds": round(secs, 3), "count": ep.count, "detail": f.detail,
                     "detected_at": ep.detected_at})
+
+    def _after_ok(self, check: Check, f: Finding) -> None:
+        try:
+            check.after_ok(f)
+        except Exception:
+            logger.exception("health check %s: upkeep after an ok probe failed", check.name)
 
     # -- outputs that must not fail the monitor -------------------------------------
     def _journal(self, phase: str, kind: str, check: str, detail: str, *,

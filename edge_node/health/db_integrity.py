@@ -1,0 +1,280 @@
+"""db_integrity: ``PRAGMA quick_check`` on node.db, a last good copy, and restore.
+
+- **The last good copy** (``node.db.last-good``, with ``node.db.last-good.json``:
+  when, and rows per table) is made with SQLite's backup API, only right after a
+  quick_check passed: by the monitor after an ok probe when the copy is older than
+  ``backup_interval_s`` (10 min) or missing, and by the agent at a clean stop.
+  It is written to a temporary file, fsynced and renamed, so a power cut leaves
+  the previous copy whole.
+- **Corruption while the agent runs**: the remedy keeps the damaged file for the
+  technician (``node.db.corrupt-<ts>``) and restores the copy *into the live
+  database* through the backup API -- a write transaction like any other, so the
+  agent's own connections (store, outbox, jobs) go on with the restored content.
+  What was lost since the copy (rows per table, where the damaged file can still
+  be counted) is journalled.
+- **Corruption found at start** (the file cannot be opened, or quick_check fails;
+  e.g. page 1 destroyed, so no connection can write into it): :func:`guard_at_start`
+  moves the damaged file aside and puts the copy in its place before anything
+  opens it (no copy: the node starts with an empty database rather than not at all).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from .base import Check, Finding, HealError
+
+logger = logging.getLogger(__name__)
+
+BACKUP_INTERVAL_S = 600.0
+
+
+def copy_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".last-good")
+
+
+def meta_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".last-good.json")
+
+
+def quick_check(db_path: Path, timeout: float = 10.0) -> tuple[bool, list[str]]:
+    """(ok, SQLite's messages); a file that cannot be opened as a database is not ok."""
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=timeout)
+        try:
+            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        return False, [str(err)]
+    return rows == ["ok"], rows
+
+
+def table_counts(db_path: Path) -> dict[str, int | None]:
+    """Rows per table (None where the table cannot be read); {} when nothing can."""
+    out: dict[str, int | None] = {}
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error:
+        return out
+    try:
+        try:
+            names = [r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        except sqlite3.Error:
+            return out
+        for n in names:
+            try:
+                out[n] = conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0]
+            except sqlite3.Error:
+                out[n] = None
+    finally:
+        conn.close()
+    return out
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_last_good(db_path: Path) -> dict[str, Any] | None:
+    """A copy of ``db_path`` if its quick_check passes (None otherwise): the backup
+    API into a temporary file, fsync, rename over the previous copy."""
+    db_path = Path(db_path)
+    if not db_path.exists():
+        return None
+    ok, msgs = quick_check(db_path)
+    if not ok:
+        logger.warning("no last good copy of %s: quick_check: %s", db_path, "; ".join(msgs[:3]))
+        return None
+    dst, tmp = copy_path(db_path), db_path.with_name(db_path.name + ".last-good.tmp")
+    tmp.unlink(missing_ok=True)
+    src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        out = sqlite3.connect(str(tmp))
+        try:
+            src.backup(out)
+            out.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+        finally:
+            out.close()
+    finally:
+        src.close()
+    _fsync(tmp)
+    meta = {"ts": time.time(), "source": str(db_path), "bytes": tmp.stat().st_size,
+            "counts": table_counts(tmp)}
+    mtmp = db_path.with_name(db_path.name + ".last-good.json.tmp")
+    mtmp.write_text(json.dumps(meta))
+    _fsync(mtmp)
+    os.replace(tmp, dst)
+    os.replace(mtmp, meta_path(db_path))
+    _fsync(db_path.parent)
+    return meta
+
+
+def last_good_meta(db_path: Path) -> dict[str, Any] | None:
+    if not copy_path(db_path).exists():
+        return None
+    try:
+        return json.loads(meta_path(db_path).read_text())
+    except (OSError, ValueError):
+        st = copy_path(db_path).stat()
+        return {"ts": st.st_mtime, "bytes": st.st_size, "counts": {}}
+
+
+def _lost(before: dict[str, int | None], restored: dict[str, int | None]) -> dict[str, Any]:
+    """Per table: rows in the damaged file (None: unreadable) and in the copy."""
+    out = {}
+    for t in sorted(set(before) | set(restored)):
+        b, r = before.get(t), restored.get(t)
+        if b != r:
+            out[t] = {"damaged": b, "restored": r,
+                      "lost": (b - r) if isinstance(b, int) and isinstance(r, int) else None}
+    return out
+
+
+def _keep_damaged(db_path: Path) -> Path:
+    """A copy of the damaged file (and its WAL) for the technician."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    kept = db_path.with_name(f"{db_path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal"):
+        src = db_path.with_name(db_path.name + suffix)
+        if src.exists():
+            shutil.copy2(src, kept.with_name(kept.name + suffix))
+    return kept
+
+
+def _describe(meta: dict, lost: dict) -> str:
+    age = time.time() - float(meta.get("ts", 0))
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(meta.get("ts", 0)))
+    if not lost:
+        what = "no row counts differ"
+    else:
+        what = ", ".join(
+            f"{t} {v['damaged'] if v['damaged'] is not None else '?'} -> {v['restored']}"
+            for t, v in list(lost.items())[:8])
+    return f"restored the last good copy of {when} ({age:.0f} s old); rows: {what}"
+
+
+def restore_online(db_path: Path) -> dict[str, Any]:
+    """Restore the last good copy into the live database (other connections stay
+    open); raises :class:`HealError` when there is no copy or SQLite refuses."""
+    db_path = Path(db_path)
+    meta = last_good_meta(db_path)
+    if meta is None:
+        raise HealError(f"no last good copy of {db_path.name} to restore")
+    before = table_counts(db_path)
+    kept = _keep_damaged(db_path)
+    src = sqlite3.connect(f"file:{copy_path(db_path)}?mode=ro", uri=True, timeout=30)
+    try:
+        dst = sqlite3.connect(str(db_path), timeout=30)
+        try:
+            dst.execute("PRAGMA busy_timeout=30000")
+            src.backup(dst)
+            dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            dst.close()
+    except sqlite3.Error as err:
+        raise HealError(f"cannot restore into {db_path.name} while it is open ({err}); "
+                        "it is restored at the agent's next start") from err
+    finally:
+        src.close()
+    restored = table_counts(db_path)
+    lost = _lost(before, restored)
+    return {"copy_ts": meta.get("ts"), "kept": str(kept), "lost": lost,
+            "detail": _describe(meta, lost)}
+
+
+def guard_at_start(db_path: Path) -> dict[str, Any] | None:
+    """Before anything opens node.db: if it is damaged, move it aside and put the
+    last good copy in its place. None when the file is fine (or absent); otherwise
+    what was done, for the fault journal."""
+    db_path = Path(db_path)
+    if not db_path.exists():
+        return None
+    ok, msgs = quick_check(db_path)
+    if ok:
+        return None
+    before = table_counts(db_path)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    kept = db_path.with_name(f"{db_path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        p = db_path.with_name(db_path.name + suffix)
+        if p.exists():
+            os.replace(p, kept.with_name(kept.name + suffix))
+    meta = last_good_meta(db_path)
+    out: dict[str, Any] = {"problem": "; ".join(msgs[:5]), "kept": str(kept)}
+    if meta is None:
+        out["detail"] = (f"{db_path.name} damaged ({out['problem']}) and no last good copy: "
+                         f"started with an empty database; the damaged one is {kept.name}")
+        out["remedy"] = "started with an empty database"
+        logger.error("%s", out["detail"])
+        return out
+    tmp = db_path.with_name(db_path.name + ".restore.tmp")
+    shutil.copyfile(copy_path(db_path), tmp)
+    _fsync(tmp)
+    os.replace(tmp, db_path)
+    _fsync(db_path.parent)
+    lost = _lost(before, table_counts(db_path))
+    out.update(copy_ts=meta.get("ts"), lost=lost,
+               detail=f"{db_path.name} damaged ({out['problem']}): "
+               + _describe(meta, lost) + f"; the damaged one is {kept.name}")
+    out["remedy"] = "restored the last good copy at start"
+    logger.error("%s", out["detail"])
+    return out
+
+
+class DbIntegrityCheck(Check):
+    name = "db_integrity"
+    interval_s = 30.0
+
+    def __init__(self, db_path: Path, backup_interval_s: float = BACKUP_INTERVAL_S,
+                 interval_s: float | None = None, backups: bool = True) -> None:
+        self.db_path = Path(db_path)
+        self.backup_interval_s = backup_interval_s
+        self.backups = backups
+        if interval_s is not None:
+            self.interval_s = interval_s
+
+    def probe(self) -> Finding:
+        t0 = time.monotonic()
+        if not self.db_path.exists():
+            return Finding(self.name, True, f"{self.db_path.name} not created yet",
+                           data={"path": str(self.db_path)})
+        ok, msgs = quick_check(self.db_path)
+        meta = last_good_meta(self.db_path)
+        data = {"path": str(self.db_path), "ms": round((time.monotonic() - t0) * 1000, 1),
+                "last_good_ts": meta.get("ts") if meta else None,
+                "last_good_age_s": round(time.time() - meta["ts"], 1) if meta else None}
+        if ok:
+            return Finding(self.name, True, "quick_check: ok" + (
+                f"; last good copy {data['last_good_age_s']:.0f} s old" if meta
+                else "; no last good copy yet"), data=data)
+        return Finding(self.name, False, f"quick_check: {'; '.join(msgs[:3])}",
+                       fault="db_corrupt", data={**data, "messages": msgs[:20]})
+
+    def heal(self, finding: Finding) -> str:
+        r = restore_online(self.db_path)
+        finding.data.update({"lost": r["lost"], "kept": r["kept"], "copy_ts": r["copy_ts"]})
+        return r["detail"] + f"; the damaged file is kept as {Path(r['kept']).name}"
+
+    def after_ok(self, finding: Finding) -> None:
+        if not self.backups or not self.db_path.exists():
+            return
+        age = finding.data.get("last_good_age_s")
+        if age is None or age >= self.backup_interval_s:
+            make_last_good(self.db_path)
+
+    def backup_now(self) -> dict[str, Any] | None:
+        return make_last_good(self.db_path)
