@@ -12,7 +12,10 @@ under its reason in ``rejected`` (visible in the reported state), deleted, and
 not retried until the desired state changes; a transient failure (the fetch
 timed out) is retried with backoff. The last desired state is kept in the
 local store, so after a restart the node serves again from its local packages
-without waiting for the cloud.
+without waiting for the cloud. :meth:`Reconciler.reinstall` installs a running
+version again (the ``model_integrity`` health check's remedy for a damaged
+model file): package verified again, fetched again if it is gone from the
+cache, unpacked afresh, a new worker started.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class Reconciler:
         self._variants: dict[str, dict] = dict(store.get_json(VARIANTS_KEY, {}) or {})
         self._served_variant: dict[str, str] = {}  # name -> the variant version served
         self._permanent: dict[str, str] = {}  # sha256 -> reason (not retried)
+        self._reinstall: dict[str, threading.Event] = {}  # name -> set when its pass is over
         self._lock = threading.Lock()
         self._wake: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
@@ -193,6 +197,18 @@ class Reconciler:
             return None
         return v
 
+    def reinstall(self, name: str) -> threading.Event:
+        """Install ``name``'s running version again, on the reconciler's thread:
+        its package is verified again (fetched again first when it is no longer
+        in the blob cache), unpacked afresh unless its app dir is complete, and
+        a new worker started in place of the running one (same client). The
+        event is set when that pass is over, whether the app ended ready or
+        failed (see :meth:`reports`)."""
+        with self._lock:
+            ev = self._reinstall.setdefault(name, threading.Event())
+        self._wake.put("reinstall")
+        return ev
+
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         saved = self.store.get_json(DESIRED_KEY)
@@ -276,6 +292,11 @@ class Reconciler:
                 logger.exception("installing %s %s failed", ref.name, ref.version)
                 self._set(ref, "failed", error=f"internal: {err}"[:500])
                 transient = True
+            finally:
+                with self._lock:
+                    done = self._reinstall.pop(ref.name, None)
+                if done is not None:
+                    done.set()
         with self._lock:
             gone = [n for n in self._reports if n not in wanted]
             for name in gone:
@@ -297,7 +318,9 @@ class Reconciler:
         running = self._running.get(ref.name)
         variant = self._active_variant(ref)
         want_key = f"{ref.name}@{(variant['sha256'] if variant else ref.sha256)[:12]}"
-        if running and running[0] == ref.sha256 and running[1] == want_key:
+        with self._lock:
+            again = ref.name in self._reinstall  # reinstall(): do it all again
+        if running and running[0] == ref.sha256 and running[1] == want_key and not again:
             if self.supervisor.client(running[1]) is not None:
                 return  # serving (or being restarted by the supervisor)
             app = self.registry.get(ref.name)
