@@ -13,6 +13,12 @@ One pass (:meth:`Scheduler.tick`), every ``tick_s`` and at each window boundary:
 At most one job runs per card. Everything the node needs is injected: the
 load, the cores a fraction maps to, extra env for a card (GPU), the event sink
 and the clock.
+
+:meth:`Scheduler.pause` holds all training off whatever the windows say (the
+``memory_pressure`` health check sheds load with it): running jobs are
+preempted as a closing window would (SIGTERM, grace, checkpoint; they resume
+later), none starts until :meth:`Scheduler.resume`. :meth:`Scheduler.wake` runs
+a pass now (the ``clock`` health check, after the wall clock jumped).
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class Scheduler:
         self._progress: dict[str, dict] = {}
         self._persisted: dict[str, float] = {}
         self._cancelled: set[str] = set()
+        self._paused: str | None = None  # why training is held off (pause/resume)
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -100,6 +107,36 @@ class Scheduler:
         with self._lock:
             return {"source": self.windows_source, "timezone": self._cfg.timezone,
                     "windows": [w.model_dump() for w in self._cfg.windows]}
+
+    def pause(self, reason: str) -> bool:
+        """Hold every training job off until :meth:`resume`: running ones are
+        preempted (resumed later from their checkpoint), none starts. True when
+        it was not paused before."""
+        with self._lock:
+            was, self._paused = self._paused, reason
+            if was is None:
+                self.stats["pauses"] += 1
+                logger.warning("training paused: %s", reason)
+        self._wake.set()
+        return was is None
+
+    def resume(self) -> bool:
+        """Let training run again as the windows and load allow; True when it was paused."""
+        with self._lock:
+            was, self._paused = self._paused, None
+            if was is not None:
+                logger.info("training resumed (was paused: %s)", was)
+        self._wake.set()
+        return was is not None
+
+    @property
+    def paused(self) -> str | None:
+        """Why training is held off, or None."""
+        return self._paused
+
+    def wake(self) -> None:
+        """Run a pass now and work out the next window boundary afresh."""
+        self._wake.set()
 
     # -- life cycle ----------------------------------------------------------
     def start(self) -> None:
@@ -166,9 +203,13 @@ class Scheduler:
                     self._reap(card, proc, rc)
                 elif proc.kill_if_overdue():
                     self.stats["kills"] += 1
-            if not self._cfg.enabled:
+            if not self._cfg.enabled or self._paused is not None:
+                why = "scheduling disabled" if not self._cfg.enabled else \
+                    f"training paused: {self._paused}"
                 for proc in self._procs.values():
-                    proc.terminate("scheduling disabled", self._cfg.grace_s)
+                    if proc.stop_reason is None:
+                        self.stats["preemptions"] += self._paused is not None
+                    proc.terminate(why, self._cfg.grace_s)
                 return
             for card in sorted(self.registry.cards_with_work() | set(self._procs)):
                 gate = self._gates.setdefault(card, LoadGate(card, self._cfg.load))
@@ -330,7 +371,8 @@ class Scheduler:
                     "job": proc.job_id if proc else None, "pid": proc.pid if proc else None,
                     "granted_fraction": proc.fraction if proc else 0.0,
                     "cores": proc.cores if proc else []}
-            return {"enabled": self._cfg.enabled, "timezone": self._cfg.timezone,
+            return {"enabled": self._cfg.enabled, "paused": self._paused,
+                    "timezone": self._cfg.timezone,
                     "windows_source": self.windows_source,
                     "windows": [w.model_dump() for w in self._cfg.windows],
                     "cards": cards, "stats": dict(self.stats),
