@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from cloud_sync.schemas import UPLOAD_LEVELS, ResourceOverride, TrainingSchedule
 
 from . import __version__
+from .auth import actor, current_operator
 from .blobstore import SHA256_RE
 from .catalog import Catalog
 from .config import AppStoreConfig
@@ -48,6 +49,7 @@ class ApiContext:
     enrolment: Any = None  # appstore.enrolment.Enrolment, or None: enrolment is off
     rollouts: Any = None  # appstore.rollouts.RolloutEngine
     subscriptions: Any = None  # appstore.subscriptions.Subscriptions
+    operators: Any = None  # appstore.auth.Operators
 
 
 def _error(status: int, reason: str, detail: Any = "") -> Any:
@@ -202,7 +204,7 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
         allowed = {"l2", "replay_weight", "class_weight", "max_iter", "patience", "seed"}
         if not isinstance(config, dict) or set(config) - allowed:
             raise BadRequest("bad_retrain", f"config keys are {sorted(allowed)}")
-        out = ctx.retrainer.request(name, base, version, assign, body.get("by"), config)
+        out = ctx.retrainer.request(name, base, version, assign, actor(), config)
         return jsonify(out), 202
 
     @bp.get("/retrains")
@@ -227,11 +229,11 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
     def set_channel(name: str, channel: str) -> Any:
         body = _json_body()
         return jsonify(ctx.subscriptions.set_channel(name, channel, body.get("version"),
-                                                     body.get("by")))
+                                                     actor()))
 
     @bp.post("/subscriptions")
     def subscribe() -> Any:
-        return jsonify(ctx.subscriptions.create(_json_body())), 201
+        return jsonify(ctx.subscriptions.create({**_json_body(), "by": actor()})), 201
 
     @bp.get("/subscriptions")
     def subscriptions() -> Any:
@@ -243,7 +245,7 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/rollouts")
     def rollout_create() -> Any:
-        return jsonify(ctx.rollouts.create(_json_body())), 201
+        return jsonify(ctx.rollouts.create({**_json_body(), "by": actor()})), 201
 
     @bp.get("/rollouts")
     def rollout_list() -> Any:
@@ -256,7 +258,7 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
     @bp.post("/rollouts/<rid>/<action>")
     def rollout_action(rid: str, action: str) -> Any:
         body = _json_body() if request.data else {}
-        by = body.get("by")
+        by = actor()
         if action == "pause":
             return jsonify(ctx.rollouts.pause(rid, by))
         if action == "resume":
@@ -326,11 +328,11 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/enrolment/tokens")
     def token_create() -> Any:
-        """Operator: {"ttl_s": 3600, "by": "ops", "note": "..."}; the token is shown once."""
+        """Admin: {"ttl_s": 3600, "note": "..."}; the token is shown once."""
         body = request.get_json(silent=True) or {}
         if not isinstance(body, dict):
             raise BadRequest("bad_json", "the body must be a JSON object")
-        return jsonify(enrolment().create_token(body.get("ttl_s"), body.get("by"),
+        return jsonify(enrolment().create_token(body.get("ttl_s"), actor(),
                                                 body.get("note"))), 201
 
     @bp.get("/enrolment/tokens")
@@ -352,9 +354,32 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/nodes/<node_id>/revoke")
     def revoke(node_id: str) -> Any:
-        body = request.get_json(silent=True) or {}
-        by = body.get("by") if isinstance(body, dict) else None
-        return jsonify(enrolment().revoke(node_id, by))
+        return jsonify(enrolment().revoke(node_id, actor()))
+
+    @bp.get("/whoami")
+    def whoami() -> Any:
+        """The operator this request authenticated as (its role decides the rest)."""
+        op = current_operator()
+        if op is None:  # api_auth = "off"
+            return jsonify({"name": None, "role": "admin", "auth": "off"})
+        return jsonify({**ctx.operators.get(op["name"]), "auth": "token"})
+
+    @bp.get("/operators")
+    def operators() -> Any:
+        return jsonify({"operators": ctx.operators.list()})
+
+    @bp.post("/operators")
+    def operator_create() -> Any:
+        """Admin: {"name": "ops-1", "role": "operator", "expires_in_s": 2592000}; the
+        token is in the answer, once."""
+        body = _json_body()
+        row, token = ctx.operators.add(body.get("name"), body.get("role"), actor(),
+                                       body.get("expires_in_s"))
+        return jsonify({**row, "token": token}), 201
+
+    @bp.post("/operators/<name>/revoke")
+    def operator_revoke(name: str) -> Any:
+        return jsonify(ctx.operators.revoke(name, actor()))
 
     @bp.get("/stats")
     def stats() -> Any:

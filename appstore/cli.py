@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -64,6 +65,58 @@ def _config(args: argparse.Namespace) -> AppStoreConfig:
     )
 
 
+#: read when no other token source is given and the file is readable (the data
+#: dir of a packaged AppStore, as in docs/security.md)
+DEFAULT_TOKEN_FILE = Path("/var/lib/aidc-store/admin.token")
+TOKEN_ENV = "AIDC_STORE_TOKEN"
+
+
+def _read_token(path: Path, what: str) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise ConfigError("no_token", f"cannot read the API token ({what}): {err}") from err
+    if not token:
+        raise ConfigError("no_token", f"the API token file {path} is empty ({what})")
+    return token
+
+
+def _token(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The API token and where it came from, first found: ``--api-token-file``,
+    env ``AIDC_STORE_TOKEN``, ``<data_dir>/admin.token`` of ``--data-dir`` /
+    ``--config``, then :data:`DEFAULT_TOKEN_FILE` when it is readable."""
+    if getattr(args, "api_token_file", None):
+        path = Path(args.api_token_file)
+        return _read_token(path, f"--api-token-file {path}"), f"--api-token-file {path}"
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip(), TOKEN_ENV
+    if getattr(args, "config", None) or getattr(args, "data_dir", None):
+        path = _config(args).admin_token_path
+        if path.exists():
+            return _read_token(path, str(path)), str(path)
+        return None, None
+    if os.access(DEFAULT_TOKEN_FILE, os.R_OK):
+        return _read_token(DEFAULT_TOKEN_FILE, str(DEFAULT_TOKEN_FILE)), str(DEFAULT_TOKEN_FILE)
+    return None, None
+
+
+def _api_url(args: argparse.Namespace) -> str:
+    """``--api``, else the http_host/http_port of ``--config``, else the default."""
+    if getattr(args, "api", None):
+        return str(args.api)
+    if getattr(args, "config", None):
+        cfg = _config(args)
+        host = "127.0.0.1" if cfg.http_host in ("0.0.0.0", "::", "") else cfg.http_host
+        if cfg.http_port:
+            return f"http://{'[' + host + ']' if ':' in host else host}:{cfg.http_port}"
+    return DEFAULT_API
+
+
+def _api(args: argparse.Namespace) -> ApiClient:
+    token, source = _token(args)
+    return ApiClient(_api_url(args), token=token, token_source=source)
+
+
 # -- local commands ----------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import AppStoreService
@@ -77,6 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     svc = AppStoreService(cfg).start()
+    if svc.bootstrap_token:
+        print(f"first start: made the operator 'admin'; its API token is in "
+              f"{cfg.admin_token_path} (mode 0600)", flush=True)
     print(f"AppStore serving {svc.url}/api/v1 (Ctrl-C to stop)", flush=True)
     try:
         while not stop.wait(1.0):
@@ -135,7 +191,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             shutil.copyfile(pkg, args.out)
             print(f"built {args.out} sha256 {sha} ({size} bytes, key {key.key_id})")
         if args.api:
-            info = ApiClient(args.api).upload(pkg)
+            info = _api(args).upload(pkg)
         elif args.config or args.data_dir:
             info = _publish_local(_config(args), pkg)
         else:
@@ -166,14 +222,14 @@ def _publish_local(cfg: AppStoreConfig, pkg: Path) -> dict[str, Any]:
 
 # -- REST commands -----------------------------------------------------------------
 def cmd_apps(args: argparse.Namespace) -> int:
-    apps = ApiClient(args.api).get("/apps")["apps"]
+    apps = _api(args).get("/apps")["apps"]
     _out(args, apps, [f"{a['name']:<24} {a['version']:<12} {a['task']:<15} "
                       f"{a['sha256'][:12]}  versions: {', '.join(a['versions'])}" for a in apps])
     return 0
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    nodes = ApiClient(args.api).get("/nodes")["nodes"]
+    nodes = _api(args).get("/nodes")["nodes"]
     lines = []
     for n in nodes:
         apps = ", ".join(f"{a['name']} {a['version']} {a['status']}"
@@ -188,7 +244,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
     resources = {k: v for k, v in (("card_fraction", args.fraction),
                                    ("memory_mb", args.memory_mb), ("card", args.card))
                  if v is not None}
-    ds = ApiClient(args.api).assign(args.node, args.app, args.version,
+    ds = _api(args).assign(args.node, args.app, args.version,
                                     resources or None, args.upload)["desired"]
     print(f"node {args.node}: desired revision {ds['revision']}: "
           + ", ".join(f"{a['name']} {a['version']}" for a in ds["apps"]))
@@ -196,7 +252,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 
 def cmd_unassign(args: argparse.Namespace) -> int:
-    ds = ApiClient(args.api).unassign(args.node, args.app)["desired"]
+    ds = _api(args).unassign(args.node, args.app)["desired"]
     print(f"node {args.node}: desired revision {ds['revision']}: "
           + (", ".join(f"{a['name']} {a['version']}" for a in ds["apps"]) or "no apps"))
     return 0
@@ -228,7 +284,7 @@ def _window(text: str) -> dict[str, Any]:
 
 
 def cmd_training(args: argparse.Namespace) -> int:
-    api = ApiClient(args.api)
+    api = _api(args)
     if args.clear:
         ds = api.set_training(args.node, None)["desired"]
     elif args.file or args.window:
@@ -261,7 +317,7 @@ def _fmt_training(t: dict[str, Any]) -> str:
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    ds = ApiClient(args.api).get(f"/apps/{args.app}/dataset")
+    ds = _api(args).get(f"/apps/{args.app}/dataset")
     lines = [f"{ds['app']}: {ds['items']} items ({ds['heldout']} held out) from "
              f"{ds['samples']} samples; {ds['duplicates']} duplicates, {ds['conflicts']} "
              f"conflicting labels, {ds['unlabelled']} unlabelled, {ds['metadata_only']} "
@@ -288,7 +344,7 @@ def _fmt_retrain(r: dict[str, Any]) -> str:
 def cmd_retrain(args: argparse.Namespace) -> int:
     import time
 
-    api = ApiClient(args.api)
+    api = _api(args)
     if args.base is None:  # list
         rows = api.get("/retrains", app=args.app)["retrains"]
         _out(args, rows, [_fmt_retrain(r) for r in rows])
@@ -319,7 +375,7 @@ def _fmt_rollout(r: dict[str, Any]) -> str:
 def cmd_rollout(args: argparse.Namespace) -> int:
     import time
 
-    api = ApiClient(args.api)
+    api = _api(args)
     if args.rollout_cmd == "list":
         rows = api.get("/rollouts", app=args.app)["rollouts"]
         _out(args, rows, [_fmt_rollout(r) for r in rows])
@@ -379,7 +435,7 @@ def _target(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_channel(args: argparse.Namespace) -> int:
-    api = ApiClient(args.api)
+    api = _api(args)
     if args.version:
         api.request("PUT", f"/apps/{args.app}/channels/{args.channel}",
                     json.dumps({"version": args.version, "by": args.by}).encode())
@@ -391,7 +447,7 @@ def cmd_channel(args: argparse.Namespace) -> int:
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
     body = {"app": args.app, "channel": args.channel, "target": _target(args), "by": args.by}
-    r = ApiClient(args.api).request("POST", "/subscriptions", json.dumps(body).encode())
+    r = _api(args).request("POST", "/subscriptions", json.dumps(body).encode())
     print(_fmt_subscription(r))
     return 0
 
@@ -403,7 +459,7 @@ def _fmt_subscription(r: dict[str, Any]) -> str:
 
 
 def cmd_subscriptions(args: argparse.Namespace) -> int:
-    api = ApiClient(args.api)
+    api = _api(args)
     if args.delete is not None:
         api.request("DELETE", f"/subscriptions/{args.delete}")
     rows = api.get("/subscriptions", app=args.app)["subscriptions"]
@@ -413,7 +469,7 @@ def cmd_subscriptions(args: argparse.Namespace) -> int:
 
 def cmd_labels(args: argparse.Namespace) -> int:
     body = {"site": args.site, "group": args.group, "tags": args.tag}
-    r = ApiClient(args.api).request("PUT", f"/nodes/{args.node}/labels",
+    r = _api(args).request("PUT", f"/nodes/{args.node}/labels",
                                     json.dumps(body).encode())
     print(f"{r['node_id']}: site={r.get('site') or '-'} group={r.get('group') or '-'} "
           f"tags={','.join(r.get('tags') or []) or '-'}")
@@ -421,7 +477,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:
-    rows = ApiClient(args.api).get("/feedback", app=args.app, node=args.node,
+    rows = _api(args).get("/feedback", app=args.app, node=args.node,
                                    version=args.version, limit=args.limit)["feedback"]
     _out(args, rows, [f"{r['msg_id'][:12]} {r['node_id']:<16} {r['app']} {r['version']} "
                       f"pred={r['prediction']['label']}@{r['prediction']['score']:.2f} "
@@ -446,14 +502,14 @@ def _duration(text: str) -> int:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     body = json.dumps({"ttl_s": args.ttl, "by": args.by, "note": args.note}).encode()
-    t = ApiClient(args.api).request("POST", "/enrolment/tokens", body)
+    t = _api(args).request("POST", "/enrolment/tokens", body)
     _out(args, t, [t["token"], f"(token {t['token_id']}, one node, once, until {t['expires']}; "
                    "it is not shown again)"])
     return 0
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    rows = ApiClient(args.api).get("/enrolment/tokens")["tokens"]
+    rows = _api(args).get("/enrolment/tokens")["tokens"]
     _out(args, rows, [f"{r['token_id']}  {r['state']:<7}  by {r['created_by'] or '-'}"
                       + (f"  used by {r['used_by']}" if r["used_by"] else "")
                       + (f"  {r['note']}" if r["note"] else "") for r in rows])
@@ -464,7 +520,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     from .client import _q
 
     body = json.dumps({"by": args.by}).encode()
-    r = ApiClient(args.api).request("POST", f"/nodes/{_q(args.node)}/revoke", body)
+    r = _api(args).request("POST", f"/nodes/{_q(args.node)}/revoke", body)
     state = "was already revoked" if r["already"] else "revoked"
     print(f"node {args.node} {state}; broker "
           + ("reloaded" if r["broker_reloaded"] else "NOT reloaded: reload it yourself"))
@@ -530,16 +586,13 @@ def cmd_command(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"op": args.op, "args": body_args, "ttl_s": args.ttl, "by": args.by}
     if args.id:
         body["command_id"] = args.id
-    api = ApiClient(args.api)
+    api = _api(args)
     c = api.request("POST", f"/nodes/{_q(args.node)}/commands", json.dumps(body).encode())
     while args.wait and c["state"] in ("queued", "sent"):
         time.sleep(0.5)
         c = api.get(f"/commands/{_q(c['command_id'])}")
     if args.bundle and c.get("bundle_url"):
-        import urllib.request
-
-        with urllib.request.urlopen(f"{api.base}{c['bundle_url']}", timeout=60) as r:
-            Path(args.bundle).write_bytes(r.read())
+        api.download(c["bundle_url"], args.bundle)
     if getattr(args, "json", False):
         print(json.dumps(c, indent=2))
     else:
@@ -552,7 +605,7 @@ def cmd_command(args: argparse.Namespace) -> int:
 
 
 def cmd_commands(args: argparse.Namespace) -> int:
-    rows = ApiClient(args.api).get("/commands", node=args.node, state=args.state,
+    rows = _api(args).get("/commands", node=args.node, state=args.state,
                                    limit=args.limit)["commands"]
     _out(args, rows, [_fmt_command(c) for c in rows])
     return 0
@@ -561,13 +614,89 @@ def cmd_commands(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     import time
 
-    rows = ApiClient(args.api).get("/audit", node=args.node, by=args.by,
-                                   limit=args.limit)["audit"]
-    _out(args, rows, [
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r['ts']))}Z {r['actor'] or '-'} "
-        f"{r['op']} {r['node_id']} {r['action'].removeprefix('command_')} {r['command_id']}: "
-        f"{r['outcome']}" + (f" -- {r['detail']}" if r.get("detail") else "")
-        for r in rows])
+    rows = _api(args).get("/audit", node=args.node, by=args.by,
+                          limit=args.limit)["audit"]
+
+    def line(r: dict[str, Any]) -> str:
+        when = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r['ts']))}Z"
+        if r["action"].startswith("operator_"):  # operator management (no node)
+            what = f"{r['action']} {r['op']} {json.dumps(r.get('args') or {})}"
+        else:
+            what = (f"{r['op']} {r['node_id']} {r['action'].removeprefix('command_')} "
+                    f"{r['command_id']}: {r['outcome']}")
+        return f"{when} {r['actor'] or '-'} {what}" + (f" -- {r['detail']}"
+                                                        if r.get("detail") else "")
+
+    _out(args, rows, [line(r) for r in rows])
+    return 0
+
+
+# -- operators -------------------------------------------------------------------------
+def _fmt_operator(r: dict[str, Any]) -> str:
+    import time
+
+    def ts(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + "Z" if t else "-"
+
+    return (f"{r['name']:<20} {r['role']:<9} {r['state']:<8} made {ts(r['created_at'])} by "
+            f"{r['created_by'] or '-'}, last used {ts(r['last_used_at'])}"
+            + (f", expires {ts(r['expires_at'])}" if r.get("expires_at") else "")
+            + (f", revoked {ts(r['revoked_at'])} by {r['revoked_by'] or '-'}"
+               if r.get("revoked_at") else ""))
+
+
+def _local_operators(args: argparse.Namespace) -> bool:
+    """Work on the data dir itself (no server): --data-dir/--config without --api."""
+    return bool((getattr(args, "data_dir", None) or getattr(args, "config", None))
+                and not getattr(args, "api", None))
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from .client import _q
+
+    if _local_operators(args):
+        from .auth import Operators, local_actor
+        from .db import Store
+
+        store = Store(_config(args).db_path)
+        try:
+            ops = Operators(store)
+            if args.operator_cmd == "add":
+                row, token = ops.add(args.name, args.role, local_actor(), args.expires)
+                r = {**row, "token": token}
+            elif args.operator_cmd == "revoke":
+                r = ops.revoke(args.name, local_actor(), allow_last_admin=args.force)
+            else:
+                r = {"operators": ops.list()}
+        finally:
+            store.close()
+    else:
+        api = _api(args)
+        if args.operator_cmd == "add":
+            body = {"name": args.name, "role": args.role, "expires_in_s": args.expires}
+            r = api.request("POST", "/operators", json.dumps(body).encode())
+        elif args.operator_cmd == "revoke":
+            r = api.request("POST", f"/operators/{_q(args.name)}/revoke")
+        else:
+            r = api.get("/operators")
+    if args.operator_cmd == "add":
+        _out(args, r, [r["token"], f"(API token of {r['name']}, role {r['role']}; it is not "
+                       "shown again: keep it in a file of mode 0600 and use it with "
+                       "--api-token-file FILE or env AIDC_STORE_TOKEN)"])
+    elif args.operator_cmd == "revoke":
+        _out(args, r, [f"operator {r['name']} " + ("was already revoked" if r["already"]
+                                                   else "revoked")])
+    else:
+        _out(args, r["operators"], [_fmt_operator(o) for o in r["operators"]])
+    return 0
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    r = _api(args).get("/whoami")
+    if r.get("auth") == "off":
+        _out(args, r, ["nobody: this AppStore has api_auth = off (every request is admin)"])
+    else:
+        _out(args, r, [_fmt_operator(r)])
     return 0
 
 
@@ -578,7 +707,11 @@ def _local_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _api_opt(p: argparse.ArgumentParser, json_out: bool = False) -> None:
-    p.add_argument("--api", default=DEFAULT_API, help=f"AppStore URL (default {DEFAULT_API})")
+    p.add_argument("--api", help=f"AppStore URL (default: from --config, else {DEFAULT_API})")
+    p.add_argument("--api-token-file", metavar="FILE", help="the operator's API token "
+                   f"(else env {TOKEN_ENV}, else DATA_DIR/admin.token of --data-dir/--config, "
+                   f"else {DEFAULT_TOKEN_FILE} when readable)")
+    _local_opts(p)  # DATA_DIR/admin.token; --config also gives the URL
     if json_out:
         p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -627,6 +760,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     _local_opts(p)
     p.add_argument("--key", help="signing key (default DATA_DIR/keys/publisher.pem)")
     p.add_argument("--api", help="upload to this AppStore instead of the data dir")
+    p.add_argument("--api-token-file", metavar="FILE", help="with --api: an admin's API "
+                   f"token (else env {TOKEN_ENV}, else DATA_DIR/admin.token)")
     p.add_argument("--out", help="also keep the package file here")
     p.set_defaults(func=_guard(cmd_publish))
 
@@ -684,7 +819,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--version", help="the version to publish")
     p.add_argument("--assign", action="append", default=[], metavar="NODE",
                    help="assign the new version to NODE once published (repeatable)")
-    p.add_argument("--by", help="who asks (recorded)")
+    p.add_argument("--by", help=argparse.SUPPRESS)  # the token's operator is recorded
     p.add_argument("--wait", action="store_true", help="wait for the verdict (exit 0 "
                    "published, 3 refused or failed)")
     _api_opt(p, json_out=True)
@@ -695,7 +830,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     t = tsub.add_parser("create", help="a new token, printed once")
     t.add_argument("--ttl", type=_duration, help="lifetime: 90, 45s, 30m, 1h, 7d "
                    "(default enrolment.default_token_ttl_s)")
-    t.add_argument("--by", help="who asks (recorded)")
+    t.add_argument("--by", help=argparse.SUPPRESS)  # the token's operator is recorded
     t.add_argument("--note", help="what it is for (recorded)")
     _api_opt(t, json_out=True)
     t.set_defaults(func=_guard(cmd_token_create))
@@ -706,7 +841,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("revoke", help="take NODE's broker credentials away (the broker "
                        "reloads; the node cannot connect any more)")
     p.add_argument("node")
-    p.add_argument("--by", help="who asks (recorded)")
+    p.add_argument("--by", help=argparse.SUPPRESS)  # the token's operator is recorded
     _api_opt(p)
     p.set_defaults(func=_guard(cmd_revoke))
 
@@ -728,7 +863,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("app")
     p.add_argument("channel", nargs="?", default="stable")
     p.add_argument("version", nargs="?")
-    p.add_argument("--by", help="who asks (recorded)")
+    p.add_argument("--by", help=argparse.SUPPRESS)  # the token's operator is recorded
     _api_opt(p, json_out=True)
     p.set_defaults(func=_guard(cmd_channel))
 
@@ -737,7 +872,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("app")
     p.add_argument("--channel", default="stable")
     _target_opts(p)
-    p.add_argument("--by", help="who asks (recorded)")
+    p.add_argument("--by", help=argparse.SUPPRESS)  # the token's operator is recorded
     _api_opt(p)
     p.set_defaults(func=_guard(cmd_subscribe))
 
@@ -764,7 +899,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--max-p95-ms", type=float)
     r.add_argument("--min-accuracy", type=float, help="field accuracy where labelled")
     r.add_argument("--channel", help="point this channel to VERSION when every wave passed")
-    r.add_argument("--by", help="who asks (recorded)")
+    r.add_argument("--by", help=argparse.SUPPRESS)  # the token's operator is recorded
     r.add_argument("--wait", action="store_true", help="follow it to the end (exit 0 "
                    "succeeded, 3 failed or aborted)")
     _api_opt(r, json_out=True)
@@ -778,7 +913,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                       ("abort", "stop here"), ("rollback", "every node it moved back")):
         r = rsub.add_parser(name, help=hlp)
         r.add_argument("rollout_id")
-        r.add_argument("--by", help="who asks (recorded)")
+        r.add_argument("--by", help=argparse.SUPPRESS)  # the token's operator is recorded
         if name == "abort":
             r.add_argument("--rollback", action="store_true", help="and move its nodes back")
         if name in ("status", "resume"):
@@ -798,7 +933,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=_duration, default=600, help="expires after: 90, 45s, "
                    "30m, 1h (default 10m)")
     p.add_argument("--id", help="command id (a repeat returns the stored command)")
-    p.add_argument("--by", help="who asks (audit log)")
+    p.add_argument("--by", help="a note in the audit log's detail (the actor is the "
+                   "token's operator)")
     p.add_argument("--wait", action="store_true", help="wait for the outcome (exit 0 done, "
                    "3 failed or expired)")
     p.add_argument("--bundle", metavar="FILE", help="with --wait: save a diagnostics bundle")
@@ -814,10 +950,37 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="the audit log: who asked what, when, where, outcome")
     p.add_argument("--node")
-    p.add_argument("--by")
+    p.add_argument("--by", metavar="OPERATOR", help="only what OPERATOR did")
     p.add_argument("--limit", type=int, default=50)
     _api_opt(p, json_out=True)
     p.set_defaults(func=_guard(cmd_audit))
+
+    p = sub.add_parser("operator", help="operator accounts of the REST API: add (prints "
+                       "the API token once), list, revoke",
+                       description="With --data-dir/--config and no --api: straight on the "
+                       "AppStore's database (no server needed; for the first operators and "
+                       "recovery). Otherwise through the API with an admin's token.")
+    osub = p.add_subparsers(dest="operator_cmd", metavar="COMMAND", required=True)
+    o = osub.add_parser("add", help="a new operator NAME with ROLE; prints its token once")
+    o.add_argument("name")
+    o.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
+    o.add_argument("--expires", type=_duration, metavar="DURATION",
+                   help="the token expires after: 3600, 30m, 12h, 90d (default never)")
+    _api_opt(o, json_out=True)
+    o.set_defaults(func=_guard(cmd_operator))
+    o = osub.add_parser("list", help="every operator: role, state, made, last used, expiry")
+    _api_opt(o, json_out=True)
+    o.set_defaults(func=_guard(cmd_operator))
+    o = osub.add_parser("revoke", help="revoke NAME's token (at once, on every worker)")
+    o.add_argument("name")
+    o.add_argument("--force", action="store_true", help="with --data-dir/--config: even the "
+                   "last active admin")
+    _api_opt(o, json_out=True)
+    o.set_defaults(func=_guard(cmd_operator))
+
+    p = sub.add_parser("whoami", help="the operator and role of the API token in use")
+    _api_opt(p, json_out=True)
+    p.set_defaults(func=_guard(cmd_whoami))
 
     p = sub.add_parser("feedback", help="list hard examples uploaded by the fleet")
     p.add_argument("--app")

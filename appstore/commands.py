@@ -119,8 +119,13 @@ class Commands:
                 self._stop.wait(1.0)
 
     # -- operators -----------------------------------------------------------------
-    def create(self, node_id: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """A new command (or the stored one for a repeated ``command_id``): (row, created)."""
+    def create(self, node_id: str, body: dict[str, Any], actor: str | None = None,
+               ) -> tuple[dict[str, Any], bool]:
+        """A new command (or the stored one for a repeated ``command_id``): (row, created).
+
+        ``actor``: who asks, the authenticated operator (the REST API passes it);
+        the body's ``by`` is then only a note in the audit's detail. Without an
+        actor (direct callers) the ``by`` is the actor, as given."""
         check_node_id(node_id)
         op = body.get("op")
         if op not in COMMAND_OPS:
@@ -141,6 +146,9 @@ class Commands:
         by = body.get("by")
         if by is not None and (not isinstance(by, str) or len(by) > 64):
             raise BadRequest("bad_by", "by (who asks) is a string of at most 64 characters")
+        note = f"; by {by!r}" if actor is not None and by and by != actor else ""
+        if actor is not None:
+            by = actor
         cid = body.get("command_id")
         if cid is None:
             cid = f"c{int(time.time())}-{secrets.token_hex(6)}"
@@ -158,14 +166,14 @@ class Commands:
                                    f"{cid} is already {o['op']} on {o['node_id']} "
                                    "with other args")
                 self._audit(db, now, by, "command_repeated", node_id, cid, op, args,
-                            o["state"], "the stored command; not run again")
+                            o["state"], "the stored command; not run again" + note)
             else:
                 db["commands"].insert({
                     "command_id": cid, "node_id": node_id, "op": op, "args": json.dumps(args),
                     "created_by": by, "created_at": now, "expires_at": now + ttl,
                     "state": "queued", "sends": 0, "duplicates": 0, "updated_at": now})
                 self._audit(db, now, by, "command_requested", node_id, cid, op, args,
-                            "queued", f"ttl {ttl:g} s")
+                            "queued", f"ttl {ttl:g} s{note}")
         self._wake.set()
         if not old:
             logger.info("command %s: %s on %s by %s", cid, op, node_id, by)
@@ -254,6 +262,15 @@ class Commands:
                 "where c.state in ('queued', 'sent') and n.online = 1 and c.expires_at >= ? "
                 "and (c.sent_at is null or c.sent_at <= ?) order by c.created_at limit 500",
                 [now, now - self.resend_s]))
+        if not rows:
+            return
+        # claim them first: with several AppStore workers on one database, the one
+        # whose update finds sent_at as it read it sends; the others skip the row
+        with self.store.write() as db:
+            rows = [r for r in rows if db.execute(
+                "update commands set sent_at = ? where command_id = ? and "
+                "coalesce(sent_at, 0) = ? and state in ('queued', 'sent')",
+                [now, r["command_id"], r["sent_at"] or 0]).rowcount]
         sent = []
         for r in rows:
             msg = Command(command_id=r["command_id"], node_id=r["node_id"], op=r["op"],
@@ -348,6 +365,7 @@ def make_blueprint(commands: Commands) -> Any:
     """The REST endpoints of remote operations, under ``/api/v1``."""
     from flask import Blueprint, jsonify, request, send_file
 
+    from .auth import actor
     bp = Blueprint("commands_api", __name__, url_prefix="/api/v1")
 
     def _limit() -> int:
@@ -362,7 +380,7 @@ def make_blueprint(commands: Commands) -> Any:
         if not isinstance(body, dict):
             raise BadRequest("bad_json", 'the body must be a JSON object: {"op": ..., '
                              '"args": {...}, "ttl_s": 600, "by": "ops-1"}')
-        row, created = commands.create(node_id, body)
+        row, created = commands.create(node_id, body, actor())
         return jsonify(row), 201 if created else 200
 
     @bp.get("/commands")

@@ -15,7 +15,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from .errors import ConfigError
 
@@ -57,6 +58,15 @@ class AppStoreConfig(BaseModel):
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
     mqtt_username: str | None = None
     mqtt_password: str | None = None
+    #: TLS to the broker (docs/security.md, "TLS"): TLS 1.2 or later, the broker's
+    #: certificate checked against mqtt_ca_file (default data_dir/broker/tls/ca.pem,
+    #: the private CA of ``aidc store broker-certs``) and its name against
+    #: mqtt_host; mqtt_cert_file/mqtt_key_file: a client certificate (mutual TLS)
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    mqtt_tls_check_hostname: bool = True
     #: put in front of the ``aidc/v1`` root (several fleets on one broker)
     topic_prefix: str = ""
     #: shared-subscription group for feedback/events/blob requests, so several

@@ -228,6 +228,20 @@ def m012_subscriptions(db: Database) -> None:
     db["rollouts"].add_column("channel", str)
 
 
+@migrations()
+def m013_operators(db: Database) -> None:
+    """Operator accounts of the REST API (appstore/auth.py): name, role and the
+    sha256 of the API token (never the token), when it was made, last used,
+    expires and was revoked. A name is unique among the unrevoked."""
+    db["operators"].create(
+        {"id": int, "name": str, "role": str, "token_sha256": str, "created_at": float,
+         "created_by": str, "last_used_at": float, "expires_at": float,
+         "revoked_at": float, "revoked_by": str},
+        pk="id", not_null={"name", "role", "token_sha256", "created_at"})
+    db["operators"].create_index(["token_sha256"], unique=True)
+    db["operators"].create_index(["name"])
+
+
 def _connect(path: Path) -> Database:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     db = Database(conn, execute_plugins=False)

@@ -29,11 +29,13 @@ from cloud_sync.schemas import Availability
 from cloud_sync.topics import Topics
 
 from .api import ApiContext, create_app
+from .auth import Operators, install as install_auth, is_loopback
 from .blobstore import ContentStore
 from .catalog import Catalog
 from .commands import Commands, make_blueprint as commands_blueprint
 from .config import AppStoreConfig
 from .db import Store
+from .errors import ConfigError
 from .enrolment import Enrolment
 from .feedback import FeedbackStore
 from .fleet import Fleet
@@ -74,6 +76,10 @@ class AppStoreService:
         self.enrolment: Enrolment | None = None
         self.rollouts: RolloutEngine | None = None
         self.app: Any = None
+        self.operators: Operators | None = None
+        #: the bootstrap admin's token when this start made it (also in
+        #: ``cfg.admin_token_path``); see :attr:`admin_token`
+        self.bootstrap_token: str | None = None
         self._http: BaseWSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -93,7 +99,15 @@ class AppStoreService:
     def _start(self) -> None:
         cfg = self.cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.api_auth == "off" and not is_loopback(cfg.http_host):  # a copied config
+            raise ConfigError("bad_config", f"api_auth = 'off' with http_host = "
+                              f"{cfg.http_host!r}: the REST API would be open to the network")
         self.store = Store(cfg.db_path)
+        self.operators = Operators(self.store)
+        if cfg.api_auth == "token":
+            self.bootstrap_token = self.operators.bootstrap(cfg.data_dir)
+        else:
+            logger.warning("api_auth = 'off': the REST API checks no token (loopback only)")
         self.key = SigningKey.load_or_create(cfg.signing_key_path)
         blobs = ContentStore(cfg.blobs_dir)
         self.catalog = Catalog(self.store, blobs, self.trusted_keys, cfg.max_upload_bytes)
@@ -133,8 +147,10 @@ class AppStoreService:
         self.app = create_app(ApiContext(cfg, self.catalog, self.registry, self.feedback,
                                          self.fleet, self.trusted_keys, self.datasets,
                                          self.retrainer, self.enrolment, self.rollouts,
-                                         self.subscriptions))
+                                         self.subscriptions, self.operators))
         self.app.register_blueprint(commands_blueprint(self.commands))
+        self.broker_auth = broker_hooks.register(self.app, cfg, self.store)
+        install_auth(self.app, self.operators, cfg.api_auth)
         self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True,
                                  request_handler=_QuietHandler)
         self._http_thread = threading.Thread(target=self._http.serve_forever,
@@ -150,6 +166,17 @@ class AppStoreService:
         if self.conn is not None:
             self.conn.publish(self.topics.availability(node_id),
                               Availability(status="offline").to_bytes(), qos=1, retain=True)
+
+    @property
+    def admin_token(self) -> str | None:
+        """An admin token for in-process callers (the demo, benches, tests): the one
+        this start made, else the one in ``data_dir/admin.token``, if any."""
+        if self.bootstrap_token:
+            return self.bootstrap_token
+        try:
+            return self.cfg.admin_token_path.read_text().strip() or None
+        except OSError:
+            return None
 
     @property
     def url(self) -> str:

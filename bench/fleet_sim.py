@@ -743,6 +743,8 @@ class AppStoreProc:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the AppStore did not come up (see {work}/{name}.log)")
             time.sleep(0.1)
+        # the admin's API token, written at the first start (before the API listens)
+        self.token = (self.data / "admin.token").read_text().strip()
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 ctype: str = "application/json", conn: http.client.HTTPConnection | None = None,
@@ -750,8 +752,11 @@ class AppStoreProc:
         own = conn is None
         c = conn or http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=60)
         try:
-            c.request(method, "/api/v1" + path, body=body,
-                      headers={"Content-Type": ctype} if body is not None else {})
+            headers = {"Authorization": f"Bearer {self.token}"} \
+                if getattr(self, "token", None) else {}
+            if body is not None:
+                headers["Content-Type"] = ctype
+            c.request(method, "/api/v1" + path, body=body, headers=headers)
             r = c.getresponse()
             data = r.read()
             return r.status, json.loads(data or b"null")
@@ -1049,6 +1054,7 @@ def profile_assign(n: int, work: Path, sample: Path, top: int = 25) -> str:
         build_package(sample / "model.onnx", manifest, sample / "labels.txt", svc.key, pkg)
         svc.catalog.add_package_file(pkg)
         client = svc.app.test_client()
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {svc.admin_token}"
         body = json.dumps({"version": "1.0.0"})
         for i in range(min(50, n)):  # warm up (imports, first connections)
             client.put(f"/api/v1/nodes/warm-{i}/apps/{APP}", data=body,

@@ -104,6 +104,7 @@ def main() -> None:
         procs.append(store)
         wait_port(sport, 30)
         url = f"http://127.0.0.1:{sport}"
+        token = (work / "cloud" / "admin.token").read_text().strip()  # first start's admin
         key = SigningKey.load(work / "cloud" / "keys" / "publisher.pem")
         (work / "edge" / "trusted_keys").mkdir(parents=True)
         (work / "edge" / "trusted_keys" / "s.pub").write_bytes(key.public_pem())
@@ -134,10 +135,10 @@ def main() -> None:
             out = work / f"d{i}.aidc"
             build_package(sample / "model.onnx", m, sample / "labels.txt", key, out)
             status, body = http_json("POST", f"{url}/api/v1/packages", out.read_bytes(),
-                                     "application/octet-stream")
+                                     "application/octet-stream", token=token)
             assert status in (200, 201), body
             http_json("PUT", f"{url}/api/v1/nodes/fp/apps/digits-{i}",
-                      json.dumps({"version": "1.0.0"}).encode())
+                      json.dumps({"version": "1.0.0"}).encode(), token=token)
         edge = f"http://127.0.0.1:{eport}"
         wait_until(lambda: http_json("GET", f"{edge}/v2/health/ready")[0] == 200
                    and len(http_json("GET", f"{edge}/v2/models")[1].get("models", [])) == args.apps,

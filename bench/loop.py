@@ -76,8 +76,10 @@ def main() -> None:
         sha, size = build_package(sample / "model.onnx", manifest, sample / "labels.txt",
                                   store.key, work / "d.aidc")
         t_build = time.perf_counter() - t
+        token = store.admin_token
         status, body = http_json("POST", f"{store.url}/api/v1/packages",
-                                 (work / "d.aidc").read_bytes(), "application/octet-stream")
+                                 (work / "d.aidc").read_bytes(), "application/octet-stream",
+                                 token=token)
         assert status in (200, 201), body
 
         ready_s = []
@@ -92,10 +94,11 @@ def main() -> None:
             wait_until(lambda: agent.conn.connected.is_set(), 10, "node connected")
             t = time.perf_counter()
             http_json("PUT", f"{store.url}/api/v1/nodes/{node}/apps/digits",
-                      json.dumps({"version": "1.0.0"}).encode())
+                      json.dumps({"version": "1.0.0"}).encode(), token=token)
 
             def ready() -> bool:
-                rep_ = http_json("GET", f"{store.url}/api/v1/nodes/{node}")[1].get("reported")
+                rep_ = http_json("GET", f"{store.url}/api/v1/nodes/{node}",
+                                 token=token)[1].get("reported")
                 return bool(rep_) and any(a["status"] == "ready" for a in rep_["apps"])
 
             wait_until(ready, 60, "ready", interval=0.005)

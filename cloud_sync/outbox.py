@@ -191,6 +191,13 @@ class Outbox:
                                    [msg_id]).fetchone()
         return row[0] if row else None
 
+    def retry_now(self) -> None:
+        """Resend every sent-but-unacknowledged message now rather than at its retry
+        time: retry times are wall-clock, so after the clock jumped back they would
+        lie far ahead (the ``clock`` health check calls this)."""
+        self._reconnected.set()
+        self._wake.set()
+
     # -- MQTT network thread ------------------------------------------------
     def _on_connect(self) -> None:
         self._reconnected.set()

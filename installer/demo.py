@@ -112,9 +112,13 @@ def start_broker(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen,
 
 
 def http_json(method: str, url: str, body: bytes | None = None,
-              content_type: str = "application/json", timeout: float = 30) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method=method,
-                                 headers={"Content-Type": content_type})
+              content_type: str = "application/json", timeout: float = 30,
+              token: str | None = None) -> tuple[int, dict]:
+    """``token``: an AppStore operator's API token (``Authorization: Bearer``)."""
+    headers = {"Content-Type": content_type}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b"{}")
@@ -159,6 +163,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                    shared_group="appstore" if kind == "mosquitto" else None)
         store = AppStoreService(store_cfg)
         store.start()
+        token = store.admin_token  # made at the first start: <data>/cloud/admin.token
+        if token is None:  # the file was deleted: an admin for this run only
+            assert store.operators is not None
+            _, token = store.operators.add(f"demo-{int(time.time())}", "admin", "demo")
         key = SigningKey.load_or_create(store_cfg.signing_key_path)
         trusted = data / "edge" / "trusted_keys"
         trusted.mkdir(parents=True, exist_ok=True)
@@ -177,13 +185,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sha, size = build_package(sample / "model.onnx", manifest, sample / "labels.txt",
                                   key, pkg)
         status, body = http_json("POST", f"{store.url}/api/v1/packages", pkg.read_bytes(),
-                                 "application/octet-stream")
+                                 "application/octet-stream", token=token)
         if status >= 400 and status != 409:
             raise RuntimeError(f"publish failed: {status} {body}")
         t_assign = time.monotonic()
         was_installed = bool(agent.store.installed(sha))
         status, body = http_json("PUT", f"{store.url}/api/v1/nodes/{NODE_ID}/apps/digits",
-                                 json.dumps({"version": "1.0.0"}).encode())
+                                 json.dumps({"version": "1.0.0"}).encode(), token=token)
         if status >= 400:
             raise RuntimeError(f"assign failed: {status} {body}")
         edge = agent.http_url
@@ -201,9 +209,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seven = held["X_test"][int(np.flatnonzero(held["y_test"] == 7)[0])]
         ready = f"{t_ready - t_assign:.2f}s" + (" (installed before)" if was_installed else "")
         print(banner(kind, mqtt_port, store.url, edge, examples, sha, size,
-                     t_assign - t0, ready, [int(v) for v in seven]), flush=True)
+                     t_assign - t0, ready, [int(v) for v in seven],
+                     store_cfg.admin_token_path), flush=True)
         if args.check:
-            return check(edge, store.url, held)
+            return check(edge, store.url, held, token)
         stop.wait()
         print("\nstopping...", flush=True)
         return 0
@@ -220,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def banner(kind, mqtt_port, store_url, edge_url, examples, sha, size, t_pub, ready,
-           seven) -> str:
+           seven, token_file) -> str:
     return f"""
 ==========================================================================
  aidc all-in-one demo is up
@@ -238,14 +247,16 @@ def banner(kind, mqtt_port, store_url, edge_url, examples, sha, size, t_pub, rea
    curl -s {edge_url}/v2/models/digits/infer -H 'Content-Type: application/json' \\
         -d '{{"inputs":[{{"name":"input","shape":[1,64],"datatype":"FP32","data":[{",".join(map(str, seven))}]}}]}}'
 
- Hard examples the node sent back:  curl -s {store_url}/api/v1/feedback
+ The AppStore API needs an operator's token (the admin's is in {token_file}):
+   curl -s -H "Authorization: Bearer $(cat {token_file})" {store_url}/api/v1/feedback
+   aidc store nodes --api {store_url} --api-token-file {token_file}
  Node status:                       curl -s {edge_url}/api/v1/status
  Press Ctrl-C to stop everything.
 ==========================================================================
 """
 
 
-def check(edge: str, store_url: str, held) -> int:
+def check(edge: str, store_url: str, held, token: str | None = None) -> int:
     """Classify every held-out digit as an image over HTTP; wait for feedback."""
     from appstore.samples.digits import digit_png
 
@@ -255,7 +266,8 @@ def check(edge: str, store_url: str, held) -> int:
         return http_json("GET", f"{edge}/api/v1/status")[1]["capture"].get("samples_kept", 0)
 
     def arrived() -> int:
-        return http_json("GET", f"{store_url}/api/v1/stats")[1]["counts"]["feedback"]
+        return http_json("GET", f"{store_url}/api/v1/stats",
+                         token=token)[1]["counts"]["feedback"]
 
     before = arrived()
     correct = 0

@@ -48,12 +48,56 @@ def digits_package(digits: Path, key: SigningKey, out: Path,
     return build_package(digits / "model.onnx", manifest, digits / "labels.txt", key, out)
 
 
+#: base URL of each AppStore the tests started -> its admin token; the tests'
+#: HTTP helper (tests.test_e2e.http) sends it to URLs under that base
+STORE_TOKENS: dict[str, str] = {}
+
+
+def authorize(svc: AppStoreService, token: str | None = None) -> str:
+    """Let the tests' callers of ``svc`` act as its bootstrap admin (or ``token``):
+    ``svc.app.test_client()`` and :func:`auth_headers` send the token."""
+    from flask.testing import FlaskClient
+
+    token = token or svc.admin_token
+    assert token, f"no admin token in {svc.cfg.admin_token_path}"
+    STORE_TOKENS[svc.url] = token
+
+    class _Client(FlaskClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+
+    svc.app.test_client_class = _Client
+    return token
+
+
+def auth_headers(url: str) -> dict[str, str]:
+    """The Authorization header for ``url`` when it is one of our AppStores'."""
+    for base, token in STORE_TOKENS.items():
+        if url.startswith(base + "/"):
+            return {"Authorization": f"Bearer {token}"}
+    return {}
+
+
+def operator_token_file(svc: AppStoreService, name: str, role: str, folder: Path) -> Path:
+    """A new operator NAME with ROLE on ``svc``; its token in ``folder/<name>.token``
+    (for the CLI's ``--api-token-file``)."""
+    assert svc.operators is not None
+    _, token = svc.operators.add(name, role, "tests")
+    path = Path(folder) / f"{name}.token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def start_store(data_dir: Path, broker: Any, prefix: str, **overrides: Any) -> AppStoreService:
     cfg = load_config(data_dir=str(data_dir), mqtt_host=broker.host, mqtt_port=broker.port,
                       topic_prefix=prefix, http_port=0, **overrides)
     if getattr(broker, "kind", "mosquitto") == "embedded":  # amqtt has no $share
         cfg = cfg.model_copy(update={"shared_group": None})
     svc = AppStoreService(cfg).start()
+    if cfg.api_auth == "token":
+        authorize(svc)
     assert svc.wait_connected(10), "the AppStore did not connect to the broker"
     _wait_subscribed(broker, prefix)
     return svc

@@ -43,7 +43,7 @@ def test_publisher_workflow_from_sample_to_assignment(
 
     svc = start_store(data, shared_broker, prefix)
     try:
-        api = ["--api", svc.url]
+        api = ["--api", svc.url, "--api-token-file", str(data / "admin.token")]
         rc, out, _ = run(capsys, "apps", *api)
         assert rc == 0 and "digits" in out and "classification" in out
         # publishing version 1.1.0 over REST with the same key

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from appstore.publish import build_package
 from edge_node.agent import NodeAgent
 from edge_node.config import load_config
-from tests.appstore_support import digits_dir, start_store, wait_until  # noqa: F401
+from tests.appstore_support import auth_headers, digits_dir, start_store, wait_until  # noqa: F401
 from tests.models import digit_png
 
 API = "/api/v1"
@@ -30,7 +30,8 @@ def http(method: str, url: str, body=None, ctype: str = "application/json"):
 
     if isinstance(body, (dict, list)):
         body = json.dumps(body).encode()
-    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": ctype})
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": ctype, **auth_headers(url)})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, r.read()

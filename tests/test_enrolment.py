@@ -27,7 +27,8 @@ from appstore.service import AppStoreService
 from cloud_sync.topics import Topics
 from edge_node.config import load_config as load_node_config
 from installer.cli import main
-from tests.appstore_support import digits_dir, store, wait_until  # noqa: F401 - fixtures
+from tests.appstore_support import (  # noqa: F401 - fixtures
+    auth_headers, authorize, digits_dir, store, wait_until)
 from tests.brokers import Broker, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -115,6 +116,7 @@ def secured(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     e.broker_pid = broker.proc.pid
     svc = AppStoreService(cfg).start()
     assert svc.wait_connected(10), "the AppStore could not log in to its own broker"
+    authorize(svc)
     svc.broker = broker  # type: ignore[attr-defined]
     peers: list[Peer] = []
     svc.peer = lambda u, p: peers.append(Peer(broker, u, p)) or peers[-1]  # type: ignore
@@ -151,7 +153,8 @@ def test_enrolled_node_talks_on_its_own_topics_and_no_other(
     to them hears nothing; anonymous clients are refused."""
     svc, topics = secured, Topics(prefix=secured.cfg.topic_prefix)
     url = svc.url
-    assert main(["store", "token", "create", "--ttl", "1h", "--by", "ops", "--api", url]) == 0
+    tok = ["--api-token-file", str(svc.cfg.admin_token_path)]
+    assert main(["store", "token", "create", "--ttl", "1h", "--api", url, *tok]) == 0
     token = capsys.readouterr().out.splitlines()[0]
     node_conf = tmp_path / "node" / "node.json"
     rc = main(["edge", "enrol", "--store", url, "--token", token, "--config", str(node_conf),
@@ -159,7 +162,9 @@ def test_enrolled_node_talks_on_its_own_topics_and_no_other(
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "site-a enrolled" in out
-    node_row = json.loads(urllib.request.urlopen(f"{url}/api/v1/nodes/site-a").read())
+    node_url = f"{url}/api/v1/nodes/site-a"
+    node_row = json.loads(urllib.request.urlopen(urllib.request.Request(
+        node_url, headers=auth_headers(node_url))).read())
     assert node_row["site"] == "mine-1"  # where it sits: a rollout target from now on
     assert os.stat(node_conf).st_mode & 0o777 == 0o600
     ncfg = load_node_config(node_conf)
@@ -266,7 +271,8 @@ def test_revoked_node_cannot_connect_after_the_reload(
     na.pub(topics.events("site-a"), b"before")
     watch.expect(topics.events("site-a"), b"before")
 
-    assert main(["store", "revoke", "site-a", "--by", "ops", "--api", svc.url]) == 0
+    assert main(["store", "revoke", "site-a", "--api", svc.url, "--api-token-file",
+                 str(svc.cfg.admin_token_path)]) == 0
     assert "revoked; broker reloaded" in capsys.readouterr().out
     assert "site-a" not in svc.cfg.enrolment.password_file.read_text()
 
@@ -401,7 +407,8 @@ def test_enrolled_agent_runs_the_whole_loop_on_the_locked_broker(
         time.sleep(1.0)
         assert agent.remote.get("forged-0001") is None
 
-        assert main(["store", "revoke", "site-1", "--api", svc.url]) == 0
+        assert main(["store", "revoke", "site-1", "--api", svc.url, "--api-token-file",
+                     str(svc.cfg.admin_token_path)]) == 0
         wait_until(lambda: not agent.conn.connected.is_set(), timeout=10)
         assert not svc.registry.get_node("site-1")["online"]
         watch = svc.peer("appstore", svc.cfg.mqtt_password)  # what a restarted store reads

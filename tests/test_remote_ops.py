@@ -29,7 +29,8 @@ from cloud_sync.connection import MqttConnection
 from cloud_sync.schemas import Command
 from cloud_sync.topics import Topics
 from edge_node.agent import NodeAgent
-from tests.appstore_support import digits_dir, start_store, wait_until  # noqa: F401
+from tests.appstore_support import (  # noqa: F401
+    digits_dir, operator_token_file, start_store, wait_until)
 from tests.models import digit_png
 from tests.test_e2e import API, http, jget, publish, start_node
 
@@ -88,7 +89,8 @@ def _classify(agent: NodeAgent, digit) -> int:
     return status
 
 
-def test_restart_diagnostics_selfcheck_audit_and_no_second_run(ops, digits_dir, capsys):  # noqa: F811
+def test_restart_diagnostics_selfcheck_audit_and_no_second_run(  # noqa: F811
+        ops, digits_dir, capsys, tmp_path):
     store, agents, _, _ = ops
     n1 = agents["n1"]
     X = np.load(digits_dir / "heldout.npz")["X_test"]
@@ -161,8 +163,10 @@ def test_restart_diagnostics_selfcheck_audit_and_no_second_run(ops, digits_dir, 
     assert checks["workers_alive"]["data"]["pids"][key] == new_pid
 
     # diagnostics, through the CLI: the bundle arrives in the AppStore
+    ops2 = ["--api-token-file", str(operator_token_file(store, "ops-2", "operator", tmp_path))]
     rc = store_cli(["store", "command", "n1", "diagnostics", "--arg", "log_lines=200",
-                    "--by", "ops-2", "--wait", "--api", store.url])
+                    "--wait", "--bundle", str(tmp_path / "diag.tar.gz"), "--api", store.url,
+                    *ops2])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     diag = jget(f"{store.url}{API}/commands?node=n1&limit=1")["commands"][0]
@@ -173,6 +177,7 @@ def test_restart_diagnostics_selfcheck_audit_and_no_second_run(ops, digits_dir, 
     import hashlib
 
     assert hashlib.sha256(raw).hexdigest() == diag["bundle_sha256"]
+    assert (tmp_path / "diag.tar.gz").read_bytes() == raw  # the CLI's --bundle, with its token
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
         parts = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()}
     assert set(parts) == {"manifest.json", "logs.txt", "workers.txt", "config.json",
@@ -197,15 +202,17 @@ def test_restart_diagnostics_selfcheck_audit_and_no_second_run(ops, digits_dir, 
         "command_requested", "command_finished", "command_repeated", "command_repeated"] \
         or [a["action"] for a in reversed(restart)][:3] == [
             "command_requested", "command_finished", "command_repeated"], restart
-    assert all(a["actor"] == "ops-1" and a["ts"] > 0 for a in restart)
+    # the actor is the authenticated operator; the request's "by" only a note
+    assert all(a["actor"] == "admin" and a["ts"] > 0 for a in restart)
+    assert "by 'ops-1'" in restart[-1]["detail"], restart
     assert restart[-1]["args"] == {"app": "digits"}
     finished = next(a for a in restart if a["action"] == "command_finished")
     assert finished["outcome"] == "done"
     assert any(a["actor"] == "ops-2" and a["op"] == "diagnostics"
                and a["outcome"] == "done" for a in audit)
-    assert store_cli(["store", "audit", "--node", "n1", "--api", store.url]) == 0
+    assert store_cli(["store", "audit", "--node", "n1", "--api", store.url, *ops2]) == 0
     assert "ops-2 diagnostics n1" in capsys.readouterr().out
-    assert store_cli(["store", "commands", "--node", "n1", "--api", store.url]) == 0
+    assert store_cli(["store", "commands", "--node", "n1", "--api", store.url, *ops2]) == 0
     listed = capsys.readouterr().out
     assert f"restart-0001 n1 restart_app: done (pid {pid} -> {new_pid})" in listed, listed
     assert "selfcheck: done (broker_connected ok, workers_alive ok" in listed, listed

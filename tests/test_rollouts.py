@@ -26,7 +26,8 @@ import pytest
 
 from appstore.cli import main as store_cli
 from edge_node.agent import NodeAgent
-from tests.appstore_support import digits_dir, start_store, wait_until  # noqa: F401
+from tests.appstore_support import (  # noqa: F401
+    digits_dir, operator_token_file, start_store, wait_until)
 from tests.models import digit_png
 from tests.test_e2e import API, http, jget, publish, start_node
 
@@ -280,9 +281,10 @@ def test_an_offline_node_converges_later_and_operators_control_rollouts(
     gate = {**FAST_GATE, "min_requests": 0}
     # as an operator would: the CLI, following the rollout to its end
     result: dict = {}
+    ops1 = operator_token_file(store, "ops-1", "operator", tmp_path)
     cli = threading.Thread(target=lambda: result.update(rc=store_cli(
         ["store", "rollout", "start", "digits", "1.0.0", "--all", "--bake", "1", "--wait",
-         "--by", "ops-1", "--api", store.url])))
+         "--api", store.url, "--api-token-file", str(ops1)])))
     cli.start()
     ro = wait_until(lambda: jget(f"{store.url}{API}/rollouts?app=digits")["rollouts"],
                     timeout=10)[0]
@@ -314,7 +316,7 @@ def test_an_offline_node_converges_later_and_operators_control_rollouts(
     got, out = http("POST", f"{store.url}{API}/rollouts/{ro['rollout_id']}/abort",
                     {"by": "ops-2", "rollback": True})
     done = json.loads(out)
-    assert got == 200 and done["state"] == "aborted" and "ops-2" in done["reason"]
+    assert got == 200 and done["state"] == "aborted" and "admin" in done["reason"]
     canary = next(n for n in done["nodes"] if n["wave"] == 0)
     assert canary["state"] == "rolled_back"
     wait_until(lambda: _serving(store, canary["node_id"]) == ("1.0.0", "ready"), timeout=60)
@@ -342,10 +344,11 @@ def test_subscriptions_give_a_channel_to_nodes_as_they_come_and_rollouts_move_it
     got, out = http("PUT", f"{url}/apps/digits/channels/stable", {"version": "7.0.0"})
     assert got == 404
     # as an operator would, with the CLI
-    assert store_cli(["store", "channel", "digits", "stable", "1.0.0", "--by", "ops-1",
-                      "--api", store.url]) == 0
+    ops1 = ["--api-token-file", str(operator_token_file(store, "ops-1", "operator", tmp_path))]
+    assert store_cli(["store", "channel", "digits", "stable", "1.0.0", "--api", store.url,
+                      *ops1]) == 0
     assert store_cli(["store", "subscribe", "digits", "--channel", "stable", "--group",
-                      "cameras", "--api", store.url]) == 0
+                      "cameras", "--api", store.url, *ops1]) == 0
     assert "digits@stable (1.0.0)" in capsys.readouterr().out
     sub = jget(f"{url}/subscriptions?app=digits")["subscriptions"][0]
     wait_until(lambda: all(_serving(store, n) == ("1.0.0", "ready") for n in NODES),
