@@ -83,6 +83,27 @@ class AppStoreConfig(BaseModel):
     ingest_queue: int = Field(default=10000, ge=10)
     #: node enrolment with per-node broker credentials and ACLs; None: off
     enrolment: EnrolmentConfig | None = None
+    #: operator authentication of the REST API (docs/security.md, "Operators"):
+    #: "token" (default): every route but /health and /enrol needs an operator's
+    #: Bearer token, and the first start writes an admin's to data_dir/admin.token;
+    #: "off": no check at all, allowed only with http_host on loopback
+    api_auth: str = Field(default="token", pattern=r"^(token|off)$")
+
+    @field_validator("api_auth")
+    @classmethod
+    def _api_auth_safe(cls, v: str, info: ValidationInfo) -> str:
+        from .auth import is_loopback
+
+        host = info.data.get("http_host", "127.0.0.1")
+        if v == "off" and not is_loopback(host):
+            raise ValueError(f"with http_host = {host!r} the REST API would be open to the "
+                             "network: keep api_auth = 'token', or listen on 127.0.0.1")
+        return v
+
+    @property
+    def admin_token_path(self) -> Path:
+        """Where the first start writes the bootstrap admin's token (mode 0600)."""
+        return self.data_dir / "admin.token"
 
     @model_validator(mode="after")
     def _defaults(self) -> "AppStoreConfig":
