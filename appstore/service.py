@@ -149,7 +149,6 @@ class AppStoreService:
                                          self.retrainer, self.enrolment, self.rollouts,
                                          self.subscriptions, self.operators))
         self.app.register_blueprint(commands_blueprint(self.commands))
-        self.broker_auth = broker_hooks.register(self.app, cfg, self.store)
         install_auth(self.app, self.operators, cfg.api_auth)
         self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True,
                                  request_handler=_QuietHandler)
