@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,6 +250,20 @@ def _connect(path: Path) -> Database:
     return db
 
 
+def _enable_wal(db: Database) -> None:
+    """WAL mode; switching a fresh file that another worker is creating fails at
+    once with "locked" (no busy handler there), so retry up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.enable_wal()
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Store:
     """The database file, migrated and in WAL mode."""
 
@@ -257,12 +272,21 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._db = _connect(self.path)
-        self._db.enable_wal()
+        _enable_wal(self._db)
         # FULL: a commit survives power loss, and we ack only after commit
         self._db.execute("PRAGMA synchronous = FULL")
         with self._lock:
-            pending = [m.name for m in migrations.pending(self._db)]
-            migrations.apply(self._db)
+            # one transaction, the write lock taken first: AppStore workers started
+            # together on a fresh file wait for each other (a deferred transaction
+            # would fail at once with "database is locked", or both would migrate)
+            self._db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                pending = [m.name for m in migrations.pending(self._db)]
+                migrations.apply(self._db)
+                self._db.conn.execute("COMMIT")
+            except BaseException:
+                self._db.rollback()
+                raise
         if pending:
             logger.info("database %s: applied migrations %s", self.path, pending)
 

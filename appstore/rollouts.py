@@ -181,7 +181,9 @@ class RolloutEngine:
                  periodic: list[tuple[float, Callable[[], Any]]] | None = None,
                  assign_many: Callable[[list[str], str, str], Any] | None = None) -> None:
         self.store, self.catalog, self.registry = store, catalog, registry
-        #: (every seconds, fn) run on the engine's thread (subscription reconcile)
+        #: (every seconds, fn) run on the engine's thread (subscription reconcile),
+        #: only while this engine holds the lease: one writer of desired states,
+        #: never a reconcile racing a rollout on another worker
         self.periodic = [[every, fn, 0.0] for every, fn in (periodic or [])]
         self.assign, self.unassign = assign, unassign
         #: many nodes to one version in one go (a wave of 2,000 nodes is one
@@ -398,6 +400,8 @@ class RolloutEngine:
                 self.tick()
             except Exception:  # noqa: BLE001 - the engine must outlive one bad tick
                 logger.exception("rollout tick")
+            if not self.leader:
+                continue  # the periodic jobs (subscriptions) run where the rollouts do
             now = time.monotonic()
             for job in self.periodic:
                 if now - job[2] >= job[0]:

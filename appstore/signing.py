@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -63,12 +64,21 @@ class SigningKey:
         if path.exists():
             return cls.load(path)
         key = cls.generate()
-        key.save(path)
+        if key._write(path, exclusive=True) is None:
+            # another AppStore worker started on the same data dir made it first:
+            # every worker must sign with the one key the nodes trust
+            return cls.load(path)
         logger.info("created publisher key %s at %s", key.key_id, path)
         return key
 
     def save(self, path: str | Path) -> Path:
         """Write the private key (mode 0600) and ``<stem>.pub``; return the .pub path."""
+        pub = self._write(path, exclusive=False)
+        assert pub is not None
+        return pub
+
+    def _write(self, path: str | Path, exclusive: bool) -> Path | None:
+        """:meth:`save`; ``exclusive``: never replace an existing key (None then)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         pem = self._private.private_bytes(
@@ -76,12 +86,22 @@ class SigningKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)  # fails if the file exists: first writer wins
+            except FileExistsError:
+                return None
+            finally:
+                os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
         pub = path.with_suffix(".pub")
         pub.write_bytes(self.public_pem())
         return pub
