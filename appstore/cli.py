@@ -544,6 +544,34 @@ def cmd_broker_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_certs(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from . import broker_tls
+
+    cfg = _config(args)
+    names = list(args.host or [])
+    if not names:
+        e = cfg.enrolment
+        names = [(urlsplit(e.broker_url).hostname if e and e.broker_url else None)
+                 or cfg.mqtt_host]
+    group = args.group or (cfg.enrolment.file_group if cfg.enrolment else None)
+    d = broker_tls.ensure_broker_certs(broker_tls.tls_dir(cfg), names, group=group)
+    for w in d.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    server = d.server + (f": {d.reason}" if d.server == "renewed" else "")
+    print(f"CA      {d.ca_cert} ({'created' if d.ca_created else 'kept'}; nodes trust it)\n"
+          f"server  {d.server_cert} for {', '.join(d.names)} ({server})\n\n"
+          f"# Mosquitto (e.g. /etc/mosquitto/conf.d/aidc.conf), TLS 1.2 or later:\n"
+          + broker_tls.listener_lines(d, args.port)
+          + f"\n# the AppStore's config: mqtt_tls = true, mqtt_port = {args.port}; enrolled "
+          f"nodes get {d.ca_cert.name}\n# when enrolment.broker_url is "
+          f"mqtts://{d.names[0]}:{args.port}"
+          + ("" if d.server == "kept" else "\n# reload the broker to use the new "
+             "certificate (systemctl reload mosquitto)"))
+    return 0
+
+
 def _arg(text: str) -> tuple[list[str], Any]:
     """``key=value`` (``a.b=value`` nests) -> (path, value); the value is read as
     JSON when it is JSON (``0.9``, ``true``, ``null``), else kept as a string."""
@@ -850,6 +878,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                        "configured")
     _local_opts(p)
     p.set_defaults(func=_guard(cmd_broker_files))
+
+    p = sub.add_parser("broker-certs", help="a private CA and the broker's TLS certificate "
+                       "in <data_dir>/broker/tls (kept when valid; the certificate is made "
+                       "again when its names change or it nears expiry)")
+    _local_opts(p)
+    p.add_argument("--host", action="append", metavar="NAME|IP",
+                   help="a name or IP address nodes reach the broker by (repeatable; "
+                   "default: enrolment.broker_url's host, else mqtt_host)")
+    p.add_argument("--ip", action="append", dest="host", metavar="IP",
+                   help="an IP address (the same as --host IP)")
+    p.add_argument("--port", type=int, default=8883, help="the TLS listener's port "
+                   "(default 8883)")
+    p.add_argument("--group", help="give the server key this group, mode 0640 (the "
+                   "broker's, when it runs as another user); default enrolment.file_group")
+    p.set_defaults(func=_guard(cmd_broker_certs))
 
     p = sub.add_parser("label", help="where NODE sits: site, group, tags (rollout targets)")
     p.add_argument("node")

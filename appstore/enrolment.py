@@ -30,6 +30,7 @@ from sqlite_utils import Database
 
 from cloud_sync.topics import Topics
 
+from . import broker_tls
 from . import mosquitto_auth as auth
 from .config import AppStoreConfig, EnrolmentConfig
 from .db import Store
@@ -38,6 +39,14 @@ from .feedback import FeedbackStore
 from .registry import check_node_id
 
 logger = logging.getLogger(__name__)
+
+
+class Unavailable(AppStoreError):
+    """The AppStore cannot enrol anyone now (its own setup is wrong)."""
+
+    status = 503
+    default_reason = "unavailable"
+
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -170,6 +179,8 @@ class Enrolment:
         if node_id == self.cfg.mqtt_username:
             raise BadRequest("bad_node_id", f"{node_id!r} is the AppStore's own broker user")
         site, group = _label("site", site), _label("group", group)
+        # the CA the node will trust, read before the token is spent
+        ca_pem = self._broker_ca() if broker_tls.node_tls(self.cfg) else None
         password = secrets.token_urlsafe(32)
         now = self.clock()
         with self.store.write() as db:
@@ -209,13 +220,23 @@ class Enrolment:
         logger.info("node %s enrolled with token %s (site %s, group %s)", node_id,
                     t["token_id"], site, group)
         url = urlsplit(self.e.broker_url)
-        return {
-            "node_id": node_id, "site": site, "group": group, "enrolled_at": now,
-            "mqtt": {"url": self.e.broker_url, "host": url.hostname, "port": url.port or 1883,
-                     "username": node_id, "password": password,
-                     "topic_prefix": self.cfg.topic_prefix},
-            "broker_reloaded": reloaded,
-        }
+        mqtt: dict[str, Any] = {
+            "url": self.e.broker_url, "host": url.hostname,
+            "port": url.port or (8883 if ca_pem else 1883), "username": node_id,
+            "password": password, "topic_prefix": self.cfg.topic_prefix,
+            # TLS: the node trusts this CA (PEM) for the broker's certificate
+            "tls": ca_pem is not None}
+        if ca_pem is not None:
+            mqtt["ca_pem"] = ca_pem
+        return {"node_id": node_id, "site": site, "group": group, "enrolled_at": now,
+                "mqtt": mqtt, "broker_reloaded": reloaded}
+
+    def _broker_ca(self) -> str:
+        try:
+            return broker_tls.broker_ca_pem(self.cfg)
+        except AppStoreError as err:
+            logger.error("enrolment cannot hand out the broker's CA: %s", err.detail)
+            raise Unavailable("broker_ca_unavailable", err.detail) from err
 
     def _refused(self, err: AppStoreError, node_id: Any, remote: str | None) -> None:
         now = self.clock()

@@ -14,6 +14,14 @@
   thread of their own). An exception in a handler is logged and counted, and the
   connection carries on.
 
+- TLS (:class:`Tls`): the broker's certificate is checked against a CA file (or
+  the system's trust store), with hostname verification, TLS 1.2 or later; a
+  client certificate and key can be given for mutual TLS. A CA, certificate or
+  key that cannot be read is a :class:`TlsError` when the connection is made,
+  not a hang; a handshake the broker's certificate fails is logged as an error
+  that says so (``last_error``, ``stats["tls_failed"]``) and retried with the
+  same backoff.
+
 paho keeps its own queue in memory only: durability is the outbox's job
 (:mod:`cloud_sync.outbox`), not this module's.
 """
@@ -22,10 +30,12 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -41,6 +51,76 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+class TlsError(ValueError):
+    """A TLS setting that cannot work: a CA, certificate or key that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS to the broker. ``ca_file`` None: the system's trust store (a broker
+    with a public certificate). ``cert_file``/``key_file``: this client's own
+    certificate, for brokers that ask for one (``require_certificate true``).
+    ``check_hostname``: the broker's certificate must name the host connected
+    to (leave it on)."""
+
+    ca_file: Path | str | None = None
+    cert_file: Path | str | None = None
+    key_file: Path | str | None = None
+    check_hostname: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: TLS >= 1.2, certificate required. Raises
+        :class:`TlsError` naming the file that cannot be used."""
+        if self.ca_file is not None:
+            _readable("CA file", self.ca_file)
+        if self.key_file is not None and self.cert_file is None:
+            raise TlsError("a client key needs its certificate too (cert_file)")
+        if self.cert_file is not None:
+            _readable("client certificate", self.cert_file)
+            if self.key_file is not None:
+                _readable("client key", self.key_file)
+        try:
+            ctx = ssl.create_default_context(
+                ssl.Purpose.SERVER_AUTH,
+                cafile=str(self.ca_file) if self.ca_file is not None else None)
+        except (ssl.SSLError, OSError) as err:
+            raise TlsError(f"CA file {self.ca_file}: not a PEM certificate ({err})") from err
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = self.check_hostname
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if self.cert_file is not None:
+            try:
+                ctx.load_cert_chain(str(self.cert_file),
+                                    str(self.key_file) if self.key_file is not None else None)
+            except (ssl.SSLError, OSError) as err:
+                raise TlsError(f"client certificate {self.cert_file} / key "
+                               f"{self.key_file or '(in the same file)'}: cannot be used "
+                               f"({err})") from err
+        return ctx
+
+
+def _readable(what: str, path: Path | str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        raise TlsError(f"{what} {path}: cannot be read ({err.strerror or err})") from err
+
+
+def describe_tls_error(err: BaseException) -> str:
+    """What a failed TLS handshake means, for a person reading the log."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        why = err.verify_message or str(err)
+        if "mismatch" in why.lower() or "hostname" in why.lower():
+            hint = ("the broker's certificate does not name this host: connect by a "
+                    "name or IP in its subjectAltName, or renew it with that name")
+        else:
+            hint = ("the broker's certificate is not signed by the CA this client trusts "
+                    "(mqtt ca_file), or it has expired")
+        return f"certificate verify failed: {why}: {hint}"
+    return f"TLS handshake failed: {err} (is this port a TLS listener?)"
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -71,7 +151,10 @@ class MqttConnection:
         min_backoff: float = 0.2,
         max_backoff: float = 30.0,
         seed: int | None = None,
+        tls: Tls | None = None,
     ) -> None:
+        """``tls``: connect with TLS (:class:`Tls`); its files are read now, and a
+        :class:`TlsError` says which one cannot be used."""
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -87,6 +170,9 @@ class MqttConnection:
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
         self.stats: Counter[str] = Counter()
+        self.tls = tls
+        #: why the last connection attempt failed (None after a success)
+        self.last_error: str | None = None
 
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -96,6 +182,8 @@ class MqttConnection:
         )
         if username:
             c.username_pw_set(username, password)
+        if tls is not None:
+            c.tls_set_context(tls.context())
         if will:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         c.max_inflight_messages_set(100)
@@ -105,6 +193,7 @@ class MqttConnection:
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
         self._pending_subacks: set[int] = set()
+        self._connack = False
         self._client = c
 
     # -- public API ---------------------------------------------------------
@@ -176,14 +265,33 @@ class MqttConnection:
                     first = False
                 else:
                     self._client.reconnect()
-            except (OSError, mqtt.WebsocketConnectionError) as err:
+            except (OSError, ssl.CertificateError, mqtt.WebsocketConnectionError) as err:
                 self.stats["connect_failed"] += 1
                 delay = backoff_delay(attempt, self._min_backoff, self._max_backoff, self._rng)
-                logger.info("mqtt %s: connect to %s:%s failed (%s), retry in %.2fs",
-                            self.client_id, self.host, self.port, err, delay)
+                if isinstance(err, ssl.SSLError | ssl.CertificateError):
+                    # not a network blip: the same error will come back until
+                    # someone fixes a certificate, so say it loudly (once a while)
+                    self.stats["tls_failed"] += 1
+                    self.last_error = describe_tls_error(err)
+                    log = logger.error if self.stats["tls_failed"] in (1, 10) or \
+                        self.stats["tls_failed"] % 100 == 0 else logger.info
+                    log("mqtt %s: TLS to %s:%s: %s; retry in %.2fs", self.client_id,
+                        self.host, self.port, self.last_error, delay)
+                elif self.tls is not None and isinstance(err, ConnectionResetError):
+                    self.stats["tls_failed"] += 1
+                    self.last_error = (f"TLS handshake failed: {err} (the broker hung up: is "
+                                       "this port a TLS listener?)")
+                    logger.log(logging.ERROR if self.stats["tls_failed"] == 1 else logging.INFO,
+                               "mqtt %s: TLS to %s:%s: %s; retry in %.2fs", self.client_id,
+                               self.host, self.port, self.last_error, delay)
+                else:
+                    self.last_error = f"connect failed: {err}"
+                    logger.info("mqtt %s: connect to %s:%s failed (%s), retry in %.2fs",
+                                self.client_id, self.host, self.port, err, delay)
                 attempt += 1
                 self._stop.wait(delay)
                 continue
+            self._connack = False
             while not self._stop.is_set():
                 rc = self._client.loop(timeout=0.2)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
@@ -194,6 +302,14 @@ class MqttConnection:
             if self._stop.is_set():
                 break
             self.stats["connection_lost"] += 1
+            if not self._connack:  # hung up on our CONNECT: not an MQTT answer at all
+                self.stats["closed_before_connack"] += 1
+                self.last_error = ("the broker closed the connection before answering CONNECT"
+                                   + (" (is this a TLS port? then set TLS on: mqtt.tls)"
+                                      if self.tls is None else ""))
+                if self.stats["closed_before_connack"] == 1:
+                    logger.warning("mqtt %s: %s:%s: %s", self.client_id, self.host, self.port,
+                                   self.last_error)
             delay = backoff_delay(attempt, self._min_backoff, self._max_backoff, self._rng)
             attempt += 1
             logger.info("mqtt %s: connection lost, reconnect in %.2fs", self.client_id, delay)
@@ -205,8 +321,10 @@ class MqttConnection:
             pass
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connack = True
         if reason_code.is_failure:
             self.stats["connect_refused"] += 1
+            self.last_error = f"broker refused connection: {reason_code}"
             logger.warning("mqtt %s: broker refused connection: %s", self.client_id, reason_code)
             self.connected.clear()
             return
@@ -222,7 +340,9 @@ class MqttConnection:
             client.publish(self._online.topic, self._online.payload, qos=self._online.qos,
                            retain=self._online.retain)
         self.stats["connects"] += 1
-        logger.info("mqtt %s: connected to %s:%s", self.client_id, self.host, self.port)
+        self.last_error = None
+        logger.info("mqtt %s: connected to %s:%s%s", self.client_id, self.host, self.port,
+                    " (TLS)" if self.tls is not None else "")
         if not waiting:
             self._ready()
 

@@ -85,6 +85,7 @@ class NodeAgent:
             online=Will(avail, schemas.Availability(status="online",
                                                     agent_version=__version__).to_bytes()),
             keepalive=cfg.mqtt.keepalive, username=cfg.mqtt.username, password=cfg.mqtt.password,
+            tls=cfg.mqtt.tls_options(),
         )
         self.conn.set_offline_payload(schemas.Availability(status="offline").to_bytes())
         self.outbox = Outbox(d / "node.db", self.conn, self.topics.ack(cfg.node_id),

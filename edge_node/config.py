@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloud_sync import schemas
+from cloud_sync.connection import Tls, TlsError
 from cloud_sync.topics import validate_node_id
 
 from .errors import ConfigError
@@ -33,6 +34,32 @@ class MqttConfig(_Strict):
     username: str | None = None
     password: str | None = None
     keepalive: int = Field(default=30, ge=5, le=3600)
+    #: TLS to the broker (TLS 1.2 or later): its certificate is checked against
+    #: ca_file (none: the system's trust store) and must name ``host``
+    tls: bool = False
+    ca_file: Path | None = None
+    #: this node's own certificate and key, for a broker that asks for one
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: the broker's certificate must name ``host`` (leave it on)
+    tls_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _tls(self) -> MqttConfig:
+        files = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k)]
+        if files and not self.tls:
+            raise ValueError(f"mqtt.{files[0]} is set but mqtt.tls is false: set "
+                             "mqtt.tls = true (or remove it)")
+        if self.key_file and not self.cert_file:
+            raise ValueError("mqtt.key_file needs mqtt.cert_file (the client certificate)")
+        return self
+
+    def tls_options(self) -> Tls | None:
+        """What :class:`cloud_sync.connection.MqttConnection` needs for TLS; None: plain."""
+        if not self.tls:
+            return None
+        return Tls(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file,
+                   check_hostname=self.tls_check_hostname)
 
 
 class HttpConfig(_Strict):
@@ -237,6 +264,13 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
             raise ConfigError(f"cannot read config {p}: {err}") from err
     raw = _merge(raw, {k: v for k, v in overrides.items() if v is not None})
     try:
-        return NodeConfig.model_validate(raw)
+        cfg = NodeConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"invalid node config: {_fmt(err)}") from err
+    tls = cfg.mqtt.tls_options()
+    if tls is not None:  # a CA or key that cannot be read: say so now, not at connect
+        try:
+            tls.context()
+        except TlsError as err:
+            raise ConfigError(f"invalid node config: mqtt.tls: {err}") from err
+    return cfg

@@ -4,12 +4,21 @@ Asks the AppStore (``POST /api/v1/enrol``) and writes the node id, the broker
 and the credentials into the node's JSON config, merged with what is there,
 checked as a whole and written atomically with mode 0600 (the file now holds a
 password).
+
+When the broker speaks TLS the answer carries ``mqtt.tls = true`` and the CA
+certificate (``mqtt.ca_pem``) the node must trust: it is written next to the
+config as ``broker-ca.pem`` (0644) and the config gets ``mqtt.tls`` and
+``mqtt.ca_file``, so the node's next start connects over TLS. An answer that
+says ``tls = false`` turns the node's TLS off; an answer without ``tls`` (an
+AppStore from before TLS) leaves the node's TLS settings as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -67,17 +76,37 @@ def _read(path: Path) -> dict[str, Any]:
     return raw
 
 
+#: the broker's CA, as enrolment writes it next to the node's config
+CA_FILE_NAME = "broker-ca.pem"
+
+
+def ca_path(config: Path) -> Path:
+    """Where enrolment puts the broker's CA certificate for the config ``config``."""
+    return config.resolve().parent / CA_FILE_NAME
+
+
 def merged_config(path: Path, enrolled: dict[str, Any],
                   data_dir: Path | None = None) -> dict[str, Any]:
     """The config at ``path`` with the enrolment merged in, validated."""
     raw = _read(path)
     m = enrolled["mqtt"]
-    over: dict[str, Any] = {"node_id": enrolled["node_id"], "mqtt": {
+    mqtt: dict[str, Any] = {
         "host": m["host"], "port": m["port"], "topic_prefix": m["topic_prefix"],
-        "username": m["username"], "password": m["password"]}}
+        "username": m["username"], "password": m["password"]}
+    tls = m.get("tls")  # None: an AppStore from before TLS, leave the node's settings
+    if tls:
+        mqtt["tls"] = True
+        if m.get("ca_pem"):  # else the system's trust store (a public certificate)
+            mqtt["ca_file"] = str(ca_path(path))
+    elif tls is not None:
+        mqtt["tls"] = False
+    over: dict[str, Any] = {"node_id": enrolled["node_id"], "mqtt": mqtt}
     if data_dir is not None:
         over["data_dir"] = str(data_dir)
     raw = _merge(raw, over)
+    if tls is not None and not tls:  # plain MQTT: no certificate files either
+        for k in ("ca_file", "cert_file", "key_file"):
+            raw["mqtt"].pop(k, None)
     try:
         NodeConfig.model_validate(raw)
     except ValidationError as err:
@@ -86,9 +115,31 @@ def merged_config(path: Path, enrolled: dict[str, Any],
 
 
 def write_config(path: Path, enrolled: dict[str, Any], data_dir: Path | None = None) -> None:
-    """Merge the enrolment into the config at ``path``; validate; write it 0600."""
+    """Merge the enrolment into the config at ``path``; validate; write it 0600
+    (and the broker's CA beside it, 0644, when the answer has one)."""
     raw = merged_config(path, enrolled, data_dir)
+    m = enrolled["mqtt"]
+    if m.get("tls") and m.get("ca_pem"):
+        pem = m["ca_pem"]
+        try:
+            if not isinstance(pem, str):
+                raise ValueError("not a string")
+            ssl.create_default_context(cadata=pem)
+        except (ssl.SSLError, ValueError) as err:
+            raise ConfigError(f"the AppStore sent a broker CA certificate that cannot be "
+                              f"used ({err}); nothing written") from err
+        write_atomic(ca_path(path), pem, mode=0o644)
     write_atomic(path, json.dumps(raw, indent=2) + "\n", mode=0o600)
+
+
+def _check_writable(path: Path) -> None:
+    """The config's folder (or the first one of its parents that exists) can be
+    written: checked before the token is spent."""
+    d = path.resolve().parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write into {d} (the config and the broker's CA go there)")
 
 
 def register(esub: argparse._SubParsersAction) -> None:
@@ -116,6 +167,7 @@ def cmd_enrol(args: argparse.Namespace) -> int:
         merged_config(args.config, {"node_id": node_id, "mqtt": {
             "host": "x", "port": 1883, "topic_prefix": "", "username": "x", "password": "x"}},
             args.data_dir)
+        _check_writable(args.config)
         enrolled = request_enrolment(args.store, args.token, node_id, args.site, args.group)
         write_config(args.config, enrolled, args.data_dir)
     except ConfigError as err:
@@ -125,7 +177,9 @@ def cmd_enrol(args: argparse.Namespace) -> int:
         print(f"aidc edge enrol: refused: {err.reason}: {err.detail}", file=sys.stderr)
         return 3 if err.reason == "unreachable" else 1
     m = enrolled["mqtt"]
-    print(f"node {node_id} enrolled: broker {m['url']} as user {m['username']}; "
+    tls = (f"; TLS, trusting the broker CA in {ca_path(args.config)}"
+           if m.get("tls") and m.get("ca_pem") else "; TLS" if m.get("tls") else "")
+    print(f"node {node_id} enrolled: broker {m['url']} as user {m['username']}{tls}; "
           f"credentials written to {args.config} (mode 0600)"
           + ("" if enrolled.get("broker_reloaded") else
              "\nwarning: the AppStore could not reload the broker; the node may be refused "

@@ -5,6 +5,9 @@ Mosquitto when it is missing. Without it the broker fixtures fail with a clear
 message. ``AIDC_TEST_BROKER=embedded`` runs them against the demo's embedded
 broker instead (amqtt: no shared subscriptions, and weaker session handling,
 so some tests fail there) -- for poking at the demo broker, never in CI.
+
+``Broker(..., tls=tls_certs(dir))`` makes the port a TLS-only listener with a
+private CA made by :mod:`appstore.broker_tls` (tests/test_broker_tls.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from appstore.broker_tls import BrokerCerts, ensure_broker_certs
+from cloud_sync.connection import Tls
 
 
 def free_port() -> int:
@@ -41,10 +47,13 @@ class Broker:
     """A broker process that can be stopped and restarted on the same port."""
 
     def __init__(self, workdir: Path, port: int | None = None,
-                 auth: tuple[Path, Path] | None = None) -> None:
-        """``auth``: (password_file, acl_file) -- no anonymous clients then."""
+                 auth: tuple[Path, Path] | None = None, tls: BrokerCerts | None = None) -> None:
+        """``auth``: (password_file, acl_file) -- no anonymous clients then.
+        ``tls``: the port is a TLS listener (and the only one) serving these
+        certificates (:func:`tls_certs`); clients connect with :meth:`client_tls`."""
         self.host = "127.0.0.1"
         self.auth = auth
+        self.tls = tls
         self.port = port or free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
@@ -60,23 +69,35 @@ class Broker:
         if self.kind == "mosquitto":
             conf = self.workdir / f"mosquitto-{self.port}.conf"
             access = "allow_anonymous true\n"
+            # as root Mosquitto would drop to user mosquitto, who cannot read
+            # the test's files: stay who we are
+            me = f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
             if self.auth:
-                # as root Mosquitto would drop to user mosquitto, who cannot
-                # read the test's files: stay who we are
-                me = pwd.getpwuid(os.getuid()).pw_name
                 access = (f"allow_anonymous false\npassword_file {self.auth[0]}\n"
-                          f"acl_file {self.auth[1]}\nuser {me}\n")
+                          f"acl_file {self.auth[1]}\n{me}")
+            listener = f"listener {self.port} 127.0.0.1\n"
+            if self.tls:
+                listener += (f"cafile {self.tls.ca_cert}\ncertfile {self.tls.server_cert}\n"
+                             f"keyfile {self.tls.server_key}\ntls_version tlsv1.2\n")
+                access += me if not self.auth else ""
             conf.write_text(
-                f"listener {self.port} 127.0.0.1\n{access}"
+                f"{listener}{access}"
                 "persistence false\nmax_queued_messages 100000\n"
             )
             cmd = ["mosquitto", "-c", str(conf)]
         else:
+            if self.tls:
+                raise RuntimeError("the embedded broker has no TLS: test TLS on Mosquitto")
             cmd = [sys.executable, "-m", "installer.embedded_broker", "--host", "127.0.0.1",
                    "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port)
         return self
+
+    def client_tls(self) -> Tls:
+        """What a client that trusts this broker's CA connects with."""
+        assert self.tls is not None, "not a TLS broker"
+        return Tls(ca_file=self.tls.ca_cert)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -92,6 +113,12 @@ class Broker:
         self.stop()
         time.sleep(down_for)
         self.start()
+
+
+def tls_certs(workdir: Path, names: tuple[str, ...] = ("127.0.0.1",)) -> BrokerCerts:
+    """A private CA and a server certificate for ``names`` in ``workdir/tls``,
+    made by the AppStore's own ``aidc store broker-certs`` code."""
+    return ensure_broker_certs(workdir / "tls", list(names))
 
 
 def make_broker() -> Broker:

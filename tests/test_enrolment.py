@@ -344,6 +344,8 @@ def test_edge_enrol_merges_into_the_config_and_checks_it_before_spending(
     raw = json.loads(conf.read_text())
     assert raw["http"] == {"port": 9999} and raw["mqtt"]["keepalive"] == 60
     assert raw["mqtt"]["username"] == "site-c" and raw["mqtt"]["password"]
+    assert raw["mqtt"]["tls"] is False  # a plain broker: the answer says so
+    assert not (tmp_path / "broker-ca.pem").exists()
     assert os.stat(conf).st_mode & 0o777 == 0o600
 
 
