@@ -154,6 +154,28 @@ class Operators:
         self.clock = clock
         self._log_lock = threading.Lock()
         self._logged: dict[tuple[str, str], float] = {}
+        #: a reader connection of its own for authenticate(), kept open: a fresh
+        #: one per request would parse the whole schema each time (~0.2 ms).
+        #: Outside a transaction every query sees the latest commit, so a token
+        #: revoked by another worker or the CLI is refused at once.
+        self._reader: Any = None
+        self._reader_lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def _rows(self) -> list[dict[str, Any]]:
+        from .db import _connect
+
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = _connect(self.store.path)
+            return list(self._reader.query(
+                "select id, name, role, token_sha256, expires_at, revoked_at, last_used_at, "
+                "created_at from operators"))
 
     # -- management ----------------------------------------------------------------
     def add(self, name: Any, role: Any, by: str | None, expires_in_s: Any = None,
@@ -275,11 +297,8 @@ class Operators:
         if scheme.lower() != "bearer" or not _TOKEN_RE.match(token):
             return None, "malformed", "expected Authorization: Bearer <token>"
         presented = hash_token(token)
-        with self.store.read() as db:
-            rows = list(db.query("select id, name, role, token_sha256, expires_at, "
-                                 "revoked_at, last_used_at, created_at from operators"))
         found = None
-        for r in rows:
+        for r in self._rows():
             if hmac.compare_digest(r["token_sha256"], presented):
                 found = r
         if found is None:

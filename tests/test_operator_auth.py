@@ -265,6 +265,12 @@ def test_cli_operators_local_and_through_the_api(
             {("root", "active"), ("looker", "revoked")}
         rc, _, err = run(capsys, "operator", "revoke", "root", "--data-dir", str(data))
         assert rc == 1 and "last_admin" in err
+        # revoked on the database by another process: the running server refuses it
+        _, temp = svc.operators.add("temp", "viewer", "tests")
+        assert call(svc, "GET", "/nodes", temp)[0] == 200
+        rc, _, err = run(capsys, "operator", "revoke", "temp", "--data-dir", str(data))
+        assert rc == 0, err
+        assert call(svc, "GET", "/nodes", temp)[0] == 401
         rc, _, err = run(capsys, "operator", "add", "Bad Name", "--role", "viewer",
                          "--data-dir", str(data))
         assert rc == 1 and "bad_name" in err
