@@ -61,6 +61,13 @@ def test_a_sigstopped_worker_is_killed_restarted_and_serves_again(sup, app_dir):
     x, y = load_test_split(app_dir)
     client = sup.start("digits", app_dir)
     pid = sup.status()["digits"]["pid"]
+    callers = [threading.Thread(target=lambda: [client.infer({"input": x}) for _ in range(10)])
+               for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert len(client._idle) >= 2  # pooled connections to the process about to be stopped
     events: list[tuple[str, dict]] = []
     journal = FaultJournal(None)
     monitor = Monitor([WorkerStuckCheck(sup)], journal,
@@ -103,6 +110,8 @@ def test_a_sigstopped_worker_is_killed_restarted_and_serves_again(sup, app_dir):
     assert st["state"] == "ready" and st["pid"] not in (None, pid) and not pid_alive(pid)
     assert st["stuck_restarts"] == 1 and st["restarts"] == 1
     assert st["last_error"].startswith("stuck: no answer to 2 pings")
+    # the first request after the replacement is served, although the client's pool
+    # held several connections to the killed process
     assert (client.infer({"input": x})["label"] == y).mean() > 0.9
     assert sup.client("digits") is client
     caller.join(10)

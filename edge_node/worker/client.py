@@ -3,7 +3,9 @@
 Each concurrent caller borrows its own connection from a small pool and gives
 it back afterwards, so N threads use N connections and the worker serves them
 in parallel. A pooled connection found dead (the worker restarted) is replaced
-once, transparently; requests are idempotent, so the retry is safe.
+once, transparently, on a fresh connection, and the other idle ones (from the
+same dead process) are dropped with it; requests are idempotent, so the retry
+is safe.
 
 Messages travel as :mod:`~edge_node.worker.wire` frames (JSON head, raw tensor
 bytes): arrays in replies are views of the receive buffer, not copies. The
@@ -73,10 +75,11 @@ class WorkerClient:
                 f"worker at {self.socket_path} is not reachable: {err}") from err
         return sock
 
-    def _acquire(self) -> tuple[socket.socket, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
+    def _acquire(self, fresh: bool = False) -> tuple[socket.socket, bool]:
+        if not fresh:
+            with self._lock:
+                if self._idle:
+                    return self._idle.pop(), True
         return self._connect(), False
 
     def _release(self, sock: socket.socket) -> None:
@@ -90,13 +93,14 @@ class WorkerClient:
         """Send one request dict; return the ok reply or raise WorkerError/WorkerUnavailable."""
         parts = wire.encode(msg)  # a message that cannot be encoded fails before any I/O
         for attempt in (0, 1):
-            sock, pooled = self._acquire()
+            sock, pooled = self._acquire(fresh=attempt > 0)
             try:
                 frame = self._roundtrip(sock, parts)
             except _Stale as err:
                 if pooled and attempt == 0:
                     logger.debug("stale pooled connection to %s: %s",
                                  self.socket_path, err.__cause__)
+                    self.close()  # the other idle ones date from the same (dead) process
                     continue
                 raise WorkerUnavailable(
                     f"worker at {self.socket_path} went away: {err.__cause__}") from err
