@@ -35,13 +35,9 @@ class EnrolmentConfig(BaseModel):
     #: group the two files are given to (mode 0640), e.g. ``mosquitto`` when the
     #: broker runs as another user than the AppStore; None: the AppStore's own
     file_group: str | None = None
-    #: the broker as enrolled nodes reach it (``mqtt://host:port``, or
-    #: ``mqtts://host:port`` for TLS); default ``mqtt://<mqtt_host>:<mqtt_port>``
-    #: (``mqtts://`` when ``mqtt_tls``)
-    broker_url: str | None = Field(default=None, pattern=r"^mqtts?://[^/:]+(:\d+)?/?$")
-    #: with ``mqtts://``: the CA certificate handed to nodes at enrolment; default
-    #: ``mqtt_ca_file``, else data_dir/broker/tls/ca.pem (``aidc store broker-certs``)
-    broker_ca_file: Path | None = None
+    #: the broker as enrolled nodes reach it (``mqtt://host:port``); default
+    #: ``mqtt://<mqtt_host>:<mqtt_port>``
+    broker_url: str | None = Field(default=None, pattern=r"^mqtt://[^/:]+(:\d+)?/?$")
     #: where to send SIGHUP after the files change: a pid, or the file Mosquitto
     #: writes its pid to (its ``pid_file`` option); neither: reload it yourself
     broker_pid: int | None = Field(default=None, ge=1)
@@ -49,6 +45,19 @@ class EnrolmentConfig(BaseModel):
     #: token lifetime when none is asked for, and the longest one allowed
     default_token_ttl_s: int = Field(default=3600, ge=1)
     max_token_ttl_s: int = Field(default=7 * 86400, ge=1)
+
+
+class BrokerHooksConfig(BaseModel):
+    """Auth hooks for a clustered broker (EMQX, VerneMQ): the broker asks the
+    AppStore over HTTP who may connect, publish and subscribe, by the same rules
+    as Mosquitto's files (appstore/broker_hooks.py, docs/fleet.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: the shared secret the broker sends with every call, in the
+    #: ``X-Aidc-Broker-Secret`` header (or a ``secret`` query parameter where
+    #: the broker cannot send a header of its own: VerneMQ's webhooks)
+    secret: str = Field(min_length=16, max_length=256)
 
 
 class AppStoreConfig(BaseModel):
@@ -87,6 +96,16 @@ class AppStoreConfig(BaseModel):
     ingest_queue: int = Field(default=10000, ge=10)
     #: node enrolment with per-node broker credentials and ACLs; None: off
     enrolment: EnrolmentConfig | None = None
+    #: HTTP auth hooks for a clustered broker (needs enrolment: the users they
+    #: check are the enrolled nodes and the AppStore's own); None: off
+    broker_hooks: BrokerHooksConfig | None = None
+
+    @model_validator(mode="after")
+    def _hooks_need_enrolment(self) -> "AppStoreConfig":
+        if self.broker_hooks is not None and self.enrolment is None:
+            raise ValueError("broker_hooks needs enrolment: the hooks check enrolled nodes' "
+                             "credentials and the AppStore's own mqtt_username/mqtt_password")
+        return self
     #: operator authentication of the REST API (docs/security.md, "Operators"):
     #: "token" (default): every route but /health and /enrol needs an operator's
     #: Bearer token, and the first start writes an admin's to data_dir/admin.token;
@@ -113,8 +132,6 @@ class AppStoreConfig(BaseModel):
     def _defaults(self) -> "AppStoreConfig":
         if self.signing_key is None:
             self.signing_key = self.data_dir / "keys" / "publisher.pem"
-        if self.mqtt_tls and self.mqtt_ca_file is None:
-            self.mqtt_ca_file = self.data_dir / "broker" / "tls" / "ca.pem"
         e = self.enrolment
         if e is not None:
             if not (self.mqtt_username and self.mqtt_password):
@@ -125,10 +142,7 @@ class AppStoreConfig(BaseModel):
                                  "digits, '_', '-', '.'")
             e.password_file = e.password_file or self.data_dir / "broker" / "passwd"
             e.acl_file = e.acl_file or self.data_dir / "broker" / "acl"
-            scheme = "mqtts" if self.mqtt_tls else "mqtt"
-            e.broker_url = e.broker_url or f"{scheme}://{self.mqtt_host}:{self.mqtt_port}"
-            e.broker_ca_file = e.broker_ca_file or self.mqtt_ca_file \
-                or self.data_dir / "broker" / "tls" / "ca.pem"
+            e.broker_url = e.broker_url or f"mqtt://{self.mqtt_host}:{self.mqtt_port}"
         return self
 
     @property

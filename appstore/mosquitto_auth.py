@@ -9,7 +9,9 @@ never stored: only Mosquitto's own ``$7$`` hash (PBKDF2-SHA512, the format
 
 Each node's user may write only the node's upward topics and read only its
 downward ones (:data:`cloud_sync.topics.NODE_KINDS`), plus its camera streams'
-status; the AppStore's own user may read and write the whole root. So only the
+status; the AppStore's own user may read and write the whole root. The rules
+are defined once (:func:`node_rules`, :func:`store_rules`); a clustered broker
+gets the same decisions from them through :mod:`appstore.broker_hooks`. So only the
 AppStore can send a node remote operations (``commands``: the node reads it) and
 only the node answers them (``results``: the node writes it).
 """
@@ -59,23 +61,82 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(want, got)
 
 
+#: one rule of a user: (access, topic filter), access ``read``, ``write`` or
+#: ``readwrite`` as in Mosquitto's ACL file. The one definition of who may do
+#: what: the ACL file is rendered from it, and the broker hooks of clustered
+#: brokers (:mod:`appstore.broker_hooks`) decide with :func:`allowed` on it.
+Rule = tuple[str, str]
+
+
+def node_rules(topics: Topics, node_id: str) -> list[Rule]:
+    """One node's rules: its upward kinds write, its downward ones read, and the
+    status of its camera streams write."""
+    rules: list[Rule] = []
+    for kind, (direction, _retained, _qos) in NODE_KINDS.items():
+        rules.append(("write" if direction == "up" else "read", topics.node(node_id, kind)))
+    rules.append(("write", f"{topics.root}/nodes/{node_id}/streams/+/status"))
+    return rules
+
+
+def store_rules(topics: Topics) -> list[Rule]:
+    """The AppStore's own user: the whole root, read and write."""
+    return [("readwrite", f"{topics.root}/#")]
+
+
 def node_acl(topics: Topics, node_id: str) -> list[str]:
     """The ``topic`` lines of one node: its upward kinds write, downward read."""
-    lines = []
-    for kind, (direction, _retained, _qos) in NODE_KINDS.items():
-        access = "write" if direction == "up" else "read"
-        lines.append(f"topic {access} {topics.node(node_id, kind)}")
-    lines.append(f"topic write {topics.root}/nodes/{node_id}/streams/+/status")
-    return lines
+    return [f"topic {access} {topic}" for access, topic in node_rules(topics, node_id)]
 
 
 def render_acl(topics: Topics, store_user: str, node_ids: Iterable[str]) -> str:
     out = ["# Written by the aidc AppStore (enrolment): every change here is lost.",
            "# No topic line before the first user: anonymous clients get nothing.", "",
-           f"user {store_user}", f"topic readwrite {topics.root}/#", ""]
+           f"user {store_user}", *(f"topic {a} {t}" for a, t in store_rules(topics)), ""]
     for node_id in node_ids:
         out += [f"user {node_id}", *node_acl(topics, node_id), ""]
     return "\n".join(out)
+
+
+def _levels_match(pattern: list[str], levels: list[str], subscribe: bool) -> bool:
+    """Whether ``levels`` (a topic, or with ``subscribe`` a filter) lies within the
+    filter ``pattern``: ``#`` takes the rest, ``+`` one level; a filter's own
+    wildcards must be covered by the pattern's (``+`` by ``+`` or ``#``)."""
+    for i, p in enumerate(pattern):
+        if p == "#":
+            return True
+        if i >= len(levels):
+            return False
+        lv = levels[i]
+        if p == "+":
+            if lv == "#":
+                return False
+            continue
+        if p != lv or (not subscribe and lv in ("+", "#")):
+            return False
+    return len(levels) == len(pattern)
+
+
+def allowed(rules: Iterable[Rule], action: str, topic: str) -> bool:
+    """Mosquitto's decision for ``action`` (``publish`` or ``subscribe``) on
+    ``topic`` under ``rules``: a publish needs a ``write`` rule matching the
+    topic (a topic with wildcards is never published), a subscription a
+    ``read`` rule covering its whole filter; ``$share/<group>/`` is taken off
+    first, as Mosquitto does."""
+    if action not in ("publish", "subscribe"):
+        raise ValueError(f"unknown action {action!r}")
+    if action == "subscribe" and topic.startswith("$share/"):
+        parts = topic.split("/", 2)
+        if len(parts) < 3 or not parts[1]:
+            return False
+        topic = parts[2]
+    if not topic or (action == "publish" and ("+" in topic or "#" in topic)):
+        return False
+    levels = topic.split("/")
+    if "#" in levels[:-1] or any(("+" in lv or "#" in lv) and len(lv) > 1 for lv in levels):
+        return False  # not a valid filter
+    need = "write" if action == "publish" else "read"
+    return any(need in access and _levels_match(t.split("/"), levels, action == "subscribe")
+               for access, t in rules)
 
 
 def render_passwords(users: Iterable[tuple[str, str]]) -> str:

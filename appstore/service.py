@@ -28,7 +28,7 @@ from cloud_sync.connection import MqttConnection
 from cloud_sync.schemas import Availability
 from cloud_sync.topics import Topics
 
-from . import broker_tls
+from . import broker_hooks
 from .api import ApiContext, create_app
 from .auth import Operators, install as install_auth, is_loopback
 from .blobstore import ContentStore
@@ -120,7 +120,6 @@ class AppStoreService:
         self.conn = MqttConnection(
             f"appstore-{secrets.token_hex(4)}", cfg.mqtt_host, cfg.mqtt_port,
             username=cfg.mqtt_username, password=cfg.mqtt_password,
-            tls=broker_tls.client_tls(cfg),
         )
         self.fleet = Fleet(self.conn, self.topics, self.store, self.registry, self.catalog,
                            self.feedback, shared_group=cfg.shared_group,
@@ -151,6 +150,7 @@ class AppStoreService:
                                          self.retrainer, self.enrolment, self.rollouts,
                                          self.subscriptions, self.operators))
         self.app.register_blueprint(commands_blueprint(self.commands))
+        self.broker_auth = broker_hooks.register(self.app, cfg, self.store)
         install_auth(self.app, self.operators, cfg.api_auth)
         self._http = make_server(cfg.http_host, cfg.http_port, self.app, threaded=True,
                                  request_handler=_QuietHandler)
@@ -208,8 +208,6 @@ class AppStoreService:
             self.rollouts.stop()
         if self.fleet is not None:
             self.fleet.stop()
-        if self.operators is not None:
-            self.operators.close()
         if self.store is not None:
             self.store.close()
         self.conn = self.blob_server = self.fleet = self.store = None
