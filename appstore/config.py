@@ -35,9 +35,13 @@ class EnrolmentConfig(BaseModel):
     #: group the two files are given to (mode 0640), e.g. ``mosquitto`` when the
     #: broker runs as another user than the AppStore; None: the AppStore's own
     file_group: str | None = None
-    #: the broker as enrolled nodes reach it (``mqtt://host:port``); default
-    #: ``mqtt://<mqtt_host>:<mqtt_port>``
-    broker_url: str | None = Field(default=None, pattern=r"^mqtt://[^/:]+(:\d+)?/?$")
+    #: the broker as enrolled nodes reach it (``mqtt://host:port``, or
+    #: ``mqtts://host:port`` for TLS); default ``mqtt://<mqtt_host>:<mqtt_port>``
+    #: (``mqtts://`` when ``mqtt_tls``)
+    broker_url: str | None = Field(default=None, pattern=r"^mqtts?://[^/:]+(:\d+)?/?$")
+    #: with ``mqtts://``: the CA certificate handed to nodes at enrolment; default
+    #: ``mqtt_ca_file``, else data_dir/broker/tls/ca.pem (``aidc store broker-certs``)
+    broker_ca_file: Path | None = None
     #: where to send SIGHUP after the files change: a pid, or the file Mosquitto
     #: writes its pid to (its ``pid_file`` option); neither: reload it yourself
     broker_pid: int | None = Field(default=None, ge=1)
@@ -132,6 +136,8 @@ class AppStoreConfig(BaseModel):
     def _defaults(self) -> "AppStoreConfig":
         if self.signing_key is None:
             self.signing_key = self.data_dir / "keys" / "publisher.pem"
+        if self.mqtt_tls and self.mqtt_ca_file is None:
+            self.mqtt_ca_file = self.data_dir / "broker" / "tls" / "ca.pem"
         e = self.enrolment
         if e is not None:
             if not (self.mqtt_username and self.mqtt_password):
@@ -142,7 +148,10 @@ class AppStoreConfig(BaseModel):
                                  "digits, '_', '-', '.'")
             e.password_file = e.password_file or self.data_dir / "broker" / "passwd"
             e.acl_file = e.acl_file or self.data_dir / "broker" / "acl"
-            e.broker_url = e.broker_url or f"mqtt://{self.mqtt_host}:{self.mqtt_port}"
+            scheme = "mqtts" if self.mqtt_tls else "mqtt"
+            e.broker_url = e.broker_url or f"{scheme}://{self.mqtt_host}:{self.mqtt_port}"
+            e.broker_ca_file = e.broker_ca_file or self.mqtt_ca_file \
+                or self.data_dir / "broker" / "tls" / "ca.pem"
         return self
 
     @property

@@ -28,7 +28,7 @@ from cloud_sync.connection import MqttConnection
 from cloud_sync.schemas import Availability
 from cloud_sync.topics import Topics
 
-from . import broker_hooks
+from . import broker_hooks, broker_tls
 from .api import ApiContext, create_app
 from .auth import Operators, install as install_auth, is_loopback
 from .blobstore import ContentStore
@@ -120,6 +120,7 @@ class AppStoreService:
         self.conn = MqttConnection(
             f"appstore-{secrets.token_hex(4)}", cfg.mqtt_host, cfg.mqtt_port,
             username=cfg.mqtt_username, password=cfg.mqtt_password,
+            tls=broker_tls.client_tls(cfg),
         )
         self.fleet = Fleet(self.conn, self.topics, self.store, self.registry, self.catalog,
                            self.feedback, shared_group=cfg.shared_group,
