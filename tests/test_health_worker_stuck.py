@@ -12,6 +12,9 @@ import threading
 import time
 from pathlib import Path
 
+import json
+
+import numpy as np
 import pytest
 
 from edge_node.health import FaultJournal, Monitor
@@ -55,6 +58,58 @@ def test_a_healthy_worker_answers_the_ping_and_is_not_touched(sup, app_dir):
         assert f.ok, f.detail
     assert sup.status()["digits"]["pid"] == pid
     assert sup.status()["digits"]["stuck_restarts"] == 0
+
+
+def _slow_app(dst: Path, n: int = 1024, depth: int = 40) -> Path:
+    """A generic app whose one request takes seconds: ``depth`` chained n x n MatMuls."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, prev = [], "x"
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [prev, "W"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    graph = helper.make_graph(
+        nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(np.eye(n, dtype=np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    dst.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, dst / "model.onnx")
+    (dst / "manifest.json").write_text(json.dumps({
+        "name": "slow", "version": "1.0.0", "task": "generic",
+        "model": {"file": "model.onnx",
+                  "inputs": [{"name": "x", "dtype": "float32", "shape": [None, n]}],
+                  "outputs": [{"name": "y", "dtype": "float32", "shape": [None, n]}]}}))
+    return dst
+
+
+def test_a_busy_worker_still_answers_the_ping(sup, tmp_path):
+    """A long inference is progress, not a hang: the ping is answered on its own
+    connection's thread while the request runs (ONNX Runtime releases the GIL)."""
+    client = sup.start("slow", _slow_app(tmp_path / "slow"))
+    x = np.ones((2048, 1024), np.float32)  # seconds of work on one core
+    done = threading.Event()
+    took = {}
+
+    def run() -> None:
+        t = time.monotonic()
+        out = client.infer({"x": x})["y"]
+        took["s"] = time.monotonic() - t
+        took["ok"] = bool(np.allclose(out[:2], 1.0))
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    time.sleep(0.3)
+    check = WorkerStuckCheck(sup, ping_timeout_s=1.0, strikes=1)
+    answered = 0
+    while not done.is_set():
+        assert check.probe().ok
+        answered += 1
+        time.sleep(0.2)
+    assert answered >= 2 and took["ok"] and took["s"] > 1.0, (answered, took)
 
 
 def test_a_sigstopped_worker_is_killed_restarted_and_serves_again(sup, app_dir):
