@@ -345,8 +345,8 @@ class Ack(Message):
 # -- remote operations (commands / results) ---------------------------------
 
 #: what the cloud may ask a node to do (docs/fleet.md, Remote operations)
-COMMAND_OPS = ("restart_app", "diagnostics", "selfcheck", "set_config")
-CommandOp = Literal["restart_app", "diagnostics", "selfcheck", "set_config"]
+COMMAND_OPS = ("restart_app", "diagnostics", "selfcheck", "set_config", "doctor")
+CommandOp = Literal["restart_app", "diagnostics", "selfcheck", "set_config", "doctor"]
 COMMAND_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{7,63}$"
 #: the largest diagnostics bundle a result may carry (base64 grows it by 4/3)
 MAX_BUNDLE_BYTES = 700 * 1024
@@ -372,6 +372,21 @@ class SelfcheckArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DoctorArgs(BaseModel):
+    """``doctor``: every health check now (edge_node/health), with ``fix`` each failing
+    one's remedy applied; the report and the fault journal's summary come back."""
+
+    model_config = ConfigDict(extra="forbid")
+    fix: bool = False
+
+
+#: node events of the health monitor (edge_node/health/monitor.py), ``data``:
+#: ``fault`` (the kind, docs/faults.md), ``check``, ``detail``, ``detected_at``; healed:
+#: ``remedy``, ``seconds``, ``count``; unhealed: ``why``, ``count`` (``repeated``: a
+#: persisting fault re-reported)
+FAULT_EVENTS = ("fault_detected", "fault_healed", "fault_unhealed")
+
+
 class HardExampleSettings(BaseModel):
     """One app's hard-example policy and upload level, as the cloud may set them
     (the node validates them again with its own config model)."""
@@ -394,7 +409,7 @@ class SetConfigArgs(BaseModel):
 
 COMMAND_ARGS: dict[str, type[BaseModel]] = {
     "restart_app": RestartAppArgs, "diagnostics": DiagnosticsArgs,
-    "selfcheck": SelfcheckArgs, "set_config": SetConfigArgs,
+    "selfcheck": SelfcheckArgs, "set_config": SetConfigArgs, "doctor": DoctorArgs,
 }
 
 

@@ -69,7 +69,9 @@ logger = logging.getLogger(__name__)
 
 
 class NodeAgent:
-    def __init__(self, cfg: NodeConfig) -> None:
+    def __init__(self, cfg: NodeConfig, config_path: Path | None = None,
+                 config_overrides: dict | None = None,
+                 startup_faults: list[dict] | None = None) -> None:
         self.cfg = cfg
         # systemd: READY, watchdog, STATUS (no-op elsewhere); taken out of the
         # environment so that worker processes do not inherit it
@@ -77,6 +79,7 @@ class NodeAgent:
         self.watchdog: Watchdog | None = None
         d = cfg.data_dir
         self.topics = Topics(cfg.mqtt.topic_prefix)
+        self._health_init(config_path, config_overrides, startup_faults)  # before node.db opens
         self.store = NodeStore(d / "node.db")
         avail = self.topics.availability(cfg.node_id)
         self.conn = MqttConnection(
@@ -150,6 +153,7 @@ class NodeAgent:
         self.flask.register_blueprint(make_ui_blueprint())
         self.metrics = make_registry(self.metrics_snapshot)
         self.remote = RemoteOps(self)  # the cloud's commands (docs/fleet.md, Remote operations)
+        self.health = self._health_monitor()
         self._http = None
         self._http_thread: threading.Thread | None = None
 
@@ -296,6 +300,7 @@ class NodeAgent:
             "streams": self.streams.stats(),
             "cards": self.cards_state(),
             "alarms": self.alarms.stats(),
+            "faults": self.faults_block(),
         }
 
     def status(self) -> dict:
@@ -315,7 +320,103 @@ class NodeAgent:
             "batching": self._http.batching_stats() if self._http else {},
             "streams": self.streams.stats(),
             "alarms": self.alarms.stats(),
+            "faults": self.faults_block(),
         }
+
+    # -- health (issue 6, docs/faults.md) -----------------------------------------
+    def _health_init(self, config_path: Path | None, overrides: dict | None,
+                     startup_faults: list[dict] | None) -> None:
+        """Before anything opens node.db: a damaged one is replaced by its last good
+        copy (edge_node/health/db_integrity.py). Faults met at start are journalled
+        and reported once the outbox exists (:meth:`_health_start`)."""
+        from .health.db_integrity import guard_at_start
+
+        self._config_path = Path(config_path) if config_path else None
+        self._config_overrides = dict(overrides or {})
+        self._startup_faults = [f for f in (startup_faults or []) if f]
+        try:
+            note = guard_at_start(self.cfg.data_dir / "node.db")
+        except OSError as err:  # the restore itself failed: SQLite says the rest
+            logger.error("node.db: could not restore the last good copy: %s", err)
+            note = None
+        if note is not None:
+            self._startup_faults.append({**note, "fault": "db_corrupt",
+                                         "check": "db_integrity"})
+
+    def _health_checks(self) -> list:
+        """Every health check of this node, in report order."""
+        from . import selfcheck
+        from .health.config_guard import ConfigCheck
+        from .health.db_integrity import DbIntegrityCheck
+        from .health.disk_space import DiskSpaceCheck
+
+        d = self.cfg.data_dir
+        return [
+            selfcheck.BrokerCheck(self.conn.connected.is_set, self.cfg.mqtt.host,
+                                  self.cfg.mqtt.port),
+            selfcheck.WorkersCheck(self.supervisor.status),
+            DiskSpaceCheck(d, running=lambda: {a.sha256 for a in self.reconciler.reports()}),
+            DbIntegrityCheck(d / "node.db"),
+            selfcheck.OutboxCheck(self.outbox.stats, self.outbox.pending,
+                                  self.cfg.outbox.max_rows, retry_now=self.outbox.retry_now,
+                                  connected=self.conn.connected.is_set),
+            ConfigCheck(self._config_path, self._config_overrides),
+        ]
+
+    def _health_monitor(self):
+        from .health import FaultJournal, Monitor
+
+        self.fault_journal = FaultJournal(self.cfg.data_dir / "node.db")
+        return Monitor(self._health_checks(), self.fault_journal, self.emit_event)
+
+    def _health_start(self) -> None:
+        for f in self._startup_faults:  # met before the monitor ran: journalled, reported
+            kind, check = f.get("fault", "startup_fault"), f.get("check", "config")
+            data = {k: v for k, v in f.items() if k not in ("fault", "check", "detail")}
+            try:
+                self.fault_journal.noted(kind, check, f.get("detail", ""),
+                                         remedy=f.get("remedy"), data=data)
+            except Exception:  # noqa: BLE001 - never stops the node starting
+                logger.exception("fault journal: %s not noted", kind)
+            ev = {"fault": kind, "check": check, "detail": f.get("detail", ""),
+                  "at_start": True, "data": data}
+            self.emit_event("fault_detected", severity="warning", data=ev)
+            if f.get("remedy"):
+                self.emit_event("fault_healed", data={**ev, "remedy": f["remedy"],
+                                                      "seconds": None, "count": 1})
+        self._startup_faults = []
+        self.health.start()
+
+    def _health_stop(self) -> None:
+        self.health.stop()
+
+    def _health_final(self) -> None:
+        """After every part closed node.db: the last good copy (a clean stop)."""
+        from .health.db_integrity import make_last_good
+
+        self.fault_journal.close()
+        try:
+            make_last_good(self.cfg.data_dir / "node.db")
+        except Exception:  # noqa: BLE001 - a failed copy must not fail the stop
+            logger.exception("node.db: no last good copy at stop")
+
+    def doctor(self, fix: bool = False) -> dict:
+        """Every check now (with ``fix``: each failing one's remedy), and the journal."""
+        from . import selfcheck
+
+        findings = self.health.run_all(heal=fix)
+        return {**selfcheck.report(findings, legacy=False), "node_id": self.cfg.node_id,
+                "fixed": fix,
+                "faults": self.faults_block()}
+
+    def faults_block(self) -> dict:
+        """The fault journal's summary and the faults open now (stats, /metrics)."""
+        try:
+            block = self.fault_journal.stats()
+        except Exception as err:  # noqa: BLE001 - a damaged node.db must not break stats
+            block = {"error": str(err)}
+        block["open"] = self.health.open_faults()
+        return block
 
     def start(self) -> None:
         for sub in ("blobs", "apps", "samples", "trusted_keys"):
@@ -331,6 +432,7 @@ class NodeAgent:
         self.adapt.recover()
         self.telemetry.start()
         self.streams.start(self.cfg.streams)
+        self._health_start()
         self.conn.on_connect(self._republish_streams)
         self.conn.subscribe(self.topics.desired(self.cfg.node_id),
                             self.reconciler.on_desired_message)
@@ -375,6 +477,7 @@ class NodeAgent:
             self.watchdog.stop()
         self.conn.stop()
         self.remote.stop()
+        self._health_stop()
         self.reporter.stop()
         if self._http:
             self._http.shutdown()
@@ -390,6 +493,7 @@ class NodeAgent:
         self.fetcher.stop()
         self.supervisor.stop_all()
         self.store.close()
+        self._health_final()
         shutil.rmtree(self._run_dir, ignore_errors=True)
         logger.info("edge node %s stopped", self.cfg.node_id)
 

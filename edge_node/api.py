@@ -27,6 +27,36 @@ def make_local_blueprint(agent: Any) -> Blueprint:
     def status():
         return jsonify(agent.status())
 
+    @bp.get("/api/faults")
+    def faults():
+        """The fault journal (docs/faults.md): per kind counts and times, the faults
+        open now, and the newest journal rows (?kind=&limit=, at most 1000)."""
+        limit = _int_arg("limit", 100, 1, 1000)
+        kind = request.args.get("kind") or None
+        block = agent.faults_block()
+        try:
+            recent = agent.fault_journal.recent(limit=limit, kind=kind)
+        except Exception as err:  # noqa: BLE001 - node.db damaged: say so, with what is known
+            return jsonify(error="journal_unreadable", detail=str(err),
+                           open=block.get("open", {})), 503
+        if "error" in block:
+            return jsonify(error="journal_unreadable", detail=block["error"],
+                           open=block.get("open", {})), 503
+        return jsonify(summary=block.get("kinds", {}), open=block.get("open", {}),
+                       detected=block.get("detected"), healed=block.get("healed"),
+                       unhealed=block.get("unhealed"), recent=recent)
+
+    @bp.get("/api/doctor")
+    def doctor():
+        """Every health check now, no remedy applied."""
+        return jsonify(agent.doctor(fix=False))
+
+    @bp.post("/api/doctor")
+    def doctor_fix():
+        """Every health check now; each failing one's remedy applied (``aidc edge
+        doctor --fix``)."""
+        return jsonify(agent.doctor(fix=True))
+
     def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
         try:
             return min(hi, max(lo, int(request.args.get(name, default))))

@@ -1,4 +1,4 @@
-"""``aidc edge ...``: run the edge agent, ask a running one for its status."""
+"""``aidc edge ...``: run the edge agent, ask a running one for its status, doctor."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--trusted-key", type=Path, action="append",
                      help="publisher public key file (repeatable)")
     run.set_defaults(func=cmd_run)
+
+    dr = esub.add_parser("doctor", help="run every health check now and print a report "
+                         "(exit 0: all pass, 1: not); asks the running agent, else checks "
+                         "the node's files itself")
+    dr.add_argument("--config", type=Path, required=True, help="the node's config file")
+    dr.add_argument("--fix", action="store_true", help="apply each failing check's remedy")
+    dr.add_argument("--json", action="store_true", help="the report as JSON")
+    dr.add_argument("--offline", action="store_true",
+                    help="do not ask the running agent; check files and the broker directly")
+    dr.add_argument("--url", help="the agent's local API (default: from the config)")
+    dr.set_defaults(func=cmd_doctor)
 
     st = esub.add_parser("status", help="status of a running edge agent")
     st.add_argument("--url", default="http://127.0.0.1:8090")
@@ -88,16 +99,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .agent import NodeAgent
     from .config import load_config
 
-    try:
-        cfg = load_config(args.config, **_overrides(args))
+    from .health.config_guard import keep_last_good, load_guarded
+
+    overrides = _overrides(args)
+    try:  # a broken config file: the last good one, the broken one kept (docs/faults.md)
+        cfg, note = load_guarded(args.config, **overrides)
     except EdgeError as err:
         print(f"aidc edge run: {err}", file=sys.stderr)
         return 2
-    agent = NodeAgent(cfg)
+    if note:
+        logger.error("config %s: %s; %s", args.config, note["detail"], note["remedy"])
+    agent = NodeAgent(cfg, config_path=args.config, config_overrides=overrides,
+                      startup_faults=[note] if note else None)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     agent.start()
+    try:
+        keep_last_good(args.config)  # it started: this config is good
+    except OSError as err:
+        logger.warning("config %s: no last good copy kept: %s", args.config, err)
     try:
         stop.wait()
     finally:
@@ -196,3 +217,175 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for app, v in body.get("variants", {}).items():
         print(f"{app}: serving site variant {v['version']} (run {v['run_id']})")
     return 0
+
+
+# -- doctor ----------------------------------------------------------------------------
+def _marks() -> tuple[str, str]:
+    try:
+        "✓✗".encode(sys.stdout.encoding or "ascii")
+        return "✓", "✗"
+    except (UnicodeEncodeError, LookupError):
+        return "ok  ", "FAIL"
+
+
+def _when(ts: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z" if ts else "-"
+
+
+def format_report(rep: dict) -> str:
+    """The doctor's report, one line per check, then the fault journal."""
+    good, bad = _marks()
+    lines = [f"aidc doctor: {rep.get('node_id', '?')} ({rep.get('source', '?')}), "
+             f"{_when(rep.get('ts'))}" + ("  [--fix]" if rep.get("fixed") else "")]
+    width = max((len(c["name"]) for c in rep["checks"]), default=10)
+    for c in rep["checks"]:
+        fault = f"  [{c['fault']}]" if not c["ok"] and c.get("fault") else ""
+        lines.append(f"  {good if c['ok'] else bad} {c['name']:<{width}}  {c['detail']}{fault}")
+    faults = rep.get("faults") or {}
+    kinds = faults.get("kinds") or {}
+    lines.append("")
+    if faults.get("error"):
+        lines.append(f"fault journal: cannot be read: {faults['error']}")
+    elif not kinds:
+        lines.append("fault journal: no faults recorded")
+    else:
+        lines.append(f"fault journal: {faults.get('detected', 0)} detected, "
+                     f"{faults.get('healed', 0)} healed, {faults.get('unhealed', 0)} unhealed")
+        for kind, k in kinds.items():
+            mtth = (f"{k['mean_time_to_heal_s']:.1f} s" if k.get("mean_time_to_heal_s")
+                    is not None else "-")
+            lines.append(f"  {kind:<20} detected {k['detected']:>3}  healed {k['healed']:>3}  "
+                         f"unhealed {k['unhealed']:>3}  mean time to heal {mtth:>7}  "
+                         f"last detected {_when(k.get('last_detected'))}  "
+                         f"last healed {_when(k.get('last_healed'))}")
+    for name, o in (faults.get("open") or {}).items():
+        lines.append(f"  open now: {o['fault']} ({name}) since {_when(o['since'])}, "
+                     f"{o['count']} probe(s): {o.get('last_why') or o['detail']}")
+    lines.append("")
+    lines.append("all checks pass" if rep["ok"] else
+                 f"{sum(not c['ok'] for c in rep['checks'])} check(s) fail")
+    return "\n".join(lines)
+
+
+def _ask_agent(url: str, fix: bool) -> dict | None:
+    """The running agent's own doctor (its live parts); None when it does not answer."""
+    try:
+        status, body = _call(f"{url}/api/doctor", "POST" if fix else "GET",
+                             {} if fix else None)
+    except (urllib.error.URLError, OSError):
+        return None
+    if status != 200 or "checks" not in body:
+        return None
+    return body
+
+
+def offline_doctor(config: Path, fix: bool = False, agent_url: str | None = None) -> dict:
+    """Every check on the node's files and the broker, without the agent: plain
+    values (the data dir, node.db, the config file, the broker's address)."""
+    import socket
+    import sqlite3
+    import time
+
+    from .config import load_config
+    from .health import FaultJournal, Finding, FunctionCheck, Monitor
+    from .health.config_guard import ConfigCheck, last_good_path
+    from .health.db_integrity import DbIntegrityCheck
+    from .health.disk_space import DiskSpaceCheck
+    from .selfcheck import outbox_flowing, report
+
+    checks: list = [ConfigCheck(config)]
+    try:
+        cfg = load_config(config)
+    except EdgeError:
+        try:  # the checks below still run, on the last good config's values
+            cfg = load_config(last_good_path(config))
+        except EdgeError:
+            cfg = None
+    findings: list[Finding] = []
+    journal = None
+    if cfg is not None:
+        d = cfg.data_dir
+        db = d / "node.db"
+
+        def broker() -> Finding:
+            h, p = cfg.mqtt.host, cfg.mqtt.port
+            try:
+                socket.create_connection((h, p), timeout=3).close()
+            except OSError as err:
+                return Finding("broker_connected", False, f"{h}:{p} unreachable: {err}",
+                               fault="broker_unreachable")
+            return Finding("broker_connected", True, f"{h}:{p} accepts connections (TCP)")
+
+        def agent() -> Finding:
+            where = agent_url or "its local API"
+            return Finding("agent_running", False, f"the agent does not answer at {where}",
+                           fault="agent_down")
+
+        def outbox() -> Finding:
+            if not db.exists():
+                return Finding("outbox", True, "no node.db yet")
+            c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+            try:
+                n = c.execute("SELECT count(*) FROM cloud_sync_outbox "
+                              "WHERE state = 'pending'").fetchone()[0]
+            except sqlite3.Error as err:
+                return Finding("outbox", False, f"cannot read the outbox: {err}",
+                               fault="outbox_unreadable")
+            finally:
+                c.close()
+            return outbox_flowing({}, n, cfg.outbox.max_rows)
+
+        checks = [FunctionCheck("broker_connected", broker),
+                  FunctionCheck("agent_running", agent),
+                  DiskSpaceCheck(d), DbIntegrityCheck(db, backups=False),
+                  FunctionCheck("outbox", outbox), *checks]
+        try:
+            journal = FaultJournal(db if db.exists() else None)
+        except Exception:  # noqa: BLE001 - a damaged node.db: the report still comes
+            journal = FaultJournal(None)
+    else:
+        journal = FaultJournal(None)
+    try:
+        findings = Monitor(checks, journal, None).run_all(heal=fix)
+        try:
+            faults = journal.stats()
+        except Exception as err:  # noqa: BLE001
+            faults = {"error": str(err)}
+    finally:
+        journal.close()
+    rep = report(findings, legacy=False)
+    rep.update(node_id=cfg.node_id if cfg else "?", source="offline: the node's files",
+               fixed=fix, faults=faults, ts=time.time())
+    return rep
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .health.config_guard import last_good_path
+
+    url = args.url
+    if url is None:
+        for p in (args.config, last_good_path(args.config)):
+            try:
+                c = load_config(p)
+            except EdgeError:
+                continue
+            if c.http.port:
+                url = f"http://{c.http.host}:{c.http.port}"
+            break
+    rep = None if args.offline or not url else _ask_agent(url, args.fix)
+    if rep is not None:
+        rep["source"] = f"the running agent at {url}"
+        try:
+            rep["node_id"] = load_config(args.config).node_id
+        except EdgeError:
+            pass
+    else:
+        rep = offline_doctor(args.config, fix=args.fix, agent_url=url)
+        if args.offline:  # asked not to look for the agent: not a failure of the node
+            rep["checks"] = [c for c in rep["checks"] if c["name"] != "agent_running"]
+            rep["ok"] = all(c["ok"] for c in rep["checks"])
+    print(json.dumps(rep, indent=2, default=str) if args.json else format_report(rep))
+    return 0 if rep["ok"] else 1

@@ -2,7 +2,7 @@
 
 Collected at scrape time from the parts' own counters (a custom collector), so
 the hot path pays nothing for them. Names are ``aidc_*``; labels ``app``,
-``card``, ``worker``, ``reason``, ``rule`` (alarms).
+``card``, ``worker``, ``reason``, ``rule`` (alarms), ``kind`` and ``check`` (faults).
 """
 
 from __future__ import annotations
@@ -149,6 +149,19 @@ class NodeCollector:
         yield _counter("aidc_alarms_false", "alarms marked false (each became a sample), "
                        "by rule", [([r], float(n)) for r, n in alarms.get("false", {}).items()],
                        labels=["rule"])
+        kinds = (s.get("faults") or {}).get("kinds", {})  # the fault journal (docs/faults.md)
+        for k, help_ in (("detected", "fault episodes detected, by kind"),
+                         ("healed", "fault episodes healed, by kind"),
+                         ("unhealed", "remedies that did not take, by kind")):
+            yield _counter(f"aidc_faults_{k}", help_,
+                           [([kind], float(v.get(k, 0))) for kind, v in kinds.items()],
+                           labels=["kind"])
+        yield _gauge("aidc_fault_mean_time_to_heal_seconds", "mean time to heal, by kind",
+                     [([kind], float(v["mean_time_to_heal_s"])) for kind, v in kinds.items()
+                      if v.get("mean_time_to_heal_s") is not None], labels=["kind"])
+        yield _gauge("aidc_faults_open", "faults open now, by check",
+                     [([c], 1.0) for c in ((s.get("faults") or {}).get("open") or {})],
+                     labels=["check"])
         cards = s.get("cards", [])
         yield _gauge("aidc_card_slices", "slices allocated on a card",
                      [([c["id"]], float(len((c.get("allocation") or {}).get("slices", []))))

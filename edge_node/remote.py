@@ -19,7 +19,8 @@ answer. Here, on one thread of its own (never the MQTT network thread):
 Operations: ``restart_app`` (the app's worker process stopped and started
 again), ``diagnostics`` (a tar.gz bundle: logs tail, effective config with
 secrets redacted, health, self-check), ``selfcheck`` (edge_node/selfcheck.py),
-``set_config`` (an app's hard-example policy / upload level, validated with
+``doctor`` (every health check now, ``fix``: with the remedies; the fault
+journal's summary -- edge_node/health, docs/faults.md), ``set_config`` (an app's hard-example policy / upload level, validated with
 the node's own :class:`~edge_node.config.AppFeedbackConfig`, kept in
 ``remote_config`` so a restart keeps it; it wins over the config file's).
 """
@@ -312,6 +313,10 @@ class RemoteOps:
 
     def _op_selfcheck(self, cmd: schemas.Command, args: schemas.SelfcheckArgs) -> dict:
         return selfcheck.run(self.agent)
+
+    def _op_doctor(self, cmd: schemas.Command, args: schemas.DoctorArgs) -> dict:
+        """``aidc edge doctor`` from the cloud: every check, remedies with ``fix``."""
+        return self.agent.doctor(fix=args.fix)
 
     def _op_set_config(self, cmd: schemas.Command, args: schemas.SetConfigArgs) -> dict:
         key = f"feedback.apps.{args.app}"

@@ -1,100 +1,170 @@
 """The node's self-check: is this box healthy right now?
 
-Each check is a small function returning a :class:`Check` (name, ok, detail,
-figures); :func:`run` runs the agent's set and says whether all passed. The
-cloud runs it remotely (the ``selfcheck`` command, docs/fleet.md) and puts it
-in every diagnostics bundle; ``aidc doctor`` (issue 6) is meant to grow from
-the same functions, which take plain values so they run without an agent too.
+The agent's probes are checks of the health framework (edge_node/health): the
+ones here watch the agent's own parts -- the broker link, the workers, the
+outbox -- and take plain values or callables, so they also run without an agent
+(``aidc edge doctor``). :func:`run` probes every check of a running agent (its
+:class:`~edge_node.health.Monitor`, no remedy applied) in the shape the cloud's
+``selfcheck`` command and the diagnostics bundle have always had:
+``{"ok", "ts", "checks": [{"name", "ok", "detail", "fault", "data"}]}``.
 """
 
 from __future__ import annotations
 
-import shutil
-import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
+
+from .health.base import Check, Finding, HealError
+from .health.db_integrity import quick_check
 
 #: below this much free disk (MB) in the data dir, or this share of it, the check fails
 MIN_FREE_MB = 256
 MIN_FREE_FRACTION = 0.02
+#: the outbox check fails past this share of its rows (past 90 % new samples stay home)
+OUTBOX_FULL = 0.9
 
 
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-def broker_connected(connected: bool, host: str = "", port: int = 0) -> Check:
+# -- probes on plain values -------------------------------------------------------
+def broker_connected(connected: bool, host: str = "", port: int = 0) -> Finding:
     where = f"{host}:{port}" if host else "the broker"
-    return Check("broker_connected", connected,
-                 f"connected to {where}" if connected else f"not connected to {where}")
+    return Finding("broker_connected", connected,
+                   f"connected to {where}" if connected else f"not connected to {where}",
+                   fault=None if connected else "broker_unreachable",
+                   data={"host": host, "port": port})
 
 
-def workers_alive(status: dict[str, dict]) -> Check:
+def workers_alive(status: dict[str, dict]) -> Finding:
     """Every worker that should run (not deliberately stopped) is ready with a live pid."""
     bad = {k: w.get("state") for k, w in status.items()
            if w.get("state") != "stopped" and (w.get("state") != "ready" or not w.get("pid"))}
     running = sum(1 for w in status.values() if w.get("state") == "ready" and w.get("pid"))
     detail = (f"{running} worker(s) ready" if not bad else
               "not ready: " + ", ".join(f"{k} ({s})" for k, s in sorted(bad.items())))
-    return Check("workers_alive", not bad, detail,
-                 {"ready": running, "not_ready": bad,
-                  "pids": {k: w.get("pid") for k, w in status.items()}})
+    return Finding("workers_alive", not bad, detail, fault="worker_down" if bad else None,
+                   data={"ready": running, "not_ready": bad,
+                         "pids": {k: w.get("pid") for k, w in status.items()}})
 
 
 def disk_free(path: Path, min_free_mb: float = MIN_FREE_MB,
-              min_fraction: float = MIN_FREE_FRACTION) -> Check:
+              min_fraction: float = MIN_FREE_FRACTION) -> Finding:
+    """The free space of the data dir (the ``disk_space`` check also evicts)."""
+    import shutil
+
     try:
         du = shutil.disk_usage(path)
     except OSError as err:
-        return Check("disk_free", False, f"cannot read the disk of {path}: {err}")
+        return Finding("disk_free", False, f"cannot read the disk of {path}: {err}",
+                       fault="disk_unreadable")
     free_mb = du.free / 2**20
     ok = free_mb >= min_free_mb and du.free >= min_fraction * du.total
-    return Check("disk_free", ok,
-                 f"{free_mb:.0f} MB free of {du.total / 2**20:.0f} MB in {path}"
-                 + ("" if ok else f" (needs {min_free_mb:g} MB and {min_fraction:.0%})"),
-                 {"path": str(path), "free_mb": round(free_mb, 1),
-                  "total_mb": round(du.total / 2**20, 1)})
+    return Finding("disk_free", ok,
+                   f"{free_mb:.0f} MB free of {du.total / 2**20:.0f} MB in {path}"
+                   + ("" if ok else f" (needs {min_free_mb:g} MB and {min_fraction:.0%})"),
+                   fault=None if ok else "disk_low",
+                   data={"path": str(path), "free_mb": round(free_mb, 1),
+                         "total_mb": round(du.total / 2**20, 1)})
 
 
-def db_integrity(db_path: Path) -> Check:
+def db_integrity(db_path: Path) -> Finding:
     """SQLite's ``PRAGMA quick_check`` on the node's database (read-only connection)."""
     t0 = time.monotonic()
-    try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
-        finally:
-            conn.close()
-    except sqlite3.Error as err:
-        return Check("db_integrity", False, f"{db_path}: {err}")
-    ok = rows == ["ok"]
-    return Check("db_integrity", ok, f"quick_check: {'ok' if ok else '; '.join(rows[:5])}",
-                 {"path": str(db_path), "ms": round((time.monotonic() - t0) * 1000, 1)})
+    ok, rows = quick_check(db_path)
+    return Finding("db_integrity", ok, f"quick_check: {'ok' if ok else '; '.join(rows[:5])}",
+                   fault=None if ok else "db_corrupt",
+                   data={"path": str(db_path), "ms": round((time.monotonic() - t0) * 1000, 1)})
 
 
-def outbox_flowing(stats: dict[str, int], pending: int, max_rows: int) -> Check:
+def outbox_flowing(stats: dict[str, int], pending: int, max_rows: int) -> Finding:
     """The durable uplink is not filling up (past 90 % new samples stay home)."""
-    ok = pending < 0.9 * max_rows
-    return Check("outbox", ok, f"{pending} unsent of at most {max_rows}",
-                 {"pending": pending, "max_rows": max_rows, **{k: v for k, v in stats.items()
-                                                               if isinstance(v, int)}})
+    ok = pending < OUTBOX_FULL * max_rows
+    return Finding("outbox", ok, f"{pending} unsent of at most {max_rows}",
+                   fault=None if ok else "outbox_full",
+                   data={"pending": pending, "max_rows": max_rows,
+                         **{k: v for k, v in stats.items() if isinstance(v, int)}})
+
+
+# -- the same as health checks ------------------------------------------------------
+class BrokerCheck(Check):
+    """The MQTT link is up. The connection reconnects by itself (jittered backoff);
+    the episode closes when it is back."""
+
+    name = "broker_connected"
+    interval_s = 5.0
+    start_delay_s = 15.0
+
+    def __init__(self, connected: Callable[[], bool], host: str = "", port: int = 0) -> None:
+        self.connected, self.host, self.port = connected, host, port
+
+    def probe(self) -> Finding:
+        return broker_connected(bool(self.connected()), self.host, self.port)
+
+    def heal(self, finding: Finding) -> str:
+        raise HealError("the connection reconnects by itself with jittered backoff; "
+                        "the outbox keeps every fact meanwhile")
+
+
+class WorkersCheck(Check):
+    """Every model worker that should run is ready. Crashed workers are restarted by
+    the supervisor (budget) and, past it, started afresh by the reconciler."""
+
+    name = "workers_alive"
+    interval_s = 5.0
+    start_delay_s = 30.0
+
+    def __init__(self, status: Callable[[], dict[str, dict]]) -> None:
+        self.status = status
+
+    def probe(self) -> Finding:
+        return workers_alive(self.status())
+
+    def heal(self, finding: Finding) -> str:
+        raise HealError("the supervisor restarts a crashed worker itself (within its "
+                        "budget; past it the reconciler starts it afresh)")
+
+
+class OutboxCheck(Check):
+    """The outbox is not filling up; the remedy resends what waits for an ack now."""
+
+    name = "outbox"
+    interval_s = 30.0
+
+    def __init__(self, stats: Callable[[], dict], pending: Callable[[], int], max_rows: int,
+                 retry_now: Callable[[], None] | None = None,
+                 connected: Callable[[], bool] | None = None) -> None:
+        self.stats, self.pending, self.max_rows = stats, pending, max_rows
+        self.retry_now, self.connected = retry_now, connected
+
+    def probe(self) -> Finding:
+        return outbox_flowing(self.stats(), self.pending(), self.max_rows)
+
+    def heal(self, finding: Finding) -> str:
+        if self.connected is not None and not self.connected():
+            raise HealError("the broker is unreachable: the outbox keeps the messages "
+                            "until it is back (new samples stay home past 90 %)")
+        if self.retry_now is None:
+            raise HealError("no automatic remedy")
+        self.retry_now()
+        return "resent every message waiting for an ack"
+
+
+# -- reports ---------------------------------------------------------------------------
+def entry(f: Finding) -> dict[str, Any]:
+    return {"name": f.check, "ok": f.ok, "detail": f.detail, "fault": f.fault,
+            "data": f.data}
+
+
+def report(findings: Iterable[Finding], legacy: bool = True) -> dict[str, Any]:
+    """``{"ok", "ts", "checks": [...]}``; with ``legacy`` the ``disk_space`` finding is
+    also given as ``disk_free``, its name before the health framework."""
+    checks = []
+    for f in findings:
+        if legacy and f.check == "disk_space":
+            checks.append({**entry(f), "name": "disk_free"})
+        checks.append(entry(f))
+    return {"ok": all(c["ok"] for c in checks), "ts": time.time(), "checks": checks}
 
 
 def run(agent: Any) -> dict[str, Any]:
-    """Every check on a running :class:`~edge_node.agent.NodeAgent`."""
-    cfg = agent.cfg
-    checks = [
-        broker_connected(agent.conn.connected.is_set(), cfg.mqtt.host, cfg.mqtt.port),
-        workers_alive(agent.supervisor.status()),
-        disk_free(cfg.data_dir),
-        db_integrity(cfg.data_dir / "node.db"),
-        outbox_flowing(agent.outbox.stats(), agent.outbox.pending(), cfg.outbox.max_rows),
-    ]
-    return {"ok": all(c.ok for c in checks), "ts": time.time(),
-            "checks": [asdict(c) for c in checks]}
+    """Every check of a running :class:`~edge_node.agent.NodeAgent`, probed now."""
+    return report(agent.health.run_all(heal=False))

@@ -77,7 +77,10 @@ class DiskSpaceCheck(Check):
         return int(max(mark[0] * MB, mark[1] * total))
 
     def _read(self) -> tuple[int, int]:
-        total, free = self.free_probe(self.data_dir)
+        where = self.data_dir  # not created yet: the disk it will be on
+        while not where.exists() and where.parent != where:
+            where = where.parent
+        total, free = self.free_probe(where)
         return int(total), int(free)
 
     def probe(self) -> Finding:

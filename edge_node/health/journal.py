@@ -66,7 +66,18 @@ class FaultJournal:
         self._add("detected", kind, check, ts=ts, detail=detail, data=data)
 
     def healed(self, kind: str, check: str, remedy: str, seconds: float,
-               ts: float | None = None, count: int = 1, data: dict | None = None) -> None:
+               ts: float | None = None, count: int = 1, data: dict | None = None,
+               detected_at: float | None = None, detected_detail: str = "") -> None:
+        """``detected_at``: the episode's detection; its row is written again if it
+        is missing (a remedy that restored node.db from a copy lost it)."""
+        if detected_at is not None:
+            with self._lock:
+                seen = self._db.execute(
+                    "SELECT 1 FROM faults WHERE phase = 'detected' AND kind = ? AND "
+                    "check_name = ? AND ts = ?", [kind, check, detected_at]).fetchone()
+            if not seen:
+                self._add("detected", kind, check, ts=detected_at, detail=detected_detail,
+                          data={"rewritten": True})
         self._add("healed", kind, check, ts=ts, detail=remedy, remedy=remedy, seconds=seconds,
                   count=count, data=data)
 

@@ -256,7 +256,7 @@ class Monitor:
     def _close(self, check: Check, ep: _Episode, remedy: str, f: Finding) -> None:
         secs = max(0.0, self.clock() - ep.detected_at)
         self._journal("healed", ep.kind, check.name, remedy, seconds=secs, count=ep.count,
-                      data=f.data)
+                      data=f.data, detected_at=ep.detected_at, detected_detail=ep.detail)
         self._emit("fault_healed", "info",
                    {"fault": ep.kind, "check": check.name, "remedy": remedy,
                     "seconds": round(secs, 3), "count": ep.count, "detail": f.detail,
@@ -271,7 +271,8 @@ class Monitor:
     # -- outputs that must not fail the monitor -------------------------------------
     def _journal(self, phase: str, kind: str, check: str, detail: str, *,
                  ts: float | None = None, seconds: float | None = None, count: int = 1,
-                 data: dict | None = None) -> None:
+                 data: dict | None = None, detected_at: float | None = None,
+                 detected_detail: str = "") -> None:
         if self.journal is None:
             return
         ts = self.clock() if ts is None else ts
@@ -280,7 +281,8 @@ class Monitor:
                 self.journal.detected(kind, check, detail, ts=ts, data=data)
             elif phase == "healed":
                 self.journal.healed(kind, check, detail, seconds or 0.0, ts=ts, count=count,
-                                    data=data)
+                                    data=data, detected_at=detected_at,
+                                    detected_detail=detected_detail)
             elif phase == "unhealed":
                 self.journal.unhealed(kind, check, detail, ts=ts, count=count)
             else:
