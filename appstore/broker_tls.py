@@ -15,6 +15,9 @@ AppStore's side of TLS (its own client settings, the CA handed to nodes).
 
 Keys are mode 0600 (the server key 0640 with ``group``, for a broker that runs
 as another user); certificates 0644. Each file is written atomically.
+
+:func:`issue_client_cert` signs client certificates with the same CA, for a
+broker that asks for one (``require_certificate true``, mutual TLS).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import grp
 import ipaddress
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +47,8 @@ if TYPE_CHECKING:
     from .config import AppStoreConfig
 
 logger = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -270,6 +276,36 @@ def ensure_broker_certs(directory: Path, names: list[str], *, group: str | None 
     elif group and os.stat(d.server_key).st_mode & 0o777 != 0o640:
         write_atomic(d.server_key, d.server_key.read_bytes(), mode=0o640, group=group)
     return d
+
+
+def issue_client_cert(d: BrokerCerts, name: str, *, now: dt.datetime | None = None) -> tuple[
+        Path, Path]:
+    """A client certificate (CN ``name``, clientAuth) signed by the CA in ``d``, for a
+    broker with ``require_certificate true``: ``clients/<name>.pem`` and
+    ``clients/<name>.key`` (0600), made anew each time. Returns (cert, key)."""
+    if not NAME_RE.match(name):
+        raise ConfigError("bad_client", f"client name {name!r}: 1-64 of letters, digits, "
+                          "'_', '-', '.'")
+    now = now or _now()
+    ca, ca_key = _load_ca(d, now)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "aidc"),
+                                     x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(min(now + dt.timedelta(days=SERVER_DAYS), ca.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = d.dir / "clients" / f"{name}.pem", d.dir / "clients" / f"{name}.key"
+    write_atomic(key_path, _key_pem(key), mode=0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return cert_path, key_path
 
 
 def listener_lines(d: BrokerCerts, port: int = 8883, require_certificate: bool = False) -> str:

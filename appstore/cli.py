@@ -551,14 +551,21 @@ def cmd_broker_certs(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     names = list(args.host or [])
-    if not names:
-        e = cfg.enrolment
-        names = [(urlsplit(e.broker_url).hostname if e and e.broker_url else None)
-                 or cfg.mqtt_host]
-    group = args.group or (cfg.enrolment.file_group if cfg.enrolment else None)
+    e = cfg.enrolment
+    node_host = urlsplit(e.broker_url).hostname if e and e.broker_url else None
+    if not names:  # the names nodes and the AppStore itself connect by
+        names = list(dict.fromkeys(n for n in (node_host, cfg.mqtt_host) if n))
+    group = args.group or (e.file_group if e else None)
     d = broker_tls.ensure_broker_certs(broker_tls.tls_dir(cfg), names, group=group)
+    for host, who in ((node_host, "the host of enrolment.broker_url"),
+                      (cfg.mqtt_host if cfg.mqtt_tls else None, "mqtt_host")):
+        if host and host.lower().rstrip(".") not in d.names:
+            d.warnings.append(f"{who} {host!r} is not in the certificate: clients "
+                              f"connecting by it will fail the hostname check (add --host "
+                              f"{host})")
     for w in d.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    clients = [broker_tls.issue_client_cert(d, name) for name in args.client or []]
     server = d.server + (f": {d.reason}" if d.server == "renewed" else "")
     print(f"CA      {d.ca_cert} ({'created' if d.ca_created else 'kept'}; nodes trust it)\n"
           f"server  {d.server_cert} for {', '.join(d.names)} ({server})\n\n"
@@ -569,6 +576,9 @@ def cmd_broker_certs(args: argparse.Namespace) -> int:
           f"mqtts://{d.names[0]}:{args.port}"
           + ("" if d.server == "kept" else "\n# reload the broker to use the new "
              "certificate (systemctl reload mosquitto)"))
+    for cert, key in clients:
+        print(f"client  {cert} and {key} (mqtt cert_file / key_file; add "
+              "`require_certificate true` to the listener to ask every client for one)")
     return 0
 
 
@@ -885,13 +895,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     _local_opts(p)
     p.add_argument("--host", action="append", metavar="NAME|IP",
                    help="a name or IP address nodes reach the broker by (repeatable; "
-                   "default: enrolment.broker_url's host, else mqtt_host)")
+                   "default: enrolment.broker_url's host and mqtt_host)")
     p.add_argument("--ip", action="append", dest="host", metavar="IP",
                    help="an IP address (the same as --host IP)")
     p.add_argument("--port", type=int, default=8883, help="the TLS listener's port "
                    "(default 8883)")
     p.add_argument("--group", help="give the server key this group, mode 0640 (the "
                    "broker's, when it runs as another user); default enrolment.file_group")
+    p.add_argument("--client", action="append", metavar="NAME",
+                   help="also sign a client certificate NAME (mutual TLS), written to "
+                   "<data_dir>/broker/tls/clients/NAME.pem and .key (repeatable)")
     p.set_defaults(func=_guard(cmd_broker_certs))
 
     p = sub.add_parser("label", help="where NODE sits: site, group, tags (rollout targets)")

@@ -306,7 +306,9 @@ class MqttConnection:
                 self.stats["closed_before_connack"] += 1
                 self.last_error = ("the broker closed the connection before answering CONNECT"
                                    + (" (is this a TLS port? then set TLS on: mqtt.tls)"
-                                      if self.tls is None else ""))
+                                      if self.tls is None else
+                                      " (does it ask for a client certificate? mqtt.cert_file)"
+                                      if self.tls.cert_file is None else ""))
                 if self.stats["closed_before_connack"] == 1:
                     logger.warning("mqtt %s: %s:%s: %s", self.client_id, self.host, self.port,
                                    self.last_error)

@@ -47,13 +47,16 @@ class Broker:
     """A broker process that can be stopped and restarted on the same port."""
 
     def __init__(self, workdir: Path, port: int | None = None,
-                 auth: tuple[Path, Path] | None = None, tls: BrokerCerts | None = None) -> None:
+                 auth: tuple[Path, Path] | None = None, tls: BrokerCerts | None = None,
+                 require_certificate: bool = False) -> None:
         """``auth``: (password_file, acl_file) -- no anonymous clients then.
         ``tls``: the port is a TLS listener (and the only one) serving these
-        certificates (:func:`tls_certs`); clients connect with :meth:`client_tls`."""
+        certificates (:func:`tls_certs`); clients connect with :meth:`client_tls`.
+        ``require_certificate``: clients must show a certificate of the same CA."""
         self.host = "127.0.0.1"
         self.auth = auth
         self.tls = tls
+        self.require_certificate = require_certificate
         self.port = port or free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
@@ -79,6 +82,8 @@ class Broker:
             if self.tls:
                 listener += (f"cafile {self.tls.ca_cert}\ncertfile {self.tls.server_cert}\n"
                              f"keyfile {self.tls.server_key}\ntls_version tlsv1.2\n")
+                if self.require_certificate:
+                    listener += "require_certificate true\n"
                 access += me if not self.auth else ""
             conf.write_text(
                 f"{listener}{access}"

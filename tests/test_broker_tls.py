@@ -301,3 +301,34 @@ def test_plain_mqtt_cannot_talk_to_the_tls_port(tls_store: AppStoreService) -> N
         except ConnectionResetError:
             answer = b""
     assert not answer.startswith(b"\x20"), answer
+
+
+def test_mutual_tls_needs_a_certificate_of_the_ca(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """With `require_certificate true` a client without a certificate never gets a
+    CONNACK (and is told a certificate may be what is missing); one with a client
+    certificate from `aidc store broker-certs --client` connects."""
+    conf = tmp_path / "appstore.json"
+    conf.write_text(json.dumps({"data_dir": "store"}))
+    assert main(["store", "broker-certs", "--config", str(conf), "--host", "127.0.0.1",
+                 "--client", "site-1"]) == 0
+    assert "client " in capsys.readouterr().out
+    certs = BrokerCerts(dir=tmp_path / "store" / "broker" / "tls")
+    cert, key = certs.dir / "clients" / "site-1.pem", certs.dir / "clients" / "site-1.key"
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    broker = Broker(tmp_path, tls=certs, require_certificate=True).start()
+    bare = MqttConnection("bare", broker.host, broker.port, tls=broker.client_tls())
+    mine = MqttConnection("with-cert", broker.host, broker.port,
+                          tls=Tls(ca_file=certs.ca_cert, cert_file=cert, key_file=key))
+    try:
+        for c in (bare, mine):
+            c.start()
+        assert mine.wait_connected(10), mine.last_error
+        wait_until(lambda: bare.stats["connect_failed"] + bare.stats["connection_lost"],
+                   timeout=10)
+        assert not bare.connected.is_set() and bare.stats["connects"] == 0
+        assert "certificate" in (bare.last_error or "").lower(), bare.last_error
+    finally:
+        for c in (bare, mine):
+            c.stop()
+        broker.stop()
