@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 DESIRED_KEY = "desired_state"
 VARIANTS_KEY = "site_variants"
+#: app -> the version that last ran stably ({sha256, version, app_dir})
+LAST_GOOD_KEY = "last_good_versions"
+#: sha256 -> why: versions rolled back from after a crash loop (kept across restarts)
+CRASH_LOOPED_KEY = "crash_looped"
 
 
 class Reconciler:
@@ -71,6 +75,7 @@ class Reconciler:
         retry_max: float = 60.0,
         check_interval: float = 10.0,
         keep_versions: int = 2,
+        stable_s: float = 60.0,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -104,6 +109,12 @@ class Reconciler:
         self._served_variant: dict[str, str] = {}  # name -> the variant version served
         self._permanent: dict[str, str] = {}  # sha256 -> reason (not retried)
         self._reinstall: dict[str, threading.Event] = {}  # name -> set when its pass is over
+        #: a version becomes an app's *last known good* once it served this long
+        #: with no worker restart; a crash loop of a later version rolls back to it
+        self.stable_s = stable_s
+        self._last_good: dict[str, dict] = dict(store.get_json(LAST_GOOD_KEY, {}) or {})
+        self._crash_looped: dict[str, str] = dict(store.get_json(CRASH_LOOPED_KEY, {}) or {})
+        self._ready_at: dict[str, tuple[str, float, int]] = {}  # name -> (key, t, restarts)
         self._lock = threading.Lock()
         self._wake: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
@@ -137,6 +148,13 @@ class Reconciler:
             self._apply_training(desired.training)
         if changed:
             self._permanent.clear()
+            wanted = {a.sha256 for a in desired.apps}
+            if any(sha not in wanted for sha in self._crash_looped):
+                # a version is tried again only once the cloud stopped asking for it
+                with self._lock:
+                    self._crash_looped = {k: v for k, v in self._crash_looped.items()
+                                          if k in wanted}
+                self.store.put_json(CRASH_LOOPED_KEY, self._crash_looped)
             self._cancel.set()
             self._wake.put("desired")
 
@@ -322,13 +340,23 @@ class Reconciler:
             again = ref.name in self._reinstall  # reinstall(): do it all again
         if running and running[0] == ref.sha256 and running[1] == want_key and not again:
             if self.supervisor.client(running[1]) is not None:
+                rep = self._reports.get(ref.name)
+                if rep is None or rep.sha256 != ref.sha256 or rep.status != "ready":
+                    self._set(ref, "ready")  # e.g. the cloud went back to what serves
+                self._note_stable(ref, running[1])
                 return  # serving (or being restarted by the supervisor)
             app = self.registry.get(ref.name)
             if app is not None:
                 app.ready = False  # /v2 answers 503, not a hang, until it is back
             last = self.supervisor.status().get(running[1], {}).get("last_error")
-            logger.error("worker of %s gave up (%s); starting it afresh", ref.name, last)
             self.on_event("worker_failed", "error", ref.name, {"error": str(last)[:500]})
+            if self._roll_back_crash_loop(ref, str(last)):
+                return
+            logger.error("worker of %s gave up (%s); starting it afresh", ref.name, last)
+        if ref.sha256 in self._crash_looped:
+            self._keep_last_good_serving(ref)
+            self._set(ref, "failed", error=self._crash_looped[ref.sha256])
+            return  # not retried until the desired state names another version
         if ref.sha256 in self._permanent:
             self._set(ref, "failed", error=self._permanent[ref.sha256])
             return  # counted and reported once; retried when the desired state changes
@@ -348,10 +376,84 @@ class Reconciler:
             else:
                 self._served_variant.pop(ref.name, None)
         self._set(ref, "ready")
+        self._ready_at.pop(ref.name, None)  # the stability clock starts now
         self._gc(ref.name)
         self.on_event("app_ready", "info", ref.name, {
             "version": ref.version, "sha256": ref.sha256,
             "variant": variant["version"] if variant else None})
+
+    # -- crash loops: back to the last known good version ---------------------
+    def _note_stable(self, ref: schemas.AppRef, key: str) -> None:
+        """A version that served ``stable_s`` with no worker restart becomes the app's
+        last known good (not a site variant: its package is the cloud's)."""
+        if ref.name in self._served_variant:
+            return
+        restarts = int(self.supervisor.status().get(key, {}).get("restarts", 0))
+        seen = self._ready_at.get(ref.name)
+        now = time.monotonic()
+        if seen is None or seen[0] != key or seen[2] != restarts:
+            self._ready_at[ref.name] = (key, now, restarts)
+            return
+        if now - seen[1] < self.stable_s or \
+                self._last_good.get(ref.name, {}).get("sha256") == ref.sha256:
+            return
+        self._last_good[ref.name] = {
+            "sha256": ref.sha256, "version": ref.version, "size": ref.size,
+            "app_dir": str(self.apps_dir / ref.name / ref.sha256[:16])}
+        self.store.put_json(LAST_GOOD_KEY, self._last_good)
+        logger.info("%s %s is now the last known good version", ref.name, ref.version)
+
+    def _roll_back_crash_loop(self, ref: schemas.AppRef, last_error: str) -> bool:
+        """The supervisor used up ``ref``'s restart budget: serve the app's last known
+        good version instead, mark ``ref`` crash-looped (reported failed, with why,
+        not retried until the desired state changes) and raise an alarm. False when
+        there is no other version to go back to (then it is started afresh)."""
+        lg = self._last_good.get(ref.name)
+        if not lg or lg["sha256"] == ref.sha256:
+            return False
+        why = (f"crash loop: the worker of {ref.name} {ref.version} used up its restart "
+               f"budget ({last_error[:200]}); rolled back to {lg['version']}, the last "
+               "known good version")
+        try:
+            self._serve_last_good(ref, lg)
+        except (InstallError, OSError) as err:
+            logger.error("%s: cannot roll back to %s: %s", ref.name, lg["version"], err)
+            return False
+        with self._lock:
+            self._crash_looped[ref.sha256] = why
+        self.store.put_json(CRASH_LOOPED_KEY, self._crash_looped)
+        self.count_rejected("crash_loop", why)
+        logger.error("%s", why)
+        self.on_event("app_rolled_back", "error", ref.name, {
+            "version": ref.version, "to_version": lg["version"], "reason": "crash_loop",
+            "detail": why[:500]})
+        self._set(ref, "failed", error=why)
+        return True
+
+    def _serve_last_good(self, ref: schemas.AppRef, lg: dict) -> None:
+        good = ref.model_copy(update={"version": lg["version"], "sha256": lg["sha256"],
+                                      "size": lg.get("size") or ref.size})
+        app_dir = Path(lg["app_dir"])
+        if not (app_dir / ".complete").exists():  # unpacked again from the kept package
+            app_dir = self._verify_and_unpack(good, self.blobs_dir / lg["sha256"])
+        self._load(good, app_dir)
+
+    def _keep_last_good_serving(self, ref: schemas.AppRef) -> None:
+        """After a crash-loop rollback (also after a restart of the agent), the last
+        known good version serves; restart it if its own worker gave up or if nothing
+        serves the app."""
+        lg = self._last_good.get(ref.name)
+        running = self._running.get(ref.name)
+        if not lg:
+            return
+        if running and running[0] == lg["sha256"] and \
+                self.supervisor.client(running[1]) is not None:
+            return
+        try:
+            self._serve_last_good(ref, lg)
+        except (InstallError, OSError) as err:
+            logger.error("%s: the last known good %s cannot serve: %s", ref.name,
+                         lg["version"], err)
 
     def _fetch(self, ref: schemas.AppRef) -> None:
         self._set(ref, "fetching", progress=0.0)
@@ -458,7 +560,8 @@ class Reconciler:
         rows = sorted((r for r in self.store.all_installed() if r["name"] == name),
                       key=lambda r: r["installed_at"], reverse=True)
         others = [r["sha256"] for r in rows if r["sha256"] != running]
-        keep = {running, *others[:max(0, self.keep_versions - 1)]}
+        keep = {running, *others[:max(0, self.keep_versions - 1)],
+                self._last_good.get(name, {}).get("sha256")}  # what a crash loop goes back to
         for r in rows:
             if r["sha256"] in keep:
                 continue
