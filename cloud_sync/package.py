@@ -135,6 +135,59 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
+def _verified_signature(zf: zipfile.ZipFile,
+                        trusted_keys: Mapping[str, bytes]) -> tuple[str, dict[str, str]]:
+    """(key id, {member: sha256}) from the package's ``signature.json``, its
+    Ed25519 signature checked against ``trusted_keys``."""
+    sig_info = zf.getinfo(SIGNATURE_FILE)
+    if sig_info.file_size > 1 << 20:
+        raise PackageError("bad_signature", f"{SIGNATURE_FILE} is too large")
+    try:
+        sig = json.loads(_read_member(zf, sig_info))
+        files = sig["files"]
+        kid = sig["key_id"]
+        if not isinstance(kid, str) or not isinstance(files, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise PackageError("bad_signature", f"malformed {SIGNATURE_FILE}")
+        if sig.get("alg") != "ed25519":
+            raise PackageError("bad_signature", f"unsupported alg {sig.get('alg')!r}")
+        signature = base64.b64decode(sig["signature"], validate=True)
+    except PackageError:
+        raise
+    except (ValueError, KeyError, TypeError) as err:
+        raise PackageError("bad_signature", f"malformed {SIGNATURE_FILE}: {err}") from err
+    if kid not in trusted_keys:
+        raise PackageError("untrusted_key", f"signed by unknown key {kid}")
+    try:
+        Ed25519PublicKey.from_public_bytes(trusted_keys[kid]).verify(
+            signature, _signed_payload(files)
+        )
+    except (InvalidSignature, ValueError) as err:
+        raise PackageError("bad_signature", "signature does not verify") from err
+    return kid, files
+
+
+def signed_members(path: str | Path,
+                   trusted_keys: Mapping[str, bytes]) -> dict[str, tuple[str, int]]:
+    """``{member: (sha256, size)}`` as the package at ``path`` signed them: what an
+    unpacked copy must hold. Reads only the zip's directory and ``signature.json``
+    (the signature is checked; the members themselves and the zip's own sha256
+    are not -- :func:`read_package` does that). :class:`PackageError` if not."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            sizes = {i.filename: i.file_size for i in zf.infolist() if not i.is_dir()}
+            if SIGNATURE_FILE not in sizes:
+                raise PackageError("unsigned", f"no {SIGNATURE_FILE}")
+            _, files = _verified_signature(zf, trusted_keys)
+    except PackageError:
+        raise
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as err:
+        raise PackageError("corrupt", f"cannot read {Path(path).name}: {err}") from err
+    if set(files) != set(sizes) - {SIGNATURE_FILE}:
+        raise PackageError("corrupt", "members differ from the signed list")
+    return {name: (digest, sizes[name]) for name, digest in files.items()}
+
+
 def read_package(
     path: str | Path,
     trusted_keys: Mapping[str, bytes],
@@ -170,31 +223,7 @@ def read_package(
     if SIGNATURE_FILE not in names:
         raise PackageError("unsigned", f"no {SIGNATURE_FILE}")
     # The signature first: nothing else is decompressed before it verifies.
-    sig_info = zf.getinfo(SIGNATURE_FILE)
-    if sig_info.file_size > 1 << 20:
-        raise PackageError("bad_signature", f"{SIGNATURE_FILE} is too large")
-    try:
-        sig = json.loads(_read_member(zf, sig_info))
-        files = sig["files"]
-        kid = sig["key_id"]
-        if not isinstance(kid, str) or not isinstance(files, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-            raise PackageError("bad_signature", f"malformed {SIGNATURE_FILE}")
-        if sig.get("alg") != "ed25519":
-            raise PackageError("bad_signature", f"unsupported alg {sig.get('alg')!r}")
-        signature = base64.b64decode(sig["signature"], validate=True)
-    except PackageError:
-        raise
-    except (ValueError, KeyError, TypeError) as err:
-        raise PackageError("bad_signature", f"malformed {SIGNATURE_FILE}: {err}") from err
-    if kid not in trusted_keys:
-        raise PackageError("untrusted_key", f"signed by unknown key {kid}")
-    try:
-        Ed25519PublicKey.from_public_bytes(trusted_keys[kid]).verify(
-            signature, _signed_payload(files)
-        )
-    except (InvalidSignature, ValueError) as err:
-        raise PackageError("bad_signature", "signature does not verify") from err
+    kid, files = _verified_signature(zf, trusted_keys)
     others = set(names) - {SIGNATURE_FILE}
     if set(files) != others:
         extra = sorted(set(files) ^ others)

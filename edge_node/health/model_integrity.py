@@ -27,53 +27,19 @@ files are not checked here.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from cloud_sync.errors import PackageError
-from cloud_sync.package import SIGNATURE_FILE, _signed_payload, read_package, sha256_file
+from cloud_sync.package import read_package, sha256_file, signed_members
 
 from .base import Check, Finding, HealError
 
 logger = logging.getLogger(__name__)
-
-
-def signed_members(package: Path, trusted_keys: dict[str, bytes]) -> dict[str, tuple[str, int]]:
-    """{member: (sha256, size)} of a package from its ``signature.json`` (the
-    signature checked; the members are not read). :class:`PackageError` if not."""
-    try:
-        with zipfile.ZipFile(package) as zf:
-            sizes = {i.filename: i.file_size for i in zf.infolist() if not i.is_dir()}
-            info = zf.getinfo(SIGNATURE_FILE)
-            if info.file_size > 1 << 20:
-                raise PackageError("bad_signature", f"{SIGNATURE_FILE} is too large")
-            sig = json.loads(zf.read(info))
-        files, kid = sig["files"], sig["key_id"]
-        signature = base64.b64decode(sig["signature"], validate=True)
-    except PackageError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
-        raise PackageError("corrupt", f"cannot read {package.name}: {err}") from err
-    if kid not in trusted_keys:
-        raise PackageError("untrusted_key", f"signed by unknown key {kid}")
-    try:
-        Ed25519PublicKey.from_public_bytes(trusted_keys[kid]).verify(
-            signature, _signed_payload(files))
-    except (InvalidSignature, ValueError) as err:
-        raise PackageError("bad_signature", "signature does not verify") from err
-    if set(files) != set(sizes) - {SIGNATURE_FILE}:
-        raise PackageError("corrupt", "members differ from the signed list")
-    return {name: (digest, sizes[name]) for name, digest in files.items()}
 
 
 class ModelIntegrityCheck(Check):

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..worker.proc import private_rss_mb
 from .base import Check, Finding, HealError
-from .worker_stuck import _wait_ready
+from .worker_stuck import wait_ready
 
 
 class WorkerMemoryCheck(Check):
@@ -89,7 +89,7 @@ class WorkerMemoryCheck(Check):
         if not done:
             raise HealError(f"nothing to restart ({', '.join(skipped)} already gone or "
                             "restarting)")
-        back = _wait_ready(self.supervisor, done, self.heal_wait_s)
+        back = wait_ready(self.supervisor, done, self.heal_wait_s)
         out = f"restarted {', '.join(done)} (over quota)"
         if set(back) != set(done):
             out += f"; not ready again: {', '.join(k for k in done if k not in back)}"

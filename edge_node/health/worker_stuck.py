@@ -114,7 +114,7 @@ class WorkerStuckCheck(Check):
         if not done:
             raise HealError(f"nothing to restart ({', '.join(skipped)} already gone or "
                             "restarting)")
-        back = _wait_ready(self.supervisor, done, self.heal_wait_s)
+        back = wait_ready(self.supervisor, done, self.heal_wait_s)
         out = f"killed and restarted {', '.join(done)}"
         if set(back) != set(done):
             out += f"; not ready yet after {self.heal_wait_s:g}s: " + \
@@ -122,7 +122,7 @@ class WorkerStuckCheck(Check):
         return out
 
 
-def _wait_ready(supervisor: Any, keys: list[str], timeout: float) -> list[str]:
+def wait_ready(supervisor: Any, keys: list[str], timeout: float) -> list[str]:
     """The keys whose worker is ready again within ``timeout`` (a new process)."""
     deadline = time.monotonic() + timeout
     while True:
