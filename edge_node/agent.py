@@ -331,7 +331,7 @@ class NodeAgent:
         and reported once the outbox exists (:meth:`_health_start`)."""
         from .health.db_integrity import guard_at_start
 
-        self._config_path = Path(config_path) if config_path else None
+        self._config_path = Path(config_path).absolute() if config_path else None
         self._config_overrides = dict(overrides or {})
         self._startup_faults = [f for f in (startup_faults or []) if f]
         try:
