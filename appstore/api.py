@@ -383,6 +383,8 @@ def _blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.get("/stats")
     def stats() -> Any:
+        if ctx.operators is not None:
+            ctx.operators.flush()  # refused requests counted since the last write
         return jsonify({
             "ingest": ctx.fleet.snapshot(),
             "rejections": ctx.feedback.rejections(),

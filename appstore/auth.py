@@ -59,6 +59,8 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,200}$")
 #: last_used_at is written at most this often per operator (a write per request
 #: would cost more than the request)
 LAST_USED_RESOLUTION_S = 60.0
+#: refusals of one reason are written to the database at most this often
+COUNT_FLUSH_S = 1.0
 #: the longest expiry one may give a token (10 years)
 MAX_EXPIRY_S = 10 * 365 * 86400
 
@@ -160,8 +162,34 @@ class Operators:
         #: revoked by another worker or the CLI is refused at once.
         self._reader: Any = None
         self._reader_lock = threading.Lock()
+        #: refusals not written yet: reason -> (count, last at, last detail)
+        self._pending: dict[str, tuple[int, float, str]] = {}
+        self._flushed: dict[str, float] = {}
+        self._count_lock = threading.Lock()
+
+    def flush(self, only: str | None = None) -> None:
+        """Write the refusals counted since the last write (one upsert a reason)."""
+        with self._count_lock:
+            todo = {r: v for r, v in self._pending.items() if only in (None, r)}
+            for r in todo:
+                del self._pending[r]
+                self._flushed[r] = self.clock()
+        if not todo:
+            return
+        try:
+            with self.store.write() as db:
+                for reason, (n, at, line) in todo.items():
+                    db.execute(
+                        "insert into rejections (reason, count, last_at, last_detail) values "
+                        "(?, ?, ?, ?) on conflict(reason) do update set count = count + "
+                        "excluded.count, last_at = excluded.last_at, last_detail = "
+                        "excluded.last_detail", [f"auth_{reason}", n, at, line[:500]])
+        except Exception:  # noqa: BLE001 - a refusal is answered even if not counted
+            logger.exception("could not count %d refused request(s)",
+                             sum(v[0] for v in todo.values()))
 
     def close(self) -> None:
+        self.flush()
         with self._reader_lock:
             if self._reader is not None:
                 self._reader.close()
@@ -321,16 +349,19 @@ class Operators:
     def refused(self, reason: str, detail: str, remote: str | None, method: str,
                 path: str) -> None:
         """Count a refusal (``auth_<reason>`` in /stats) and log it (once per
-        caller and reason every 10 s, so a scanner cannot flood the log)."""
-        from .feedback import FeedbackStore
+        caller and reason every 10 s, so a scanner cannot flood the log).
 
+        The count is written at most once a second per reason (a flood of
+        refusals must not cost a synced write each); what is held meanwhile is
+        written by :meth:`flush` (``GET /stats`` and shutdown call it)."""
         now = self.clock()
         line = f"{method} {path} from {remote or '?'}: {detail}"
-        try:
-            with self.store.write() as db:
-                FeedbackStore.record_rejection(db, f"auth_{reason}", line, now)
-        except Exception:  # noqa: BLE001 - a refusal is answered even if not counted
-            logger.exception("could not count a refused request")
+        with self._count_lock:
+            n, _, _ = self._pending.get(reason, (0, now, line))
+            self._pending[reason] = (n + 1, now, line)
+            due = now - self._flushed.get(reason, 0.0) >= COUNT_FLUSH_S
+        if due:
+            self.flush(reason)
         key = (remote or "?", reason)
         with self._log_lock:
             if now - self._logged.get(key, 0.0) < 10.0:

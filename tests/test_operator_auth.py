@@ -203,6 +203,11 @@ def test_audit_actor_is_the_operator(tmp_path: Path, shared_broker: Any,
         # operator management is in the audit log too
         every = call(svc, "GET", "/audit?by=admin", ops)[1]["audit"]
         assert [(a["action"], a["op"]) for a in every] == [("operator_added", "ops-1")]
+        # a burst of refusals: written at most once a second, every one counted
+        for _ in range(25):
+            assert call(svc, "GET", "/apps")[0] == 401
+        rej = call(svc, "GET", "/stats", ops)[1]["rejections"]
+        assert rej["auth_no_token"]["count"] == 25, rej
     finally:
         svc.stop()
 
