@@ -100,7 +100,9 @@ class NodeAgent:
                                    chunk_timeout=cfg.blob.chunk_timeout)
         # Unix socket paths must stay short (108 bytes): keep them out of data_dir.
         self._run_dir = Path(tempfile.mkdtemp(prefix="aidc-w-"))
-        self.supervisor = WorkerSupervisor(self._run_dir)
+        sup = cfg.supervision
+        self.supervisor = WorkerSupervisor(
+            self._run_dir, restart_budget=(sup.restart_budget, sup.restart_window_s))
         self.capture = Capture(self.store, self.outbox, self.topics.feedback(cfg.node_id),
                                d / "samples", cfg.feedback)
         # not "loaded" (so /v2/health/ready is 503) until the reconciler's first pass
@@ -118,6 +120,7 @@ class NodeAgent:
             on_event=self.emit_event, on_training=self._on_training,
             on_desired=self._on_desired, placement=self.placement,
             overrides=cfg.resources.apps, batching=cfg.http.batching,
+            stable_s=sup.stable_s, check_interval=sup.check_interval_s,
         )
         self.capture.features.bind(self.reconciler, self.store)  # upload level "features"
         self.jobs = JobRegistry(d / "node.db", d / "jobs")

@@ -183,6 +183,21 @@ class ResourcesConfig(_Strict):
     apps: dict[str, dict] = Field(default_factory=dict)
 
 
+class SupervisionConfig(_Strict):
+    """How the agent keeps its apps running (docs/faults.md)."""
+
+    #: a worker that dies is restarted at most this many times within
+    #: ``restart_window_s``; past that it is a crash loop
+    restart_budget: int = Field(default=5, ge=1, le=100)
+    restart_window_s: float = Field(default=60.0, gt=0, le=3600)
+    #: a version becomes its app's *last known good* once it served this long with no
+    #: worker restart; a crash loop of a later version rolls back to it
+    stable_s: float = Field(default=60.0, ge=0, le=86400)
+    #: seconds between the reconciler's checks that every app serves (a worker
+    #: that gave up is found within this)
+    check_interval_s: float = Field(default=2.0, gt=0, le=300)
+
+
 class NodeConfig(_Strict):
     node_id: str
     data_dir: Path
@@ -197,6 +212,7 @@ class NodeConfig(_Strict):
     streams: list[StreamConfig] = Field(default_factory=list)
     #: rules that turn stream results into alarms, see docs/alarms.md
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     #: seconds between two telemetry messages (per-app accuracy, samples, and the
     #: interval's requests / errors / p95 latency the cloud's rollout gates read)
     telemetry_interval_s: float = Field(default=60.0, ge=0.5, le=3600)

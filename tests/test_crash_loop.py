@@ -31,10 +31,8 @@ def _events(store, type_: str) -> list[dict]:
 @pytest.mark.timeout(300)
 def test_a_crash_looping_version_rolls_back_to_the_last_known_good(loop, digits_dir, tmp_path):  # noqa: F811
     store, node = loop
-    agent = node()
-    agent.reconciler.stable_s = 1.0  # the default is 60 s
-    agent.reconciler.check_interval = 1.0
-    agent.supervisor.max_restarts = 2  # the default budget is 5 in 60 s
+    # the defaults: last known good after 60 s, 5 restarts in 60 s
+    agent = node(supervision={"stable_s": 1.0, "restart_budget": 2})
     shas = {v: _publish_version(store, digits_dir, tmp_path, v) for v in ("1.0.0", "1.1.0")}
     x = np.load(digits_dir / "heldout.npz")["X_test"][:1]
     assign(store, "1.0.0")
@@ -73,7 +71,7 @@ def test_a_crash_looping_version_rolls_back_to_the_last_known_good(loop, digits_
     time.sleep(2)
     assert v2_infer(agent.http_url, x)[1]["model_version"] == "1.0.0"
     agent.stop()
-    agent = node()
+    agent = node(supervision={"stable_s": 1.0, "restart_budget": 2})
     wait_until(lambda: v2_infer(agent.http_url, x)[1].get("model_version") == "1.0.0",
                timeout=90)
     wait_until(lambda: (node_app(store) or {}).get("status") == "failed", timeout=30)
