@@ -64,7 +64,8 @@ def agents():
 def test_a_damaged_node_db_is_restored_live_in_a_running_agent(tmp_path, shared_broker,
                                                                 prefix, agents):
     agent = make_agent(tmp_path, shared_broker, prefix)
-    check_of(agent, "db_integrity").interval_s = 0.5
+    c = check_of(agent, "db_integrity")
+    c.interval_s = c.base_interval_s = 0.5
     agent.start()
     agents.append(agent)
     db = agent.cfg.data_dir / "node.db"

@@ -161,3 +161,13 @@ def test_damaged_at_start_without_a_copy_starts_empty(tmp_path):
     s = NodeStore(db)
     assert s.count("samples") == 0
     s.close()
+
+
+def test_the_interval_grows_with_the_cost_of_the_check(store, tmp_path):
+    c = DbIntegrityCheck(tmp_path / "node.db", interval_s=1.0)
+    c.max_duty = 1e-9  # any quick_check is "expensive"
+    assert c.probe().ok
+    assert c.interval_s > 1.0 and c.base_interval_s == 1.0
+    c.max_duty = 1.0
+    c.probe()
+    assert c.interval_s == 1.0

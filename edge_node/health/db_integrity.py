@@ -236,8 +236,12 @@ def guard_at_start(db_path: Path) -> dict[str, Any] | None:
 
 
 class DbIntegrityCheck(Check):
+    """quick_check reads the whole file: on a big node.db the interval grows so the
+    check costs at most :attr:`max_duty` of a core (the management plane's budget)."""
+
     name = "db_integrity"
     interval_s = 30.0
+    max_duty = 0.005
 
     def __init__(self, db_path: Path, backup_interval_s: float = BACKUP_INTERVAL_S,
                  interval_s: float | None = None, backups: bool = True) -> None:
@@ -246,6 +250,7 @@ class DbIntegrityCheck(Check):
         self.backups = backups
         if interval_s is not None:
             self.interval_s = interval_s
+        self.base_interval_s = self.interval_s
 
     def probe(self) -> Finding:
         t0 = time.monotonic()
@@ -253,6 +258,8 @@ class DbIntegrityCheck(Check):
             return Finding(self.name, True, f"{self.db_path.name} not created yet",
                            data={"path": str(self.db_path)})
         ok, msgs = quick_check(self.db_path)
+        took = time.monotonic() - t0
+        self.interval_s = max(self.base_interval_s, took / self.max_duty)
         meta = last_good_meta(self.db_path)
         data = {"path": str(self.db_path), "ms": round((time.monotonic() - t0) * 1000, 1),
                 "last_good_ts": meta.get("ts") if meta else None,
