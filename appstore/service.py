@@ -117,10 +117,11 @@ class AppStoreService:
         if cfg.enrolment is not None:  # the broker must know our own user first
             self.enrolment = Enrolment(cfg, self.store, on_revoked=self._revoked)
             self.enrolment.sync()
+        client_id = f"appstore-{secrets.token_hex(4)}"
         self.conn = MqttConnection(
-            f"appstore-{secrets.token_hex(4)}", cfg.mqtt_host, cfg.mqtt_port,
+            client_id, cfg.mqtt_host, cfg.mqtt_port,
             username=cfg.mqtt_username, password=cfg.mqtt_password,
-            tls=broker_tls.client_tls(cfg),
+            tls=broker_tls.client_tls(cfg), ping_topic=self.topics.service_ping(client_id),
         )
         self.fleet = Fleet(self.conn, self.topics, self.store, self.registry, self.catalog,
                            self.feedback, shared_group=cfg.shared_group,

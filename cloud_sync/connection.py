@@ -22,6 +22,16 @@
   that says so (``last_error``, ``stats["tls_failed"]``) and retried with the
   same backoff.
 
+- a half-open connection (the broker or a NAT box went away without a FIN or
+  RST: the socket looks open, nothing arrives) is found by an application-level
+  ping: with ``ping_topic`` set, a small QoS 1 message goes out every
+  ``ping_interval`` seconds and the broker's PUBACK must come back within
+  ``ping_timeout``; else the connection is dropped (``stats["half_open"]``,
+  ``last_error``) and made again with the usual backoff. MQTT's own keepalive
+  only finds it after 1.5-2 x ``keepalive``; the ping bounds detection to
+  ``ping_interval + ping_timeout`` (20 s by default). Nobody subscribes to the
+  ping topic: the PUBACK is the answer.
+
 paho keeps its own queue in memory only: durability is the outbox's job
 (:mod:`cloud_sync.outbox`), not this module's.
 """
@@ -29,9 +39,11 @@ paho keeps its own queue in memory only: durability is the outbox's job
 from __future__ import annotations
 
 import logging
+import json
 import random
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,9 +164,14 @@ class MqttConnection:
         max_backoff: float = 30.0,
         seed: int | None = None,
         tls: Tls | None = None,
+        ping_topic: str | None = None,
+        ping_interval: float = 10.0,
+        ping_timeout: float = 10.0,
     ) -> None:
         """``tls``: connect with TLS (:class:`Tls`); its files are read now, and a
-        :class:`TlsError` says which one cannot be used."""
+        :class:`TlsError` says which one cannot be used. ``ping_topic``: find a
+        half-open connection by a QoS 1 ping every ``ping_interval`` s whose
+        PUBACK must arrive within ``ping_timeout`` s (None: MQTT keepalive only)."""
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -173,6 +190,12 @@ class MqttConnection:
         self.tls = tls
         #: why the last connection attempt failed (None after a success)
         self.last_error: str | None = None
+        self.ping_topic, self.ping_interval, self.ping_timeout = \
+            ping_topic, ping_interval, ping_timeout
+        self._ping_mid: int | None = None  # the ping waiting for its PUBACK
+        self._ping_sent = 0.0  # monotonic, when it (or the last one) went out
+        #: round trip of the last answered ping, ms
+        self.ping_rtt_ms: float | None = None
 
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -192,6 +215,7 @@ class MqttConnection:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
         self._pending_subacks: set[int] = set()
         self._connack = False
         self._client = c
@@ -292,12 +316,15 @@ class MqttConnection:
                 self._stop.wait(delay)
                 continue
             self._connack = False
+            self._ping_mid, self._ping_sent = None, time.monotonic()
             while not self._stop.is_set():
                 rc = self._client.loop(timeout=0.2)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     break
                 if self.connected.is_set():
                     attempt = 0
+                    if self.ping_topic and self._ping_due():
+                        break  # half-open: drop it, connect again
             self.connected.clear()
             if self._stop.is_set():
                 break
@@ -321,6 +348,41 @@ class MqttConnection:
             self._client.loop(timeout=0.2)
         except Exception:  # noqa: BLE001
             pass
+
+    def _ping_due(self) -> bool:
+        """Send the next ping when due; True when the last one went unanswered for
+        ``ping_timeout`` (the connection is half-open: it has been dropped)."""
+        now = time.monotonic()
+        if self._ping_mid is not None:
+            if now - self._ping_sent < self.ping_timeout:
+                return False
+            self.stats["half_open"] += 1
+            self.last_error = (f"no answer to a ping for {self.ping_timeout:g} s: the "
+                               "connection is half-open (dropped, connecting again)")
+            logger.warning("mqtt %s: %s:%s: %s", self.client_id, self.host, self.port,
+                           self.last_error)
+            self._ping_mid = None
+            self.connected.clear()
+            try:
+                sock = self._client.socket()
+                if sock is not None:
+                    sock.close()  # no DISCONNECT: the broker must still send our will
+            except OSError:
+                pass
+            return True
+        if now - self._ping_sent >= self.ping_interval:
+            info = self._client.publish(self.ping_topic, json.dumps(
+                {"ts": round(time.time(), 3)}).encode(), qos=1)
+            self._ping_sent = now
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self._ping_mid = info.mid
+                self.stats["pings"] += 1
+        return False
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if self._ping_mid is not None and mid == self._ping_mid:
+            self._ping_mid = None
+            self.ping_rtt_ms = round((time.monotonic() - self._ping_sent) * 1000, 1)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connack = True

@@ -33,6 +33,7 @@ NODE_KINDS: dict[str, tuple[str, bool, int]] = {
     "blob/chunk": ("down", False, 1),  # cloud answers with one chunk
     "commands": ("down", False, 1),  # remote operations: the cloud asks (re-sent until answered)
     "results": ("up", False, 1),  # the node answers a command, from its outbox, acked
+    "ping": ("up", False, 1),  # liveness: nobody subscribes, the broker's PUBACK answers
 }
 
 
@@ -93,6 +94,16 @@ class Topics:
 
     def results(self, node_id: str) -> str:
         return self.node(node_id, "results")
+
+    def ping(self, node_id: str) -> str:
+        return self.node(node_id, "ping")
+
+    def service_ping(self, client_id: str) -> str:
+        """The liveness ping of a cloud client (an AppStore worker): like a node's,
+        answered by the broker's PUBACK, read by nobody."""
+        if not NODE_ID_RE.match(client_id or ""):
+            raise ValueError(f"invalid client id {client_id!r}")
+        return f"{self.root}/service/{client_id}/ping"
 
     def stream_status(self, node_id: str, stream_id: str) -> str:
         """Retained status of one camera stream of a node."""

@@ -89,6 +89,8 @@ class NodeAgent:
                                                     agent_version=__version__).to_bytes()),
             keepalive=cfg.mqtt.keepalive, username=cfg.mqtt.username, password=cfg.mqtt.password,
             tls=cfg.mqtt.tls_options(),
+            ping_topic=self.topics.ping(cfg.node_id), ping_interval=cfg.mqtt.ping_interval_s,
+            ping_timeout=cfg.mqtt.ping_timeout_s,
         )
         self.conn.set_offline_payload(schemas.Availability(status="offline").to_bytes())
         self.outbox = Outbox(d / "node.db", self.conn, self.topics.ack(cfg.node_id),

@@ -34,6 +34,10 @@ class MqttConfig(_Strict):
     username: str | None = None
     password: str | None = None
     keepalive: int = Field(default=30, ge=5, le=3600)
+    #: a half-open connection is found by a QoS 1 ping every ping_interval_s whose
+    #: PUBACK must come back within ping_timeout_s (detected within their sum)
+    ping_interval_s: float = Field(default=10.0, ge=1, le=600)
+    ping_timeout_s: float = Field(default=10.0, ge=1, le=600)
     #: TLS to the broker (TLS 1.2 or later): its certificate is checked against
     #: ca_file (none: the system's trust store) and must name ``host``
     tls: bool = False
