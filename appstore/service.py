@@ -210,6 +210,8 @@ class AppStoreService:
             self.rollouts.stop()
         if self.fleet is not None:
             self.fleet.stop()
+        if self.operators is not None:
+            self.operators.close()
         if self.store is not None:
             self.store.close()
         self.conn = self.blob_server = self.fleet = self.store = None
