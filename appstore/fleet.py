@@ -15,6 +15,9 @@ desired state out.
 - :meth:`assign` / :meth:`unassign` publish the node's retained
   :class:`DesiredState` (QoS 1); every (re)connect republishes every node's
   desired state, since a broker without persistence forgets retained messages.
+  With several AppStore workers on one database, a publish is followed by a
+  look at the revisions: a node another worker changed meanwhile is published
+  again, so the broker never keeps an older state than the database's.
 """
 
 from __future__ import annotations
@@ -282,7 +285,7 @@ class Fleet:
         with self._desired_lock:
             self.catalog.get_version(app, version)  # NotFound for an unknown version
             self.registry.assign(node_id, app, version, resources, upload)
-            return self._publish_desired(node_id)
+            return self._publish_settled(node_id)
 
     def set_version(self, node_id: str, app: str, version: str) -> DesiredState:
         """Move ``app`` on the node to ``version``, keeping its resource override and
@@ -297,21 +300,54 @@ class Fleet:
         with self._desired_lock:
             self.catalog.get_version(app, version)
             changed = self.registry.set_versions(node_ids, app, version)
+            sent = {}
             with self.store.read() as db:
                 for node_id in changed:
-                    self._publish_desired(node_id, self.registry._desired(db, node_id))
+                    ds = self._publish_desired(node_id, self.registry._desired(db, node_id))
+                    sent[node_id] = ds.revision
+            self._settle(sent)
         return len(changed)
 
     def set_training(self, node_id: str, training: TrainingSchedule | None) -> DesiredState:
         """Set (None: clear) the node's training windows; publishes the desired state."""
         with self._desired_lock:
             self.registry.set_training(node_id, training)
-            return self._publish_desired(node_id)
+            return self._publish_settled(node_id)
 
     def unassign(self, node_id: str, app: str) -> DesiredState:
         with self._desired_lock:
             self.registry.unassign(node_id, app)
-            return self._publish_desired(node_id)
+            return self._publish_settled(node_id)
+
+    def _settle(self, sent: dict[str, int], every: bool = False) -> int:
+        """Publish again each node of ``sent`` (node -> the revision we published)
+        whose desired revision moved meanwhile (``every``: any node that has one).
+
+        Another AppStore worker on the database may change a node between our
+        read and our publish, and publish its newer state first: the broker would
+        keep our older copy (retained) and a node offline now would come back to
+        it. Its commit comes before its publish, so reading after ours and sending
+        what moved leaves the newest state last. How many were sent again."""
+        total = 0
+        for _ in range(3):
+            with self.store.read() as db:
+                if every:
+                    rows = list(db.query("select node_id, desired_revision from nodes "
+                                         "where desired_revision > 0"))
+                else:
+                    ids, rows = list(sent), []
+                    for i in range(0, len(ids), 500):
+                        chunk = ids[i:i + 500]
+                        rows += db.query("select node_id, desired_revision from nodes where "
+                                         f"node_id in ({','.join('?' * len(chunk))})", chunk)
+            moved = [r["node_id"] for r in rows if sent.get(r["node_id"]) != r["desired_revision"]]
+            if not moved:
+                break
+            for node_id in moved:
+                sent[node_id] = self._publish_desired(node_id).revision
+            total += len(moved)
+            self._count("desired_republished_moved", len(moved))
+        return total
 
     def _publish_desired(self, node_id: str, ds: DesiredState | None = None) -> DesiredState:
         ds = ds or self.registry.desired(node_id)
@@ -322,6 +358,12 @@ class Fleet:
                         node_id, ds.revision)
         return ds
 
+    def _publish_settled(self, node_id: str) -> DesiredState:
+        ds = self._publish_desired(node_id)
+        if self._settle({node_id: ds.revision}):
+            ds = self.registry.desired(node_id)
+        return ds
+
     def republish_all(self) -> int:
         """Publish every node's desired state again (after a (re)connect)."""
         if not self.conn.connected.is_set():
@@ -330,6 +372,7 @@ class Fleet:
             states = self.registry.all_desired()
             for ds in states:
                 self._publish_desired(ds.node_id, ds)
+            self._settle({ds.node_id: ds.revision for ds in states}, every=True)
         self._count("republished")
         if states:
             logger.info("republished the desired state of %d nodes", len(states))

@@ -330,9 +330,12 @@ def test_two_workers_split_one_fleet_and_survive_a_kill(
         assert status in (200, 201), body
         late = SimNode(broker, prefix, "sim-late", tmp_path).start()
         nodes.append(late)
-        wait_until(lambda: [(a["name"], a["status"]) for a in (survivor.get(
-            f"/nodes/{late.node_id}").get("reported") or {}).get("apps", [])]
-            == [("digits", "ready")], timeout=15, interval=0.2)
+
+        def late_runs_it() -> bool:
+            status, row = survivor.call("GET", f"/nodes/{late.node_id}")
+            apps = ((row.get("reported") or {}).get("apps", []) if status == 200 else [])
+            return [(a["name"], a["status"]) for a in apps] == [("digits", "ready")]
+        wait_until(late_runs_it, timeout=15, interval=0.2)
         assert "database is locked" not in survivor.log()
         assert "Traceback" not in survivor.log(), survivor.log()[-3000:]
     finally:
@@ -340,3 +343,71 @@ def test_two_workers_split_one_fleet_and_survive_a_kill(
             n.stop()
         for w in workers:
             w.stop()
+
+
+class _RecordingConn:
+    """Stands in for the broker connection: records what is published (retained
+    desired states) and lets the test act between two publishes."""
+
+    def __init__(self, between: Any) -> None:
+        self.connected = threading.Event()
+        self.connected.set()
+        self.published: list[tuple[str, bytes]] = []
+        self.between = between
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        self.published.append((topic, payload))
+        self.between()
+        return True
+
+
+def test_a_republish_never_leaves_an_older_desired_state_retained(tmp_path: Path) -> None:
+    """A worker republishing every desired state (at a reconnect) reads them,
+    then publishes them one by one; meanwhile another worker (the lease holder,
+    a rollout) changes a node and publishes its new state. The republishing
+    worker must not leave its older copy as the broker's retained message, or a
+    node offline now comes back to the old version."""
+    from appstore.db import Store
+    from appstore.fleet import Fleet
+    from appstore.registry import Registry
+
+    store = Store(tmp_path / "appstore.db")
+    with store.write() as db:
+        for v in ("1.0.0", "2.0.0"):
+            db["app_versions"].insert({"name": "digits", "version": v, "sha256": v[0] * 64,
+                                       "size": 1, "manifest": "{}", "published_at": 1.0})
+    reg = Registry(store)
+    for n in ("n1", "n2", "n3"):
+        reg.assign(n, "digits", "1.0.0")
+    other_worker = Registry(store)
+    moved = []
+
+    def between() -> None:
+        if not moved:  # once, right after our first (older) copy went out
+            moved.append(other_worker.assign("n1", "digits", "2.0.0"))
+
+    class Catalog:
+        def get_version(self, app: str, version: str) -> None:
+            pass
+
+    topics = Topics(prefix="p")
+    conn = _RecordingConn(between)
+    fleet = Fleet(conn, topics, store, reg, Catalog(), feedback=None)  # type: ignore[arg-type]
+
+    def retained(node_id: str) -> tuple[int, list[tuple[str, str]]]:
+        """What the broker keeps for the node: the last message published."""
+        last = [parse(DesiredState, p) for t, p in conn.published
+                if t == topics.desired(node_id)][-1]
+        return last.revision, [(a.name, a.version) for a in last.apps]
+
+    assert fleet.republish_all() == 3
+    assert retained("n1") == (moved[0], [("digits", "2.0.0")])
+    assert fleet.snapshot().get("desired_republished_moved") == 1
+    # the same for an operator's change on this worker while the other worker's
+    # rollout moves the node (committed and published in between)
+    conn.between = lambda: moved.append(other_worker.unassign("n3", "digits")) \
+        if len(moved) == 1 else None
+    fleet.assign("n3", "digits", "2.0.0")
+    assert retained("n3") == (moved[1], [])
+    assert fleet.snapshot().get("desired_republished_moved") == 2
+    store.close()
