@@ -222,6 +222,10 @@ def test_the_appstore_serves_the_hooks_without_an_operator_token(
             "topic": Topics(prefix=cfg.topic_prefix).desired("n1")})
         assert r.status_code == 200 and r.json["result"] == "allow", r.json
         assert c.post(f"{B}/emqx/authn", json={}).status_code == 401
+        # the rest of the API still wants an operator (api_auth = "token")
+        assert c.get("/api/v1/nodes", headers=H).status_code == 401
+        assert c.get("/api/v1/nodes", headers={
+            "Authorization": f"Bearer {svc.admin_token}"}).status_code == 200
     finally:
         svc.stop()
 
