@@ -451,14 +451,16 @@ class NodeAgent:
     VITAL_THREADS = ("reconciler", "outbox-sender", "reporter", "telemetry", "remote-ops",
                      "scheduler", "capture", "alarms", "http")
 
-    def liveness(self) -> list[str]:
+    def liveness(self, timeout: float = 5.0) -> list[str]:
         """What is wrong with the agent's own process (empty: alive): a vital thread
-        that died, or the HTTP server not answering ``/v2/health/live`` in 5 s. The
-        systemd watchdog pings only while this is empty (edge_node/systemd.py)."""
+        that died, or the HTTP server not answering ``/v2/health/live`` within
+        ``timeout``. The systemd watchdog pings only while this is empty
+        (edge_node/systemd.py), and gives it half its ping interval."""
         alive = {t.name for t in threading.enumerate() if t.is_alive()}
         problems = [f"thread {n} is not running" for n in self.VITAL_THREADS if n not in alive]
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/live", timeout=5) as r:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/live",
+                                        timeout=timeout) as r:
                 if r.status != 200:
                     problems.append(f"HTTP /v2/health/live answered {r.status}")
         except (OSError, urllib.error.URLError) as err:
@@ -472,7 +474,8 @@ class NodeAgent:
         self.sd.notify("READY=1", f"STATUS=serving on {self.http_url}")
         every = sd_watchdog_interval()
         if every:
-            self.watchdog = Watchdog(self.sd, every, self.liveness)
+            self.watchdog = Watchdog(self.sd, every,
+                                     lambda: self.liveness(timeout=min(5.0, every / 2)))
             self.watchdog.start()
             logger.info("systemd watchdog: pinging every %.1f s while alive", every)
 
