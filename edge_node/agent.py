@@ -103,8 +103,9 @@ class NodeAgent:
         # Unix socket paths must stay short (108 bytes): keep them out of data_dir.
         self._run_dir = Path(tempfile.mkdtemp(prefix="aidc-w-"))
         sup = cfg.supervision
-        self.supervisor = WorkerSupervisor(
-            self._run_dir, restart_budget=(sup.restart_budget, sup.restart_window_s))
+        self.supervisor = WorkerSupervisor(  # memory quotas: the worker_memory health check
+            self._run_dir, restart_budget=(sup.restart_budget, sup.restart_window_s),
+            memory_poll=None)
         self.capture = Capture(self.store, self.outbox, self.topics.feedback(cfg.node_id),
                                d / "samples", cfg.feedback)
         # not "loaded" (so /v2/health/ready is 503) until the reconciler's first pass
@@ -354,6 +355,11 @@ class NodeAgent:
         from .health.config_guard import ConfigCheck
         from .health.db_integrity import DbIntegrityCheck
         from .health.disk_space import DiskSpaceCheck
+        from .health.clock import ClockCheck
+        from .health.memory_pressure import MemoryPressureCheck
+        from .health.model_integrity import ModelIntegrityCheck
+        from .health.worker_memory import WorkerMemoryCheck
+        from .health.worker_stuck import WorkerStuckCheck
 
         d = self.cfg.data_dir
         return [
@@ -366,6 +372,12 @@ class NodeAgent:
                                   self.cfg.outbox.max_rows, retry_now=self.outbox.retry_now,
                                   connected=self.conn.connected.is_set),
             ConfigCheck(self._config_path, self._config_overrides),
+            WorkerStuckCheck(self.supervisor),
+            WorkerMemoryCheck(self.supervisor),
+            ModelIntegrityCheck(self.reconciler),
+            MemoryPressureCheck(scheduler=self.scheduler),
+            ClockCheck(rearm={"scheduler": self.scheduler.wake,
+                              "outbox": self.outbox.retry_now}),
         ]
 
     def _health_monitor(self):

@@ -7,6 +7,7 @@ directory (the transfer itself is tested in test_blobs.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,7 +27,9 @@ from edge_node.resources import Placement, discover_cards
 from edge_node.serving.registry import AppRegistry
 from edge_node.store import NodeStore
 from edge_node.worker.supervisor import WorkerSupervisor
-from tests.appstore_support import digits_package
+from tests.appstore_support import digits_dir, digits_package  # noqa: F401
+from tests.test_e2e import assign, loop, node_app, publish, v2_infer  # noqa: F401
+from tests.test_health_worker_stuck import agent_fault_events
 from tests.models import _sample_dir, pid_alive, worker_pids
 
 
@@ -169,3 +172,24 @@ def test_a_bad_cached_package_is_deleted_and_fetched_again(node):
     assert node["fetcher"].fetched == [node["sha"]] * 2
     assert sha256_file(node["blob"]) == node["sha"]
     assert _serves(node)
+
+
+def test_a_running_agent_heals_a_truncated_model(loop, digits_dir, tmp_path):  # noqa: F811
+    store, node = loop
+    agent = node()
+    manifest = json.loads((digits_dir / "manifest.json").read_text())
+    publish(store, digits_dir / "model.onnx", manifest, digits_dir / "labels.txt",
+            tmp_path / "d.aidc")
+    assign(store)
+    wait_for(lambda: (node_app(store) or {}).get("status") == "ready", 60, "ready")
+    sha = agent.reconciler.serving("digits")["sha256"]
+    model = agent.cfg.data_dir / "apps" / "digits" / sha[:16] / "model.onnx"
+    good = sha256_file(model)
+    with open(model, "r+b") as f:
+        f.truncate(1000)
+    wait_for(lambda: [e["type"] for e in agent_fault_events(agent, "model_corrupt")]
+             == ["fault_detected", "fault_healed"], 60, "the model healed")
+    assert sha256_file(model) == good
+    x = np.load(digits_dir / "heldout.npz")["X_test"][:5]
+    status, out = v2_infer(agent.http_url, x)
+    assert status == 200, out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -21,7 +22,9 @@ from edge_node.health import FaultJournal, Monitor
 from edge_node.health.worker_stuck import WorkerStuckCheck, process_state
 from edge_node.worker import WorkerUnavailable
 from edge_node.worker.supervisor import WorkerSupervisor
+from tests.appstore_support import digits_dir, wait_until  # noqa: F401
 from tests.models import build_digits_app_dir, load_test_split, pid_alive, worker_pids
+from tests.test_e2e import assign, loop, node_app, publish, v2_infer  # noqa: F401
 
 
 def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
@@ -173,3 +176,42 @@ def test_a_sigstopped_worker_is_killed_restarted_and_serves_again(sup, app_dir):
     assert not caller.is_alive() and outcome["took"] < healed_after + 5, outcome
     summary = journal.summary()
     assert summary["worker_stuck"]["healed"] == 1, summary
+
+
+# --- in a running agent ---------------------------------------------------------
+
+
+def agent_fault_events(agent, fault: str) -> list[dict]:
+    """The agent's fault_* events for ``fault``, from its outbox (node.db)."""
+    c = sqlite3.connect(str(agent.cfg.data_dir / "node.db"))
+    try:
+        rows = [json.loads(r[0]) for r in c.execute(
+            "SELECT payload FROM cloud_sync_outbox WHERE kind = 'event' ORDER BY seq")]
+    finally:
+        c.close()
+    return [e for e in rows if e["type"].startswith("fault_")
+            and e["data"].get("fault") == fault]
+
+
+def test_a_running_agent_heals_a_stopped_worker_and_serves_again(loop, digits_dir,  # noqa: F811
+                                                                 tmp_path):
+    store, node = loop
+    agent = node()
+    manifest = json.loads((digits_dir / "manifest.json").read_text())
+    publish(store, digits_dir / "model.onnx", manifest, digits_dir / "labels.txt",
+            tmp_path / "d.aidc")
+    assign(store)
+    wait_until(lambda: (node_app(store) or {}).get("status") == "ready", timeout=60)
+    x = np.load(digits_dir / "heldout.npz")["X_test"][:5]
+    assert v2_infer(agent.http_url, x)[0] == 200
+    [(key, st)] = agent.supervisor.status().items()
+    os.kill(st["pid"], signal.SIGSTOP)
+    wait_until(lambda: [e["type"] for e in agent_fault_events(agent, "worker_stuck")]
+               == ["fault_detected", "fault_healed"], timeout=60)
+    status, out = v2_infer(agent.http_url, x)
+    assert status == 200, out
+    new = agent.supervisor.status()[key]
+    assert new["pid"] != st["pid"] and new["stuck_restarts"] == 1
+    assert agent.supervisor.memory_poll is None  # quotas are the worker_memory check's
+    assert {"worker_stuck", "worker_memory", "model_integrity", "memory_pressure",
+            "clock"} <= {c.name for c in agent.health.checks}
