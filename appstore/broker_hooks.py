@@ -122,7 +122,7 @@ class BrokerAuth:
 def _body() -> dict[str, Any]:
     from flask import request
 
-    body = request.get_json(silent=True)
+    body = request.get_json(force=True, silent=True)  # whatever content type it names
     if not isinstance(body, dict):
         raise BadHookRequest("the body must be a JSON object (the broker's hook request)")
     return body
