@@ -82,7 +82,7 @@ def _journal_time(s: Stack, kind: str, key: str, t0: float, ctx: dict) -> float 
     """The journal's wall time of ``key`` (``last_detected``/``last_healed``) for
     ``kind``, moved to this process's monotonic clock; only if after the injection."""
     try:
-        kinds = s.faults().get("kinds") or {}
+        kinds = s.faults().get("summary") or {}
     except Exception:  # noqa: BLE001 - the agent may be down
         return None
     row = kinds.get(kind) or {}
