@@ -50,6 +50,7 @@ class WorkerStuckCheck(Check):
         self.strikes = strikes
         self.heal_wait_s = heal_wait_s
         self._missed: dict[str, tuple[int, int, float]] = {}  # key -> (pid, misses, first)
+        self._pool: ThreadPoolExecutor | None = None  # pings in parallel, threads kept
 
     def _ping(self, key: str) -> str | None:
         """None when the worker answered, else why not."""
@@ -70,9 +71,12 @@ class WorkerStuckCheck(Check):
                 del self._missed[key]
         if not ready:
             return Finding(self.name, True, "no ready workers")
-        with ThreadPoolExecutor(max_workers=min(8, len(ready)),
-                                thread_name_prefix="ping") as pool:
-            errors = dict(zip(ready, pool.map(self._ping, ready), strict=True))
+        if len(ready) == 1:  # the common small site: no thread at all
+            errors = {key: self._ping(key) for key in ready}
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ping")
+            errors = dict(zip(ready, self._pool.map(self._ping, ready), strict=True))
         now = time.monotonic()
         stuck, late = {}, []
         for key, err in errors.items():
