@@ -294,8 +294,9 @@ class RolloutEngine:
                               "updated_at = ? where rollout_id = ? and state = 'paused'",
                               [paused_for, paused_for, self.clock(), rid]).rowcount:
                     self._log(db, rid, "resumed", f"by {by or '?'} after {paused_for:.0f} s")
+            out = self.get(rid)  # the answer is what resuming did, before the engine moves on
         self._wake.set()
-        return self.get(rid)
+        return out
 
     def abort(self, rid: str, by: str | None = None, rollback: bool = False) -> dict[str, Any]:
         with self._lock:
