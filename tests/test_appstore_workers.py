@@ -411,3 +411,32 @@ def test_a_republish_never_leaves_an_older_desired_state_retained(tmp_path: Path
     assert retained("n3") == (moved[1], [])
     assert fleet.snapshot().get("desired_republished_moved") == 2
     store.close()
+
+
+def test_two_workers_send_a_due_command_once(tmp_path: Path) -> None:
+    """Both workers' command threads look for due commands; the one that claims a
+    command (in a transaction) sends it, the other skips it, even when it looks
+    while the first is sending."""
+    from appstore.blobstore import ContentStore
+    from appstore.commands import Commands
+    from appstore.db import Store
+    from appstore.registry import Registry
+
+    store = Store(tmp_path / "appstore.db")
+    with store.write() as db:
+        db.execute("insert into nodes (node_id, online, desired_revision) values ('n1', 1, 0)")
+    topics = Topics(prefix="p")
+    conn_a = _RecordingConn(lambda: b._send_due())  # b looks while a is sending
+    conn_b = _RecordingConn(lambda: None)
+    a = Commands(store, Registry(store), conn_a, topics,  # type: ignore[arg-type]
+                 ContentStore(tmp_path / "bundles"))
+    b = Commands(store, Registry(store), conn_b, topics,  # type: ignore[arg-type]
+                 ContentStore(tmp_path / "bundles"))
+    row, created = a.create("n1", {"op": "selfcheck", "args": {}, "by": "t"})
+    assert created
+    a._send_due()
+    b._send_due()
+    sent = [t for c in (conn_a, conn_b) for t, _ in c.published]
+    assert sent == [topics.commands("n1")], sent
+    assert a.get(row["command_id"])["sends"] == 1
+    store.close()
