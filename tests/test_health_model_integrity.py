@@ -193,3 +193,18 @@ def test_a_running_agent_heals_a_truncated_model(loop, digits_dir, tmp_path):  #
     x = np.load(digits_dir / "heldout.npz")["X_test"][:5]
     status, out = v2_infer(agent.http_url, x)
     assert status == 200, out
+
+
+def test_a_version_other_than_the_desired_one_is_not_reinstalled(node):
+    """A crash loop rolled the app back to its last known good: reinstalling would act
+    on the desired version, so the remedy says why it does nothing."""
+    from edge_node.health import Finding, HealError
+
+    check = ModelIntegrityCheck(node["rec"])
+    other = "ab" * 32
+    f = Finding("model_integrity", False, "damaged", fault="model_corrupt",
+                data={"apps": {"digits": {"sha256": other, "app_dir": str(node["app_dir"]),
+                                          "problems": ["model.onnx is missing"]}}})
+    with pytest.raises(HealError, match="not the desired version"):
+        check.heal(f)
+    assert (node["app_dir"] / ".complete").exists()  # untouched

@@ -22,7 +22,9 @@ The remedy waits (up to ``heal_wait_s``) for that pass, so the episode's time
 runs until the app serves from good files again.
 
 A site variant (a model fine-tuned on this node) has no package signature; its
-files are not checked here.
+files are not checked here. An app served by another version than the desired
+one (a crash loop rolled it back to its last known good) is checked, but not
+healed automatically: the finding stays open and says so.
 """
 
 from __future__ import annotations
@@ -134,9 +136,15 @@ class ModelIntegrityCheck(Check):
                        data={"apps": checked, "full": full})
 
     def heal(self, finding: Finding) -> str:
-        waits, done = {}, []
+        waits, done, skipped = {}, [], []
+        desired = {r.name: r.sha256 for r in self.reconciler.reports()}
         for name, info in (finding.data.get("apps") or {}).items():
             sha = info["sha256"]
+            if desired.get(name) != sha:
+                # another version serves than the one desired (a crash loop rolled it
+                # back): reinstalling would act on the desired one, not this
+                skipped.append(f"{name}: serves {sha[:12]}, not the desired version")
+                continue
             package = self.blobs_dir / sha
             try:
                 read_package(package, self.trusted_keys(), expected_sha256=sha)
@@ -153,12 +161,14 @@ class ModelIntegrityCheck(Check):
             done.append(f"{name}: {how}")
             logger.warning("model integrity: %s %s", name, how)
         if not waits:
-            raise HealError("no damaged app named")
+            raise HealError("; ".join(skipped) or "no damaged app named")
         deadline = time.monotonic() + self.heal_wait_s
         late = [n for n, ev in waits.items()
                 if not ev.wait(max(0.0, deadline - time.monotonic()))]
         states = {r.name: r.status for r in self.reconciler.reports()}
         out = "; ".join(done) + "; worker restarted"
+        if skipped:
+            out += "; not healed: " + "; ".join(skipped)
         not_ready = [n for n in waits if n not in late and states.get(n) != "ready"]
         if late:
             out += f"; still installing after {self.heal_wait_s:g}s: {', '.join(late)}"
