@@ -202,3 +202,34 @@ def test_the_cloud_runs_doctor(tmp_path, broker, prefix, agents):
             assert cmd["state"] == "failed" and "bad_args" in cmd["error"]
     finally:
         store.stop()
+
+
+def test_a_broker_outage_is_one_episode_not_a_storm(tmp_path, broker, prefix, agents):
+    """The broker stopped: the monitor finds it within its interval, says once that
+    the connection heals by itself, and closes the episode when it is back."""
+    agent = make_agent(tmp_path, broker, prefix)
+    c = check_of(agent, "broker_connected")
+    c.interval_s, c.start_delay_s = 0.3, 0.0
+    agent.start()
+    agents.append(agent)
+    db = agent.cfg.data_dir / "node.db"
+    wait_until(lambda: agent.conn.connected.is_set(), timeout=30)
+    # a probe before the first connect may have found it down: that episode closes first
+    wait_until(lambda: "broker_connected" not in agent.health.open_faults(), timeout=30)
+    before = len(fault_events(db, "broker_unreachable"))
+    n_before = agent.fault_journal.summary().get("broker_unreachable", {})
+    broker.stop()
+    t0 = time.monotonic()
+    wait_until(lambda: "broker_connected" in agent.health.open_faults(), timeout=30)
+    detected_in = time.monotonic() - t0
+    time.sleep(2.0)  # several probes find it down: still one episode
+    broker.start()
+    wait_until(lambda: "broker_connected" not in agent.health.open_faults(), timeout=60)
+    seen = [(e["type"], e["data"]) for e in events(db) if e["type"].startswith("fault_")]
+    assert fault_events(db, "broker_unreachable")[before:] == [
+        "fault_detected", "fault_unhealed", "fault_healed"], seen
+    healed = [e for e in events(db) if e["type"] == "fault_healed"][-1]["data"]
+    assert healed["remedy"] == "recovered by itself" and healed["count"] >= 2, seen
+    s = agent.fault_journal.summary()["broker_unreachable"]
+    assert [s[k] - n_before.get(k, 0) for k in ("detected", "healed", "unhealed")] == [1, 1, 1]
+    assert detected_in < 30

@@ -110,6 +110,11 @@ class Monitor:
     def start(self) -> None:
         if self._thread is not None:
             return
+        now = time.monotonic()
+        with self._guard:  # start delays count from the start, not from construction
+            for s in self._slots.values():
+                if s.last is None:
+                    s.due = now + float(getattr(s.check, "start_delay_s", 0) or 0)
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="health-monitor", daemon=True)
         self._thread.start()
