@@ -600,7 +600,7 @@ def _fmt_command(c: dict[str, Any]) -> str:
     if c.get("error"):
         line += f" -- {c['error']}"
     res = c.get("result") or {}
-    if c["op"] == "selfcheck" and res.get("checks"):
+    if c["op"] in ("selfcheck", "doctor") and res.get("checks"):
         line += " (" + ", ".join(f"{x['name']} {'ok' if x['ok'] else 'FAILED'}"
                                  for x in res["checks"]) + ")"
     elif c["op"] == "restart_app" and res.get("new_pid"):
@@ -978,7 +978,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         r.set_defaults(func=_guard(cmd_rollout))
 
     p = sub.add_parser("command", help="run OP on NODE remotely: restart_app, diagnostics, "
-                       "selfcheck, set_config (held for an offline node until --ttl)",
+                       "selfcheck, doctor, set_config (held for an offline node until --ttl)",
                        description="Examples: command n1 restart_app --arg app=digits; "
                        "command n1 diagnostics --wait --bundle diag.tar.gz; command n1 "
                        "set_config --arg app=digits --arg feedback.threshold=0.8")
