@@ -261,9 +261,31 @@ def config_corrupt() -> Fault:
                  "restarted", inject, healed, cleanup=cleanup)
 
 
+def model_truncated() -> Fault:
+    def inject(s):
+        model = s.dir / "edge" / "apps" / "digits" / s.sha["1.0.0"][:16] / "model.onnx"
+        ctx = {**_ctx(), "model": model, "size": model.stat().st_size,
+               "pid": s.worker_pid()}
+        with open(model, "r+b") as f:
+            f.truncate(ctx["size"] // 2)
+        return time.monotonic(), ctx
+
+    def detected(s, t0, ctx):
+        return _journal_time(s, "model_corrupt", "last_detected", t0, ctx)
+
+    def healed(s, t0, ctx):
+        p = ctx["model"]
+        whole = p.exists() and p.stat().st_size == ctx["size"]
+        pid = s.worker_pid()
+        return _probe_back(s, t0) if whole and pid and pid != ctx["pid"] else None
+
+    return Fault("model_corrupt", "the served app's model file truncated to half on disk",
+                 inject, healed, detected)
+
+
 FAULTS: dict[str, Callable[[], Fault]] = {f.__name__: f for f in (
     worker_killed, worker_hung, agent_killed, agent_hung, crash_loop, broker_stopped,
-    link_half_open, config_corrupt)}
+    link_half_open, config_corrupt, model_truncated)}
 
 
 # -- the runner ----------------------------------------------------------------
