@@ -433,6 +433,7 @@ class NodeAgent:
         except Exception as err:  # noqa: BLE001 - a damaged node.db must not break stats
             block = {"error": str(err)}
         block["open"] = self.health.open_faults()
+        block["monitor"] = dict(self.health.stats)
         return block
 
     def start(self) -> None:

@@ -214,3 +214,15 @@ def test_journal_survives_reopen_and_is_shared_with_the_store(tmp_path):
     with pytest.raises(ValueError):
         j2._add("bogus", "k", "c")
     j2.close()
+
+
+def test_the_journal_is_bounded(tmp_path):
+    j = FaultJournal(tmp_path / "node.db", keep=50)
+    for i in range(250):
+        j.detected("flap", "flappy", f"#{i}", ts=float(i))
+    rows = j.recent(limit=1000)
+    assert 50 <= len(rows) < 150 and rows[0]["detail"] == "#249"
+    assert j.pruned == 250 - len(rows)
+    with pytest.raises(ValueError):
+        FaultJournal(None, keep=1)
+    j.close()

@@ -25,9 +25,14 @@ PHASES = ("detected", "healed", "unhealed", "repeated", "noted")
 
 
 class FaultJournal:
-    """Thread-safe; ``path=None`` keeps the journal in memory (doctor with no node.db)."""
+    """Thread-safe; ``path=None`` keeps the journal in memory (doctor with no node.db).
+    The newest ``keep`` rows are kept (older ones pruned, counted in ``pruned``)."""
 
-    def __init__(self, path: Path | str | None) -> None:
+    def __init__(self, path: Path | str | None, keep: int = 20_000) -> None:
+        if keep < 10:
+            raise ValueError(f"a fault journal keeps at least 10 rows, not {keep}")
+        self.keep = keep
+        self.pruned = 0
         from ..store import connect, migrations  # the one definition of the table
 
         self.path = Path(path) if path is not None else None
@@ -59,7 +64,10 @@ class FaultJournal:
                "seconds": None if seconds is None else round(seconds, 3), "count": count,
                "data": json.dumps(data or {}, default=str)}
         with self._lock, self._db.conn:
-            self._db["faults"].insert(row)
+            rowid = self._db["faults"].insert(row).last_pk
+            if rowid and rowid % 100 == 0:  # bounded: the newest ``keep`` rows
+                self.pruned += self._db.execute("DELETE FROM faults WHERE id <= ?",
+                                                [rowid - self.keep]).rowcount
 
     def detected(self, kind: str, check: str, detail: str, ts: float | None = None,
                  data: dict | None = None) -> None:
