@@ -106,17 +106,35 @@ class BrokerCheck(Check):
 
 class WorkersCheck(Check):
     """Every model worker that should run is ready. Crashed workers are restarted by
-    the supervisor (budget) and, past it, started afresh by the reconciler."""
+    the supervisor (budget) and, past it, started afresh by the reconciler.
+
+    A worker starting or restarting is a fault only when it stays so for
+    ``grace_s`` (an upgrade starts a new worker every time); ``failed`` is one at once.
+    """
 
     name = "workers_alive"
     interval_s = 5.0
     start_delay_s = 30.0
 
-    def __init__(self, status: Callable[[], dict[str, dict]]) -> None:
-        self.status = status
+    def __init__(self, status: Callable[[], dict[str, dict]], grace_s: float = 20.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.status, self.grace_s, self.clock = status, grace_s, clock
+        self._since: dict[str, float] = {}  # worker -> when first seen not ready
 
     def probe(self) -> Finding:
-        return workers_alive(self.status())
+        status = self.status()
+        f = workers_alive(status)
+        now = self.clock()
+        bad = f.data["not_ready"]
+        self._since = {k: self._since.get(k, now) for k in bad}
+        waiting = {k: s for k, s in bad.items()
+                   if s in ("starting", "restarting") and now - self._since[k] < self.grace_s}
+        if f.ok or len(waiting) < len(bad):
+            return f
+        return Finding(self.name, True,
+                       f"{f.data['ready']} worker(s) ready; starting: "
+                       + ", ".join(f"{k} ({s})" for k, s in sorted(waiting.items())),
+                       data={**f.data, "starting": waiting})
 
     def heal(self, finding: Finding) -> str:
         raise HealError("the supervisor restarts a crashed worker itself (within its "

@@ -226,3 +226,19 @@ def test_the_journal_is_bounded(tmp_path):
     with pytest.raises(ValueError):
         FaultJournal(None, keep=1)
     j.close()
+
+
+def test_a_worker_starting_is_not_a_fault_until_its_grace_runs_out():
+    from edge_node.selfcheck import WorkersCheck
+    t = [0.0]
+    status = {"a": {"state": "ready", "pid": 1}, "b": {"state": "starting", "pid": 2}}
+    c = WorkersCheck(lambda: status, grace_s=20, clock=lambda: t[0])
+    f = c.probe()
+    assert f.ok and "starting: b (starting)" in f.detail
+    t[0] = 25.0
+    f = c.probe()
+    assert not f.ok and f.fault == "worker_down"
+    status["b"] = {"state": "ready", "pid": 3}
+    assert c.probe().ok
+    status["b"] = {"state": "failed", "pid": None}  # failed: at once
+    assert not c.probe().ok
