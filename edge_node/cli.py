@@ -345,8 +345,11 @@ def offline_doctor(config: Path, fix: bool = False, agent_url: str | None = None
             journal = FaultJournal(db if db.exists() else None)
         except Exception:  # noqa: BLE001 - a damaged node.db: the report still comes
             journal = FaultJournal(None)
-    else:
+    else:  # nothing to run the other checks on
         journal = FaultJournal(None)
+        checks.append(FunctionCheck("node", lambda: Finding(
+            "node", False, "no config (neither the file nor its last good copy) to find "
+            "the data dir and the broker by", fault="config_missing")))
     try:
         findings = Monitor(checks, journal, None).run_all(heal=fix)
         try:

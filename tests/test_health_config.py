@@ -166,3 +166,15 @@ def test_a_real_agent_starts_from_the_last_good_config(tmp_path, shared_broker, 
     c.close()
     assert any(e["type"] == "fault_detected" and e["data"]["fault"] == "config_corrupt"
                for e in payloads)
+
+
+def test_a_missing_config_is_put_back_from_the_last_good(tmp_path):
+    p = tmp_path / "node.json"
+    write_cfg(p, tmp_path / "d")
+    keep_last_good(p)
+    p.unlink()
+    f = ConfigCheck(p).probe()
+    assert not f.ok and f.fault == "config_missing"
+    cfg, note = load_guarded(p)
+    assert note["fault"] == "config_missing" and note["broken"] is None
+    assert p.exists() and cfg.node_id == "site-1"

@@ -92,9 +92,10 @@ def load_guarded(path: Path | None, **overrides: Any):
         cfg = _load(lg, overrides)
     except ConfigError:
         raise first from None
+    missing = not path.exists()
     broken = _set_aside(path)
     kept = f"; the broken one is kept as {broken.name}" if broken else " (it was missing)"
-    note = {"fault": "config_corrupt", "error": str(first),
+    note = {"fault": "config_missing" if missing else "config_corrupt", "error": str(first),
             "broken": str(broken) if broken else None,
             "detail": f"{path.name}: {first}",
             "remedy": f"started from the last known good config{kept}"}
@@ -120,8 +121,10 @@ class ConfigCheck(Check):
         try:
             _load(self.path, self.overrides)
         except ConfigError as err:
+            missing = not self.path.exists()
             return Finding(self.name, False, f"{self.path.name}: {err}",
-                           fault="config_corrupt", data={**data, "error": str(err)})
+                           fault="config_missing" if missing else "config_corrupt",
+                           data={**data, "error": str(err)})
         return Finding(self.name, True, f"{self.path} valid" + (
             "" if lg.exists() else "; no last good copy yet"), data=data)
 
