@@ -231,12 +231,19 @@ class Probe:
 
 class Stack:
     """Broker, AppStore, the digits app in two versions, one edge agent (a process
-    under :class:`ServiceManager`), a probe. ``node_over``: node config additions."""
+    under :class:`ServiceManager`), a probe (one inference every ``probe_every`` s).
+    ``node_over``: node config additions; ``stream``: a camera stream (below)."""
 
-    def __init__(self, workdir: Path | None = None, node_over: dict | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, node_over: dict | None = None,
+                 stream: dict | None = None, probe_every: float = 0.1) -> None:
+        """``stream``: a camera stream of the digits app in the node config, read
+        from a looping video file of held-out digits made here (:func:`digits_video`);
+        its keys (``fps``, ``frames``, ...) override the stream's defaults."""
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="aidc-faults-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.node_over = node_over or {}
+        self.stream = stream
+        self.probe_every = probe_every
 
     # -- bring up ----------------------------------------------------------------
     def up(self) -> Stack:
@@ -282,6 +289,13 @@ class Stack:
         for k, v in self.node_over.items():
             cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) \
                 else v
+        if self.stream is not None:
+            st = {"id": "cam-1", "app": "digits", "fps": 5, "loop": True, **self.stream}
+            # the file plays at the stream's rate: no frame is skipped by decimation
+            video = digits_video(sample, self.dir / "camera.avi",
+                                 frames=int(st.pop("frames", 40)),
+                                 video_fps=float(st.pop("video_fps", st["fps"])))
+            cfg.setdefault("streams", []).append({"url": str(video), **st})
         self.config.write_text(json.dumps(cfg, indent=1))
         self.edge = f"http://127.0.0.1:{self.edge_port}"
         self.service = ServiceManager(
@@ -292,7 +306,8 @@ class Stack:
         self.assign("1.0.0")
         wait(lambda: http("GET", f"{self.edge}/v2/models/digits/ready")[0] == 200, 120,
              "the node to serve digits")
-        self.probe = Probe(self.edge, self.x).start()
+        self.sample_dir = sample
+        self.probe = Probe(self.edge, self.x, self.probe_every).start()
         return self
 
     def down(self) -> None:
@@ -323,6 +338,16 @@ class Stack:
                 return w.get("pid")
         return None
 
+    @property
+    def node_db(self) -> Path:
+        """The node's SQLite database (its results, samples and outbox)."""
+        return self.dir / "edge" / "node.db"
+
+    @property
+    def cloud_db(self) -> Path:
+        """The AppStore's SQLite database (feedback and events from the fleet)."""
+        return Path(self.store.store.path)
+
     def faults(self) -> dict:
         return http("GET", f"{self.edge}/api/faults", timeout=5)[1]
 
@@ -335,3 +360,45 @@ class Stack:
         time.sleep(down_s)
         self.broker, _ = start_broker("mosquitto", self.mqtt_port, self.dir)
         return time.monotonic()
+
+
+def doubtful_digits(sample_dir: Path, n: int, seed: int = 0, below: float = 0.5) -> list:
+    """``n`` blends of two different held-out digits (8x8, 0..16) the app's model is
+    unsure of (top-1 score below ``below``, under the app's 0.6 threshold: each is a
+    hard example), found by running the model here."""
+    import numpy as np
+
+    from edge_node.streams.adapters import LocalClassifier
+    from tests.streams_support import digit_frame
+
+    clf = LocalClassifier({"digits": Path(sample_dir)})
+    rng = np.random.default_rng(seed)
+    with np.load(Path(sample_dir) / "heldout.npz") as z:
+        X, y = z["X_test"], z["y_test"]
+    out = []
+    for _ in range(100 * n):
+        i, j = rng.integers(len(X), size=2)
+        x = (X[i] + X[j]) / 2
+        if y[i] != y[j] and clf("digits", digit_frame(x))["score"] < below:
+            out.append(x)
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"only {len(out)} doubtful blends of {n}")
+
+
+def digits_video(sample_dir: Path, path: Path, frames: int = 40, video_fps: float = 10,
+                 seed: int = 0) -> Path:
+    """A camera's view of held-out digits (an MJPG file, 32x32 frames): clear digits
+    and doubtful blends of two (:func:`doubtful_digits`: hard examples) in turn, so
+    the label changes often and every other frame is a hard example."""
+    import numpy as np
+
+    from tests.streams_support import digit_frame, write_video
+
+    rng = np.random.default_rng(seed)
+    with np.load(Path(sample_dir) / "heldout.npz") as z:
+        X = z["X_test"]
+    blends = doubtful_digits(sample_dir, (frames + 1) // 2, seed)
+    out = [digit_frame(blends[k // 2] if k % 2 else X[rng.integers(len(X))])
+           for k in range(frames)]
+    return write_video(path, out, video_fps)
