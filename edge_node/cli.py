@@ -34,16 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="publisher public key file (repeatable)")
     run.set_defaults(func=cmd_run)
 
-    dr = esub.add_parser("doctor", help="run every health check now and print a report "
-                         "(exit 0: all pass, 1: not); asks the running agent, else checks "
-                         "the node's files itself")
-    dr.add_argument("--config", type=Path, required=True, help="the node's config file")
-    dr.add_argument("--fix", action="store_true", help="apply each failing check's remedy")
-    dr.add_argument("--json", action="store_true", help="the report as JSON")
-    dr.add_argument("--offline", action="store_true",
-                    help="do not ask the running agent; check files and the broker directly")
-    dr.add_argument("--url", help="the agent's local API (default: from the config)")
-    dr.set_defaults(func=cmd_doctor)
+    add_doctor(esub)
 
     st = esub.add_parser("status", help="status of a running edge agent")
     st.add_argument("--url", default="http://127.0.0.1:8090")
@@ -220,6 +211,24 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 # -- doctor ----------------------------------------------------------------------------
+#: where the systemd unit (installer/systemd/aidc-edge.service) keeps the config
+DEFAULT_CONFIG = Path("/etc/aidc/node.json")
+
+
+def add_doctor(sub: argparse._SubParsersAction) -> None:
+    """``doctor`` under ``aidc edge`` and, the same, at the top: ``aidc doctor``."""
+    dr = sub.add_parser("doctor", help="run every health check now and print a report "
+                        "(exit 0: all pass, 1: not); asks the running agent, else checks "
+                        "the node's files itself")
+    dr.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                    help=f"the node's config file (default {DEFAULT_CONFIG})")
+    dr.add_argument("--fix", action="store_true", help="apply each failing check's remedy")
+    dr.add_argument("--json", action="store_true", help="the report as JSON")
+    dr.add_argument("--offline", action="store_true",
+                    help="do not ask the running agent; check files and the broker directly")
+    dr.add_argument("--url", help="the agent's local API (default: from the config)")
+    dr.set_defaults(func=cmd_doctor)
+
 def _marks() -> tuple[str, str]:
     try:
         "✓✗".encode(sys.stdout.encoding or "ascii")

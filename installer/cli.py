@@ -3,6 +3,7 @@
     aidc demo            all-in-one: broker + AppStore + one edge node
     aidc store ...       the cloud AppStore (see ``aidc store -h``)
     aidc edge ...        the edge node (see ``aidc edge -h``)
+    aidc doctor          every health check of this node now, a readable report
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_demo(sub)
     register_store(sub)
     register_edge(sub)
+    from edge_node.cli import add_doctor
+
+    add_doctor(sub)  # aidc doctor == aidc edge doctor: the first thing a technician types
     return ap
 
 
