@@ -104,7 +104,7 @@ def load_guarded(path: Path | None, **overrides: Any):
 
 class ConfigCheck(Check):
     name = "config"
-    interval_s = 30.0
+    interval_s = 10.0  # reading and validating one small file: cheap
 
     def __init__(self, path: Path | None, overrides: dict[str, Any] | None = None,
                  interval_s: float | None = None) -> None:
