@@ -235,7 +235,8 @@ class Stack:
     ``node_over``: node config additions; ``stream``: a camera stream (below)."""
 
     def __init__(self, workdir: Path | None = None, node_over: dict | None = None,
-                 stream: dict | None = None, probe_every: float = 0.1) -> None:
+                 stream: dict | None = None, probe_every: float = 0.1,
+                 disk_mb: int | None = None) -> None:
         """``stream``: a camera stream of the digits app in the node config, read
         from a looping video file of held-out digits made here (:func:`digits_video`);
         its keys (``fps``, ``frames``, ...) override the stream's defaults."""
@@ -244,6 +245,9 @@ class Stack:
         self.node_over = node_over or {}
         self.stream = stream
         self.probe_every = probe_every
+        #: the node's data dir on a tmpfs of this size (a real full disk; root only)
+        self.disk_mb = disk_mb
+        self.mounted: Path | None = None
 
     # -- bring up ----------------------------------------------------------------
     def up(self) -> Stack:
@@ -278,6 +282,11 @@ class Stack:
                                ctype="application/octet-stream", timeout=60)
             assert status in (200, 201, 409), (status, out)
         edge = self.dir / "edge"
+        if self.disk_mb:
+            edge.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(self.disk_mb)}m",
+                            "aidc-bench", str(edge)], check=True, capture_output=True)
+            self.mounted = edge
         (edge / "trusted_keys").mkdir(parents=True, exist_ok=True)
         (edge / "trusted_keys" / "store.pub").write_bytes(key.public_pem())
         self.edge_port = free_port()
@@ -322,6 +331,8 @@ class Stack:
         if b is not None:
             b.terminate()
             b.wait(10)
+        if self.mounted is not None:
+            subprocess.run(["umount", "-l", str(self.mounted)], capture_output=True)
 
     # -- helpers -----------------------------------------------------------------
     def assign(self, version: str) -> None:
