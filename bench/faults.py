@@ -283,9 +283,82 @@ def model_truncated() -> Fault:
                  inject, healed, detected)
 
 
+def _journal_healed(kind: str):
+    def healed(s, t0, ctx):
+        return _journal_time(s, kind, "last_healed", t0, ctx)
+    return healed
+
+
+def _journal_detected(kind: str):
+    def detected(s, t0, ctx):
+        return _journal_time(s, kind, "last_detected", t0, ctx)
+    return detected
+
+
+def config_corrupt_live() -> Fault:
+    def inject(s):
+        ctx = {**_ctx(), "text": s.config.read_text()}
+        s.config.write_text(ctx["text"][: len(ctx["text"]) // 3])
+        return time.monotonic(), ctx
+
+    def healed(s, t0, ctx):
+        try:
+            json.loads(s.config.read_text())
+        except ValueError:
+            return None
+        return _journal_time(s, "config_corrupt", "last_healed", t0, ctx) or time.monotonic()
+
+    def cleanup(s, ctx):
+        s.config.write_text(ctx["text"])
+
+    return Fault("config_corrupt_live", "the node's config file truncated while the agent "
+                 "runs", inject, healed, _journal_detected("config_corrupt"), cleanup)
+
+
+def db_corrupt() -> Fault:
+    def inject(s):
+        from tests.test_health_db_integrity import corrupt
+
+        ctx = _ctx()
+        corrupt(s.dir / "edge" / "node.db", first_page=3, every=2)
+        return time.monotonic(), ctx
+
+    return Fault("db_corrupt", "node.db damaged while the agent runs (every other page "
+                 "from page 3 overwritten with random bytes)", inject,
+                 _journal_healed("db_corrupt"), _journal_detected("db_corrupt"))
+
+
+def disk_low() -> Fault:
+    def inject(s):
+        import shutil as sh
+
+        edge = s.dir / "edge"
+        logs = edge / "logs"
+        logs.mkdir(exist_ok=True)
+        ctx, n, block = _ctx(), 0, os.urandom(1 << 20)
+        while sh.disk_usage(edge).free > 200 * 2**20:  # the low mark is 256 MB
+            with open(logs / f"agent.log.{int(time.time() * 1000)}-{n}", "wb") as f:
+                for _ in range(32):
+                    f.write(block)
+            n += 1
+        ctx["files"] = n
+        return time.monotonic(), ctx
+
+    def healed(s, t0, ctx):
+        import shutil as sh
+
+        free = sh.disk_usage(s.dir / "edge").free
+        t = _journal_time(s, "disk_low", "last_healed", t0, ctx)
+        return t if t and free >= 512 * 2**20 else None
+
+    return Fault("disk_low", "the data dir's disk (a tmpfs of 1 GB) filled by rotated "
+                 "logs to 200 MB free", inject, healed, _journal_detected("disk_low"))
+
+
 FAULTS: dict[str, Callable[[], Fault]] = {f.__name__: f for f in (
     worker_killed, worker_hung, agent_killed, agent_hung, crash_loop, broker_stopped,
-    link_half_open, config_corrupt, model_truncated)}
+    link_half_open, config_corrupt, config_corrupt_live, model_truncated, db_corrupt,
+    disk_low)}
 
 
 # -- the runner ----------------------------------------------------------------
@@ -362,7 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in FAULTS]
     if unknown:
         ap.error(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
-    s = Stack(node_over={"supervision": {"stable_s": args.stable_s}})
+    disk = "disk_low" in names and os.geteuid() == 0
+    if "disk_low" in names and not disk:
+        names.remove("disk_low")
+        logger.warning("disk_low left out: it mounts a tmpfs, which needs root")
+    s = Stack(node_over={"supervision": {"stable_s": args.stable_s}},
+              disk_mb=1024 if disk else None)
     s.node_over_stable_s = args.stable_s
     rows = []
     t_start = time.monotonic()
