@@ -361,6 +361,68 @@ FAULTS: dict[str, Callable[[], Fault]] = {f.__name__: f for f in (
     disk_low)}
 
 
+# -- faults only a probe seam can inject (in-process, a real agent) -------------
+def inproc_faults(workdir: Path, runs: int) -> list[dict]:
+    """``memory_low`` and ``clock_jump`` cannot be caused on this shared box without
+    harming everything else on it (eat its RAM, step its clock): they are injected
+    through the checks' own probe seams (the /proc/meminfo reader, the wall clock)
+    into a real agent in this process; the rest (monitor, journal, remedies: the
+    scheduler paused and re-armed, the outbox re-armed) is the agent's own."""
+    from edge_node.agent import NodeAgent
+    from edge_node.config import load_config
+    from stack import free_port
+
+    agent = NodeAgent(load_config(node_id="inproc-1", data_dir=workdir / "inproc",
+                                  http={"port": 0},
+                                  mqtt={"host": "127.0.0.1", "port": free_port()}))
+    checks = {c.name: c for c in agent.health.checks}
+    mem, clock = checks["memory_pressure"], checks["clock"]
+    mem.interval_s = clock.interval_s = 1.0
+    real_meminfo, offset = mem.meminfo, [0.0]
+    low = [False]
+
+    def meminfo():
+        info = dict(real_meminfo())
+        if low[0]:
+            info["MemAvailable"] = 100 * 1024  # kB: 100 MB, under the mark
+        return info
+
+    mem.meminfo = meminfo
+    clock.wall = lambda: time.time() + offset[0]
+    rows = []
+    agent.start()
+    try:
+        def journal(kind):
+            return agent.fault_journal.summary().get(kind) or {}
+
+        for kind, how, inject, undo in (
+                ("memory_low", "MemAvailable read as 100 MB for 3 s (the meminfo reader)",
+                 lambda: low.__setitem__(0, True), lambda: low.__setitem__(0, False)),
+                ("clock_jump", "the wall clock stepped 120 s forward (the clock seam)",
+                 lambda: offset.__setitem__(0, offset[0] + 120.0), lambda: None)):
+            f = Fault(kind, how + "; in-process", None, None)  # type: ignore[arg-type]
+            for _ in range(runs):
+                before = journal(kind)
+                n_det, n_heal = before.get("detected", 0), before.get("healed", 0)
+                t0 = time.monotonic()
+                inject()
+                det = wait(lambda: journal(kind).get("detected", 0) > n_det and
+                           time.monotonic(), 30, f"{kind} detected")
+                if kind == "memory_low":
+                    time.sleep(3.0)
+                    undo()
+                healed = wait(lambda: journal(kind).get("healed", 0) > n_heal and
+                              time.monotonic(), 60, f"{kind} healed")
+                f.shots.append(Shot(round(det - t0, 2), round(healed - t0, 2), 0.0,
+                                    "includes the 3 s of low memory" if kind == "memory_low"
+                                    else ""))
+                time.sleep(1.5)
+            rows.append(summary(f))
+    finally:
+        agent.stop()
+    return rows
+
+
 # -- the runner ----------------------------------------------------------------
 def run_fault(s: Stack, f: Fault, runs: int) -> None:
     f.setup(s)
@@ -431,10 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("appstore", "edge_node", "cloud_sync", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    names = [n for n in args.only.split(",") if n] or list(FAULTS)
-    unknown = [n for n in names if n not in FAULTS]
+    names = [n for n in args.only.split(",") if n] or [*FAULTS, "inproc"]
+    unknown = [n for n in names if n not in FAULTS and n != "inproc"]
     if unknown:
-        ap.error(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
+        ap.error(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}, inproc")
     disk = "disk_low" in names and os.geteuid() == 0
     if "disk_low" in names and not disk:
         names.remove("disk_low")
@@ -448,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         s.up()
         time.sleep(args.stable_s + 1)  # 1.0.0 becomes the last known good
         for n in names:
+            if n == "inproc":
+                rows += inproc_faults(s.dir, args.runs)
+                continue
             f = FAULTS[n]()
             try:
                 run_fault(s, f, args.runs)
