@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..worker.proc import private_rss_mb
-from .base import Check, Finding, HealError
-from .worker_stuck import wait_ready
+from .base import Check, Finding
+from .worker_stuck import recycle_workers
 
 
 class WorkerMemoryCheck(Check):
@@ -77,20 +77,10 @@ class WorkerMemoryCheck(Check):
                                          for k, (r, q) in seen.items()}})
 
     def heal(self, finding: Finding) -> str:
-        done, skipped = [], []
-        for key, i in (finding.data.get("workers") or {}).items():
-            reason = (f"memory quota exceeded: {i['rss_mb']} MB > {i['quota_mb']} MB "
-                      f"in {i['readings']} readings")
-            if self.supervisor.recycle(key, reason, counter="memory_restarts", pid=i["pid"]):
-                self._over.pop(key, None)
-                done.append(key)
-            else:
-                skipped.append(key)
-        if not done:
-            raise HealError(f"nothing to restart ({', '.join(skipped)} already gone or "
-                            "restarting)")
-        back = wait_ready(self.supervisor, done, self.heal_wait_s)
-        out = f"restarted {', '.join(done)} (over quota)"
-        if set(back) != set(done):
-            out += f"; not ready again: {', '.join(k for k in done if k not in back)}"
-        return out
+        return recycle_workers(
+            self.supervisor, {
+                key: (f"memory quota exceeded: {i['rss_mb']} MB > {i['quota_mb']} MB "
+                      f"in {i['readings']} readings", i["pid"])
+                for key, i in (finding.data.get("workers") or {}).items()},
+            counter="memory_restarts", wait_s=self.heal_wait_s, forget=self._over,
+            what="restarted", why=" (over quota)")

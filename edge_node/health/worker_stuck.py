@@ -105,25 +105,39 @@ class WorkerStuckCheck(Check):
         return Finding(self.name, True, detail, data={"late": sorted(late)})
 
     def heal(self, finding: Finding) -> str:
-        done, skipped = [], []
-        for key, info in (finding.data.get("workers") or {}).items():
-            reason = (f"stuck: no answer to {info['misses']} pings of {self.ping_timeout_s:g}s"
-                      + (" (process stopped)" if info.get("state") == "T" else ""))
-            if self.supervisor.recycle(key, reason, counter="stuck_restarts", kill=True,
-                                       pid=info["pid"]):
-                self._missed.pop(key, None)
-                done.append(key)
-            else:
-                skipped.append(key)
-        if not done:
-            raise HealError(f"nothing to restart ({', '.join(skipped)} already gone or "
-                            "restarting)")
-        back = wait_ready(self.supervisor, done, self.heal_wait_s)
-        out = f"killed and restarted {', '.join(done)}"
-        if set(back) != set(done):
-            out += f"; not ready yet after {self.heal_wait_s:g}s: " + \
-                ", ".join(k for k in done if k not in back)
-        return out
+        return recycle_workers(
+            self.supervisor, {
+                key: (f"stuck: no answer to {info['misses']} pings of "
+                      f"{self.ping_timeout_s:g}s"
+                      + (" (process stopped)" if info.get("state") == "T" else ""),
+                      info["pid"])
+                for key, info in (finding.data.get("workers") or {}).items()},
+            counter="stuck_restarts", kill=True, wait_s=self.heal_wait_s,
+            forget=self._missed, what="killed and restarted")
+
+
+def recycle_workers(supervisor: Any, workers: dict[str, tuple[str, int]], *, counter: str,
+                    kill: bool = False, wait_s: float, forget: dict, what: str,
+                    why: str = "") -> str:
+    """The remedy of the worker checks: restart each of ``workers`` (key -> (reason,
+    pid)) through :meth:`WorkerSupervisor.recycle` and wait until they are ready
+    again; what was done. HealError when none could be restarted."""
+    done, skipped = [], []
+    for key, (reason, pid) in workers.items():
+        if supervisor.recycle(key, reason, counter=counter, kill=kill, pid=pid):
+            forget.pop(key, None)
+            done.append(key)
+        else:
+            skipped.append(key)
+    if not done:
+        raise HealError(f"nothing to restart ({', '.join(skipped)} already gone or "
+                        "restarting)")
+    back = wait_ready(supervisor, done, wait_s)
+    out = f"{what} {', '.join(done)}{why}"
+    if set(back) != set(done):
+        out += f"; not ready again after {wait_s:g}s: " + \
+            ", ".join(k for k in done if k not in back)
+    return out
 
 
 def wait_ready(supervisor: Any, keys: list[str], timeout: float) -> list[str]:
