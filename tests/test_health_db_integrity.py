@@ -1,6 +1,8 @@
 """db_integrity: a real node.db damaged on disk (pages overwritten with garbage);
 the last good copy is restored live (the store's open connection goes on) or at
-start (page 1 destroyed), and what was lost since the copy is journalled."""
+start (page 1 destroyed), with every row the damaged file still gives merged in
+(tests/test_health_db_salvage.py for the salvage itself); what was salvaged and
+what was lost is journalled."""
 
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ def test_corruption_is_detected_and_the_copy_restored_into_the_live_store(store,
         store.add_sample(sample(i))
     store.put_json("desired", {"revision": 7})
     assert dbi.make_last_good(db)["counts"]["samples"] == 200
-    for i in range(200, 260):  # written after the copy: lost with the damage
+    for i in range(200, 260):  # written after the copy: salvaged where readable
         store.add_sample(sample(i))
     corrupt(db, first_page=3, every=2)
     c = DbIntegrityCheck(db)
@@ -81,9 +83,12 @@ def test_corruption_is_detected_and_the_copy_restored_into_the_live_store(store,
     assert c.probe().ok
     # the store's connection, open all along, reads the restored data and writes on
     assert store.get_json("desired") == {"revision": 7}
-    assert store.count("samples") == 200
+    sv = f.data["salvage"]["tables"]["samples"]
+    assert store.count("samples") == 200 + sv["inserted"] and sv["inserted"] > 0
+    assert "salvaged rows newer than the copy" in remedy
+    n = store.count("samples")
     store.add_sample(sample(999))
-    assert store.count("samples") == 201
+    assert store.count("samples") == n + 1
     # the damaged file is kept for the technician
     kept = Path(f.data["kept"])
     assert kept.exists() and not dbi.quick_check(kept)[0]
@@ -108,7 +113,9 @@ def test_through_the_monitor_what_was_lost_is_journalled(store, tmp_path):
     rows = {r["phase"]: r for r in j.recent()}
     assert "restored the last good copy" in rows["healed"]["remedy"]
     assert rows["healed"]["data"]["path"] == str(db)
-    assert store.count("samples") == 100
+    sv = rows["healed"]["data"]["salvage"]["tables"]["samples"]
+    assert store.count("samples") == 100 + sv["inserted"]
+    assert sv["inserted"] + (sv["lost"] or 0) <= 50
     j.close()
 
 
@@ -145,7 +152,7 @@ def test_destroyed_header_is_restored_at_start(tmp_path):
     assert "restored the last good copy" in note["detail"]
     assert Path(note["kept"]).exists()
     s = NodeStore(db)  # opens, migrates, serves the copy's data
-    assert s.count("samples") == 50
+    assert s.count("samples") == 50  # nothing readable without page 1: the copy alone
     s.close()
     assert dbi.guard_at_start(db) is None  # fine now
 

@@ -10,12 +10,16 @@
   technician (``node.db.corrupt-<ts>``) and restores the copy *into the live
   database* through the backup API -- a write transaction like any other, so the
   agent's own connections (store, outbox, jobs) go on with the restored content.
-  What was lost since the copy (rows per table, where the damaged file can still
-  be counted) is journalled.
+  Before that, every row the damaged file can still give is merged into the copy
+  (:mod:`.db_salvage`: rows newer than the copy come back, by each table's key;
+  only rows on unreadable pages are lost, and counted), and sample files left
+  with no row are imported again; the restore then installs copy + salvage in
+  one step. Rows salvaged, lost and re-imported per table are journalled.
 - **Corruption found at start** (the file cannot be opened, or quick_check fails;
   e.g. page 1 destroyed, so no connection can write into it): :func:`guard_at_start`
-  moves the damaged file aside and puts the copy in its place before anything
-  opens it (no copy: the node starts with an empty database rather than not at all).
+  moves the damaged file aside and puts the copy, plus what the damaged file still
+  gives, in its place before anything opens it (no copy: what can be salvaged
+  into an empty database, else an empty database rather than no start at all).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import db_salvage
 from .base import Check, Finding, HealError
 
 logger = logging.getLogger(__name__)
@@ -167,16 +172,58 @@ def _describe(meta: dict, lost: dict) -> str:
     return f"restored the last good copy of {when} ({age:.0f} s old); rows: {what}"
 
 
-def restore_online(db_path: Path) -> dict[str, Any]:
-    """Restore the last good copy into the live database (other connections stay
-    open); raises :class:`HealError` when there is no copy or SQLite refuses."""
+def samples_dir_of(db_path: Path) -> Path:
+    """Where the node keeps its sample files (``<data_dir>/samples``)."""
+    return Path(db_path).parent / "samples"
+
+
+def _with_salvage(kept: Path, base: Path, out: Path,
+                  samples_dir: Path | None) -> dict[str, Any]:
+    """:func:`db_salvage.build_restore`, never raising: on failure the report
+    says why (and ``out`` is not written)."""
+    try:
+        return db_salvage.build_restore(kept, base, out, samples_dir)
+    except (sqlite3.Error, OSError, ValueError) as err:
+        logger.exception("salvage of %s failed; restoring the copy alone", kept.name)
+        return {"error": f"salvage failed: {err}", "tables": {}, "salvaged": {}, "lost": {},
+                "samples": {}, "failed": True}
+
+
+def restore_online(db_path: Path, samples_dir: Path | None = None) -> dict[str, Any]:
+    """Restore the last good copy, plus every row the damaged file still gives,
+    into the live database (other connections stay open); raises
+    :class:`HealError` when there is no copy or SQLite refuses."""
     db_path = Path(db_path)
     meta = last_good_meta(db_path)
     if meta is None:
         raise HealError(f"no last good copy of {db_path.name} to restore")
     before = table_counts(db_path)
     kept = _keep_damaged(db_path)
-    src = sqlite3.connect(f"file:{copy_path(db_path)}?mode=ro", uri=True, timeout=30)
+    merged = db_path.with_name(db_path.name + ".restore.tmp")
+    salvage = _with_salvage(kept, copy_path(db_path), merged,
+                            samples_dir if samples_dir is not None else samples_dir_of(db_path))
+    source = copy_path(db_path) if salvage.get("failed") else merged
+    try:
+        _backup_into(source, db_path)
+    finally:
+        merged.unlink(missing_ok=True)
+    restored = table_counts(db_path)
+    lost = _lost(before, restored)
+    return {"copy_ts": meta.get("ts"), "kept": str(kept), "lost": lost,
+            "salvage": _brief(salvage),
+            "detail": _describe(meta, lost) + "; " + db_salvage.describe(salvage)}
+
+
+def _brief(rep: dict[str, Any]) -> dict[str, Any]:
+    """The salvage report for the journal: per table read/inserted/updated/deleted/
+    unreadable/lost, totals, samples re-imported."""
+    return {"tables": rep.get("tables", {}), "salvaged": rep.get("salvaged", {}),
+            "lost": rep.get("lost", {}), "samples": rep.get("samples", {}),
+            "error": rep.get("error"), "cli": rep.get("cli"), "seconds": rep.get("seconds")}
+
+
+def _backup_into(source: Path, db_path: Path) -> None:
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
     try:
         dst = sqlite3.connect(str(db_path), timeout=30)
         try:
@@ -190,13 +237,9 @@ def restore_online(db_path: Path) -> dict[str, Any]:
                         "it is restored at the agent's next start") from err
     finally:
         src.close()
-    restored = table_counts(db_path)
-    lost = _lost(before, restored)
-    return {"copy_ts": meta.get("ts"), "kept": str(kept), "lost": lost,
-            "detail": _describe(meta, lost)}
 
 
-def guard_at_start(db_path: Path) -> dict[str, Any] | None:
+def guard_at_start(db_path: Path, samples_dir: Path | None = None) -> dict[str, Any] | None:
     """Before anything opens node.db: if it is damaged, move it aside and put the
     last good copy in its place. None when the file is fine (or absent); otherwise
     what was done, for the fault journal."""
@@ -215,21 +258,40 @@ def guard_at_start(db_path: Path) -> dict[str, Any] | None:
             os.replace(p, kept.with_name(kept.name + suffix))
     meta = last_good_meta(db_path)
     out: dict[str, Any] = {"problem": "; ".join(msgs[:5]), "kept": str(kept)}
+    sdir = samples_dir if samples_dir is not None else samples_dir_of(db_path)
     if meta is None:
+        empty = db_path.with_name(db_path.name + ".empty.tmp")
+        empty.unlink(missing_ok=True)
+        sqlite3.connect(str(empty)).close()
+        salvage = _with_salvage(kept, empty, db_path, sdir)
+        empty.unlink(missing_ok=True)
+        if not salvage.get("failed") and salvage.get("salvaged"):
+            out["salvage"] = _brief(salvage)
+            out["detail"] = (f"{db_path.name} damaged ({out['problem']}) and no last good "
+                             f"copy: started with what it still held; "
+                             + db_salvage.describe(salvage)
+                             + f"; the damaged one is {kept.name}")
+            out["remedy"] = "salvaged the damaged database at start"
+            logger.error("%s", out["detail"])
+            return out
+        db_path.unlink(missing_ok=True)
         out["detail"] = (f"{db_path.name} damaged ({out['problem']}) and no last good copy: "
                          f"started with an empty database; the damaged one is {kept.name}")
         out["remedy"] = "started with an empty database"
         logger.error("%s", out["detail"])
         return out
-    tmp = db_path.with_name(db_path.name + ".restore.tmp")
-    shutil.copyfile(copy_path(db_path), tmp)
-    _fsync(tmp)
-    os.replace(tmp, db_path)
+    salvage = _with_salvage(kept, copy_path(db_path), db_path, sdir)
+    if salvage.get("failed"):
+        tmp = db_path.with_name(db_path.name + ".restore.tmp")
+        shutil.copyfile(copy_path(db_path), tmp)
+        _fsync(tmp)
+        os.replace(tmp, db_path)
     _fsync(db_path.parent)
     lost = _lost(before, table_counts(db_path))
-    out.update(copy_ts=meta.get("ts"), lost=lost,
+    out.update(copy_ts=meta.get("ts"), lost=lost, salvage=_brief(salvage),
                detail=f"{db_path.name} damaged ({out['problem']}): "
-               + _describe(meta, lost) + f"; the damaged one is {kept.name}")
+               + _describe(meta, lost) + "; " + db_salvage.describe(salvage)
+               + f"; the damaged one is {kept.name}")
     out["remedy"] = "restored the last good copy at start"
     logger.error("%s", out["detail"])
     return out
@@ -244,8 +306,13 @@ class DbIntegrityCheck(Check):
     max_duty = 0.005
 
     def __init__(self, db_path: Path, backup_interval_s: float = BACKUP_INTERVAL_S,
-                 interval_s: float | None = None, backups: bool = True) -> None:
+                 interval_s: float | None = None, backups: bool = True,
+                 samples_dir: Path | None = None) -> None:
         self.db_path = Path(db_path)
+        self.samples_dir = samples_dir
+        #: the last restore's report, carried by the next ok probe (so the monitor
+        #: journals it with the ``healed`` row)
+        self._restored: dict[str, Any] | None = None
         self.backup_interval_s = backup_interval_s
         self.backups = backups
         if interval_s is not None:
@@ -265,6 +332,9 @@ class DbIntegrityCheck(Check):
                 "last_good_ts": meta.get("ts") if meta else None,
                 "last_good_age_s": round(time.time() - meta["ts"], 1) if meta else None}
         if ok:
+            if self._restored is not None:
+                data.update(self._restored)
+                self._restored = None
             return Finding(self.name, True, "quick_check: ok" + (
                 f"; last good copy {data['last_good_age_s']:.0f} s old" if meta
                 else "; no last good copy yet"), data=data)
@@ -272,8 +342,10 @@ class DbIntegrityCheck(Check):
                        fault="db_corrupt", data={**data, "messages": msgs[:20]})
 
     def heal(self, finding: Finding) -> str:
-        r = restore_online(self.db_path)
-        finding.data.update({"lost": r["lost"], "kept": r["kept"], "copy_ts": r["copy_ts"]})
+        r = restore_online(self.db_path, self.samples_dir)
+        finding.data.update({"lost": r["lost"], "kept": r["kept"], "copy_ts": r["copy_ts"],
+                             "salvage": r["salvage"]})
+        self._restored = {k: finding.data[k] for k in ("lost", "kept", "copy_ts", "salvage")}
         return r["detail"] + f"; the damaged file is kept as {Path(r['kept']).name}"
 
     def after_ok(self, finding: Finding) -> None:

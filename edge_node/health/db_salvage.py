@@ -1,0 +1,606 @@
+"""Salvage a damaged node.db before its last good copy replaces it.
+
+Corruption usually hits a few pages: most rows of the damaged file can still be
+read. Restoring the copy alone would lose every fact written since it was made
+(outbox rows not yet sent, samples, labels, journal rows). So the restore is
+built as *the copy plus every row the damaged file can still give*:
+
+1. **Read** (:func:`salvage`): table by table, from the schema on page 1. Where
+   an index of the table can be read (it usually can: every node.db table has
+   one), it lists every rowid -- and the key -- the table holds, even those on
+   damaged pages; the rows are then read by rowid ranges, and a range that hits
+   a damaged page is cut in two until the bad rows are isolated, so one bad page
+   costs only its own rows, which are then known by rowid and key. Without a
+   readable index the reader bisects the rowid space itself (the rows lost are
+   then counted from ``count(*)`` where it answers, else unknown). The ``sqlite3``
+   command line's ``.recover``, where it works (Debian's 3.40 build does not),
+   adds rows the reader could not reach. Everything tolerates
+   :class:`sqlite3.DatabaseError`.
+2. **Merge** (:func:`merge`) into a copy of the last good copy, per table by its
+   key -- the declared primary key, else the first unique index (the outbox: its
+   ``msg_id``), else the rowid:
+   - a key only in the damaged file: inserted (with its rowid when free, so the
+     outbox keeps its order);
+   - a key in both: the damaged file's row wins (it is the newer state of the
+     same row), except that an outbox row never goes back from ``acked`` or
+     ``rejected`` to ``pending`` (nothing acked is sent again);
+   - a key only in the copy: deleted only when the damaged file is known not to
+     hold it any more (its rowid was readable, and the key is not among the lost
+     ones); otherwise the copy's row stays.
+   Running the merge twice changes nothing the second time.
+3. **Samples** (:func:`reimport_samples`): a file under ``samples/`` with no row
+   after the merge is imported again -- with its metadata from its feedback
+   message when the outbox row was salvaged, else as a bare, local-only,
+   unlabelled sample (``app`` ``unknown``), listed with the reason. A sample
+   whose outbox row was lost is marked unqueued, so the next start queues it
+   again (the cloud dedups by ``msg_id``).
+
+The report says, per table: rows read, inserted, updated, deleted, unreadable,
+and lost (unreadable and not in the copy either).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+OUTBOX = "cloud_sync_outbox"
+FINAL_STATES = ("acked", "rejected")
+MIN_ROWID, MAX_ROWID = -(2 ** 63), 2 ** 63 - 1
+#: queries one table's bisection may spend before the rest is counted unreadable
+MAX_QUERIES = 200_000
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass
+class TableSalvage:
+    name: str
+    cols: list[str]
+    rows: dict[int, tuple] = field(default_factory=dict)  # rowid -> values (cols order)
+    #: rowids known to exist but unreadable (index mode); None: not known (bisect mode)
+    lost_rowids: set[int] | None = None
+    #: rowid ranges read completely (bisect mode): a rowid in one of them and not
+    #: in ``rows`` does not exist in the damaged file
+    covered: list[tuple[int, int]] = field(default_factory=list)
+    #: keys of the lost rows, where the index holds the key: rowid -> key tuple
+    lost_keys: dict[int, tuple] = field(default_factory=dict)
+    key: list[str] = field(default_factory=list)  # the key columns ("rowid": the rowid)
+    count: int | None = None  # count(*) in the damaged file, where it answered
+    method: str = "index"
+    error: str | None = None
+    queries: int = 0
+
+    @property
+    def unreadable(self) -> int | None:
+        if self.lost_rowids is not None:
+            return len(self.lost_rowids)
+        if self.count is not None:
+            return max(0, self.count - len(self.rows))
+        return None if self.error or self._has_gaps() else 0
+
+    def _has_gaps(self) -> bool:
+        return _uncovered(self.covered) != []
+
+    def readable(self, rowid: int) -> bool:
+        """True when the damaged file is known to hold (or not hold) ``rowid``."""
+        if rowid in self.rows:
+            return True
+        if self.lost_rowids is not None:
+            return rowid not in self.lost_rowids
+        return any(a <= rowid <= b for a, b in self.covered)
+
+    def complete(self) -> bool:
+        return self.error is None and self.unreadable == 0
+
+
+def _uncovered(covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out, nxt = [], MIN_ROWID
+    for a, b in sorted(covered):
+        if a > nxt:
+            out.append((nxt, a - 1))
+        nxt = max(nxt, b + 1) if b < MAX_ROWID else MAX_ROWID + 1
+    if nxt <= MAX_ROWID:
+        out.append((nxt, MAX_ROWID))
+    return out
+
+
+def _schema(conn: sqlite3.Connection) -> list[tuple[str, str, str, str | None]]:
+    return [tuple(r) for r in conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY rowid")]
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> list[tuple[str, str, int]]:
+    """(name, declared type, pk position) per column."""
+    return [(r[1], r[2], r[5]) for r in conn.execute(f"PRAGMA table_info({_q(table)})")]
+
+
+def _indexes(conn: sqlite3.Connection, table: str) -> list[tuple[str, bool, list[str]]]:
+    """(name, unique, columns) of the table's full indexes."""
+    out = []
+    for r in conn.execute(f"PRAGMA index_list({_q(table)})"):
+        name, unique, partial = r[1], bool(r[2]), r[4] if len(r) > 4 else 0
+        if partial:
+            continue
+        cols = [c[2] for c in conn.execute(f"PRAGMA index_info({_q(name)})")]
+        if cols and all(c is not None for c in cols):
+            out.append((name, unique, cols))
+    return out
+
+
+def table_key(conn: sqlite3.Connection, table: str) -> list[str]:
+    """What identifies a row: the declared primary key (``rowid`` when it is the
+    rowid's alias), else the first unique index, else the rowid."""
+    cols = _columns(conn, table)
+    pk = [c[0] for c in sorted((c for c in cols if c[2]), key=lambda c: c[2])]
+    rowid_alias = len(pk) == 1 and any(c[0] == pk[0] and c[1].upper() == "INTEGER"
+                                       for c in cols)
+    if pk and not rowid_alias:
+        return pk
+    for _name, unique, icols in _indexes(conn, table):
+        if unique:
+            return icols
+    return ["rowid"]
+
+
+def _read_by_rowids(conn, ts: TableSalvage, rowids: list[int]) -> None:
+    """Rows of the sorted ``rowids``, by ranges; a failing range is halved until
+    its bad rows stand alone (they go to ``lost_rowids``)."""
+    sel = f"SELECT rowid, {', '.join(_q(c) for c in ts.cols)} FROM {_q(ts.name)} " \
+          "WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
+    ts.lost_rowids = set()
+    stack = [(0, len(rowids) - 1)] if rowids else []
+    while stack:
+        i, j = stack.pop()
+        ts.queries += 1
+        last = None
+        try:
+            for r in conn.execute(sel, (rowids[i], rowids[j])):
+                ts.rows[r[0]] = tuple(r[1:])
+                last = r[0]
+            continue
+        except sqlite3.DatabaseError:
+            pass
+        while i <= j and last is not None and rowids[i] <= last:
+            i += 1  # read before the error
+        if i > j:
+            continue
+        if i == j or ts.queries > MAX_QUERIES:
+            ts.lost_rowids.update(r for r in rowids[i:j + 1] if r not in ts.rows)
+            continue
+        mid = (i + j) // 2
+        stack.append((mid + 1, j))
+        stack.append((i, mid))
+
+
+def _read_by_bisection(conn, ts: TableSalvage) -> None:
+    """No index to list the rowids: bisect the rowid space itself."""
+    ts.method = "bisect"
+    sel = f"SELECT rowid, {', '.join(_q(c) for c in ts.cols)} FROM {_q(ts.name)} " \
+          "WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
+    stack = [(MIN_ROWID, MAX_ROWID)]
+    while stack:
+        a, b = stack.pop()
+        ts.queries += 1
+        last = None
+        try:
+            for r in conn.execute(sel, (a, b)):
+                ts.rows[r[0]] = tuple(r[1:])
+                last = r[0]
+            ts.covered.append((a, b))
+            continue
+        except sqlite3.DatabaseError:
+            pass
+        if last is not None:
+            ts.covered.append((a, last))
+            a = last + 1
+        if a > b or a == b or ts.queries > MAX_QUERIES:
+            continue  # unreadable (not covered)
+        mid = a + (b - a) // 2
+        stack.append((mid + 1, b))
+        stack.append((a, mid))
+
+
+def _index_rowids(conn, table: str, key: list[str]) -> tuple[list[int], dict[int, tuple]] | None:
+    """Every rowid of ``table`` (and its key, where the index holds it) from the
+    first index that can be read whole; None when none can."""
+    idx = _indexes(conn, table)
+    idx.sort(key=lambda x: x[2] != key)  # the key's own index first
+    for name, _unique, icols in idx:
+        want = [c for c in key if c != "rowid"]
+        has_key = all(c in icols for c in want)
+        cols = ", ".join(["rowid"] + ([_q(c) for c in want] if has_key else []))
+        try:
+            rows = conn.execute(
+                f"SELECT {cols} FROM {_q(table)} INDEXED BY {_q(name)}").fetchall()
+        except sqlite3.DatabaseError:
+            continue
+        keys = {r[0]: (tuple(r[1:]) if want else (r[0],)) for r in rows} \
+            if (has_key or not want) else {}
+        return sorted(r[0] for r in rows), keys
+    return None
+
+
+def read_table(conn: sqlite3.Connection, table: str) -> TableSalvage:
+    ts = TableSalvage(table, [])
+    try:
+        ts.cols = [c[0] for c in _columns(conn, table)]
+        ts.key = table_key(conn, table)
+    except sqlite3.DatabaseError as err:
+        ts.error = str(err)
+        return ts
+    try:
+        ts.count = conn.execute(f"SELECT count(*) FROM {_q(table)}").fetchone()[0]
+    except sqlite3.DatabaseError:
+        ts.count = None
+    listed = _index_rowids(conn, table, ts.key)
+    if listed is not None and (ts.count is None or len(listed[0]) == ts.count):
+        rowids, keys = listed
+        _read_by_rowids(conn, ts, rowids)
+        ts.lost_keys = {r: keys[r] for r in ts.lost_rowids if r in keys}
+    else:
+        _read_by_bisection(conn, ts)
+    return ts
+
+
+# -- the sqlite3 command line's .recover (optional) ------------------------------
+_CLI_OK: bool | None = None
+
+
+def cli_recover_available() -> bool:
+    """Whether a ``sqlite3`` command line whose ``.recover`` works is on PATH."""
+    global _CLI_OK
+    if _CLI_OK is None:
+        exe = shutil.which("sqlite3")
+        _CLI_OK = False
+        if exe:
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / "probe.db"
+                c = sqlite3.connect(p)
+                c.execute("CREATE TABLE t(a)")
+                c.execute("INSERT INTO t VALUES (42)")
+                c.commit()
+                c.close()
+                try:
+                    r = subprocess.run([exe, str(p), ".recover"], capture_output=True,
+                                       text=True, timeout=30)
+                    _CLI_OK = r.returncode == 0 and "42" in r.stdout and "error" not in r.stderr
+                except (OSError, subprocess.SubprocessError):
+                    _CLI_OK = False
+    return _CLI_OK
+
+
+def _cli_recover(damaged: Path, tables: dict[str, TableSalvage]) -> int:
+    """Rows ``.recover`` finds at rowids the reader lost; how many were added."""
+    if not cli_recover_available():
+        return 0
+    added = 0
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "recovered.db"
+        try:
+            sql = subprocess.run([shutil.which("sqlite3") or "sqlite3", str(damaged), ".recover"],
+                                 capture_output=True, text=True, timeout=300).stdout
+            rc = sqlite3.connect(out)
+            rc.executescript(sql)
+        except (OSError, subprocess.SubprocessError, sqlite3.Error) as err:
+            logger.warning("sqlite3 .recover of %s failed: %s", damaged.name, err)
+            return 0
+        try:
+            for ts in tables.values():
+                if ts.complete() or not ts.cols:
+                    continue
+                try:
+                    rows = rc.execute(f"SELECT rowid, {', '.join(_q(c) for c in ts.cols)} "
+                                      f"FROM {_q(ts.name)}").fetchall()
+                except sqlite3.Error:
+                    continue
+                for r in rows:
+                    if r[0] not in ts.rows and not ts.readable(r[0]):
+                        ts.rows[r[0]] = tuple(r[1:])
+                        if ts.lost_rowids is not None:
+                            ts.lost_rowids.discard(r[0])
+                            ts.lost_keys.pop(r[0], None)
+                        added += 1
+        finally:
+            rc.close()
+    return added
+
+
+def salvage(damaged: Path, use_cli: bool = True) -> dict[str, Any]:
+    """Everything the damaged file can still give: ``{"tables": {name:
+    TableSalvage}, "schema": [...], "error": str | None, "cli_rows": int}``."""
+    out: dict[str, Any] = {"tables": {}, "schema": [], "error": None, "cli_rows": 0}
+    try:
+        conn = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as err:
+        out["error"] = str(err)
+        return out
+    try:
+        try:
+            out["schema"] = _schema(conn)
+        except sqlite3.DatabaseError as err:
+            out["error"] = f"schema unreadable: {err}"
+            return out
+        for typ, name, _tbl, sql in out["schema"]:
+            if typ == "table" and not name.startswith("sqlite_") and sql \
+                    and "VIRTUAL" not in sql.upper():
+                out["tables"][name] = read_table(conn, name)
+    finally:
+        conn.close()
+    if use_cli:
+        out["cli_rows"] = _cli_recover(damaged, out["tables"])
+    return out
+
+
+# -- merge ----------------------------------------------------------------------
+def _key_of(ts: TableSalvage, rowid: int, values: tuple) -> tuple:
+    return tuple(rowid if k == "rowid" else values[ts.cols.index(k)] for k in ts.key)
+
+
+def merge(target: sqlite3.Connection, salv: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Merge the salvaged rows into ``target`` (a copy of the last good copy); per
+    table what was done. Idempotent."""
+    report: dict[str, dict[str, Any]] = {}
+    existing = {r[0] for r in target.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for typ, name, tbl, sql in salv["schema"]:  # tables and indexes made since the copy
+        if not sql or name.startswith("sqlite_"):
+            continue
+        if typ == "table" and name not in existing:
+            target.execute(sql)
+            existing.add(name)
+    for typ, name, tbl, sql in salv["schema"]:
+        if typ == "index" and sql:
+            try:
+                target.execute(sql.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS", 1)
+                               .replace("CREATE UNIQUE INDEX",
+                                        "CREATE UNIQUE INDEX IF NOT EXISTS", 1))
+            except sqlite3.Error:
+                pass
+    for name, ts in salv["tables"].items():
+        if ts.error or not ts.cols:
+            report[name] = {"read": 0, "inserted": 0, "updated": 0, "deleted": 0,
+                            "unreadable": None, "lost": None, "error": ts.error}
+            continue
+        report[name] = _merge_table(target, ts)
+    return report
+
+
+def _merge_table(target: sqlite3.Connection, ts: TableSalvage) -> dict[str, Any]:
+    t = _q(ts.name)
+    have = {c[0]: c for c in _columns(target, ts.name)}
+    for c in ts.cols:  # a column added by a migration since the copy
+        if c not in have:
+            target.execute(f"ALTER TABLE {t} ADD COLUMN {_q(c)}")
+    key_sql = ", ".join("rowid" if k == "rowid" else _q(k) for k in ts.key)
+    cur: dict[tuple, int] = {}  # key -> rowid in the target
+    for r in target.execute(f"SELECT rowid, {key_sql} FROM {t}"):
+        cur[tuple(r[1:])] = r[0]
+    salvaged = {_key_of(ts, rid, vals): (rid, vals) for rid, vals in ts.rows.items()}
+    lost_keys = set(ts.lost_keys.values())
+    keys_known = ts.lost_rowids is not None and (
+        ts.key == ["rowid"] or len(ts.lost_keys) == len(ts.lost_rowids))
+    n = {"read": len(ts.rows), "inserted": 0, "updated": 0, "deleted": 0, "kept_from_copy": 0,
+         "unreadable": ts.unreadable, "lost": None, "method": ts.method}
+    # 1. keys only in the copy: deleted since, where the damaged file says so
+    for k, rid in list(cur.items()):
+        if k in salvaged:
+            continue
+        gone = (ts.complete()
+                or (keys_known and k not in lost_keys and ts.readable(rid))
+                or (ts.key == ["rowid"] and ts.readable(rid)))
+        if gone:
+            target.execute(f"DELETE FROM {t} WHERE rowid = ?", [rid])
+            del cur[k]
+            n["deleted"] += 1
+        else:
+            n["kept_from_copy"] += 1
+    cols_sql = ", ".join(_q(c) for c in ts.cols)
+    state_i = ts.cols.index("state") if ts.name == OUTBOX and "state" in ts.cols else None
+    # 2. keys in both: the damaged file's row wins (an outbox row never goes back)
+    # 3. keys only in the damaged file: inserted, with their rowid when it is free
+    for k, (rid, vals) in sorted(salvaged.items(), key=lambda kv: kv[1][0]):
+        if k in cur:
+            row = target.execute(f"SELECT {cols_sql} FROM {t} WHERE rowid = ?",
+                                 [cur[k]]).fetchone()
+            if row is None or tuple(row) == tuple(vals):
+                continue
+            if state_i is not None and row[state_i] in FINAL_STATES \
+                    and vals[state_i] not in FINAL_STATES:
+                continue
+            sets = ", ".join(f"{_q(c)} = ?" for c in ts.cols)
+            try:
+                target.execute(f"UPDATE {t} SET {sets} WHERE rowid = ?", [*vals, cur[k]])
+                n["updated"] += 1
+            except sqlite3.IntegrityError as err:
+                n.setdefault("conflicts", []).append(f"{k}: {err}")
+            continue
+        free = target.execute(f"SELECT 1 FROM {t} WHERE rowid = ?", [rid]).fetchone() is None
+        try:
+            if free:
+                target.execute(f"INSERT INTO {t} (rowid, {cols_sql}) VALUES "
+                               f"({', '.join('?' * (len(vals) + 1))})", [rid, *vals])
+            else:
+                pk_alias = [c for c in ts.cols if _is_rowid_alias(target, ts.name, c)]
+                cols2 = [c for c in ts.cols if c not in pk_alias]
+                vals2 = [v for c, v in zip(ts.cols, vals) if c not in pk_alias]
+                target.execute(f"INSERT INTO {t} ({', '.join(_q(c) for c in cols2)}) VALUES "
+                               f"({', '.join('?' * len(vals2))})", vals2)
+            cur[k] = rid
+            n["inserted"] += 1
+        except sqlite3.IntegrityError as err:
+            n.setdefault("conflicts", []).append(f"{k}: {err}")
+    # lost: unreadable rows the copy does not hold either
+    if ts.lost_rowids is not None and (keys_known or ts.key == ["rowid"]):
+        lk = ts.lost_keys if ts.key != ["rowid"] else {r: (r,) for r in ts.lost_rowids}
+        n["lost"] = sum(1 for k in lk.values() if k not in cur)
+        n["lost_keys"] = sorted(str(k[0]) if len(k) == 1 else str(k)
+                                for k in lk.values() if k not in cur)[:50]
+    else:
+        n["lost"] = ts.unreadable  # an upper bound: some may be in the copy
+    return n
+
+
+def _is_rowid_alias(conn: sqlite3.Connection, table: str, col: str) -> bool:
+    cols = _columns(conn, table)
+    pk = [c for c in cols if c[2]]
+    return len(pk) == 1 and pk[0][0] == col and pk[0][1].upper() == "INTEGER"
+
+
+# -- samples on disk --------------------------------------------------------------
+_EXT_TYPE = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "npy": "tensor/npy"}
+
+
+def _feedback_meta(target: sqlite3.Connection) -> dict[str, dict]:
+    """sample_id -> its feedback message's sample, from the outbox."""
+    out: dict[str, dict] = {}
+    try:
+        rows = target.execute(f"SELECT payload FROM {OUTBOX} WHERE kind = 'feedback'")
+        for (payload,) in rows:
+            try:
+                s = json.loads(payload)["sample"]
+                out[s["sample_id"]] = s
+            except (ValueError, KeyError, TypeError):
+                continue
+    except sqlite3.Error:
+        pass
+    return out
+
+
+def reimport_samples(target: sqlite3.Connection, samples_dir: Path | None,
+                     outbox_lost: set[str] | None = None) -> dict[str, Any]:
+    """Sample files with no row get one again; samples whose upload was lost with
+    the outbox are marked unqueued (the next start queues them again)."""
+    rep: dict[str, Any] = {"files": 0, "reimported": 0, "from_outbox": 0, "bare": 0,
+                           "requeued": 0, "ids": []}
+    try:
+        cols = {c[0] for c in _columns(target, "samples")}
+    except sqlite3.Error:
+        return rep
+    if not cols:
+        return rep
+    if outbox_lost:
+        try:
+            q = ",".join("?" * len(outbox_lost))
+            rep["requeued"] = target.execute(
+                f"UPDATE samples SET queued = NULL WHERE msg_id IN ({q}) "
+                "AND coalesce(shared, '') != 'none'", list(outbox_lost)).rowcount
+        except sqlite3.Error:
+            pass
+    if samples_dir is None or not Path(samples_dir).is_dir():
+        return rep
+    known = {r[0] for r in target.execute("SELECT sample_id FROM samples")}
+    paths = {r[0] for r in target.execute("SELECT input_path FROM samples")}
+    meta = None
+    now = time.time()
+    for f in sorted(Path(samples_dir).iterdir()):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        rep["files"] += 1
+        sid, ext = f.stem, f.suffix.lstrip(".").lower()
+        if sid in known or str(f) in paths or ext not in _EXT_TYPE:
+            continue
+        if meta is None:
+            meta = _feedback_meta(target)
+        st = f.stat()
+        row = {"sample_id": sid, "created_at": st.st_mtime, "app": "unknown", "version": "",
+               "reason": "reimported after db_corrupt", "input_type": _EXT_TYPE[ext],
+               "input_path": str(f), "prediction": "{}", "scores": "[]", "label": None,
+               "source": "reimported", "msg_id": sid, "queued": now, "usefulness": 0.0,
+               "nbytes": st.st_size, "heldout": 0, "shared": "none"}
+        s = meta.get(sid)
+        if s:
+            row.update(created_at=s.get("created_at", st.st_mtime), app=s.get("app"),
+                       version=s.get("version", ""), reason=s.get("reason", ""),
+                       prediction=json.dumps(s.get("prediction") or {}),
+                       scores=json.dumps(s.get("scores") or []), label=s.get("label"),
+                       source=s.get("source"), usefulness=float(s.get("usefulness") or 0),
+                       heldout=int(bool(s.get("heldout"))), shared=s.get("shared"))
+            rep["from_outbox"] += 1
+        else:
+            rep["bare"] += 1
+        row = {k: v for k, v in row.items() if k in cols}
+        target.execute(f"INSERT OR IGNORE INTO samples ({', '.join(_q(k) for k in row)}) "
+                       f"VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        rep["reimported"] += 1
+        if len(rep["ids"]) < 50:
+            rep["ids"].append(sid)
+    return rep
+
+
+# -- the whole step ------------------------------------------------------------------
+def build_restore(damaged: Path, copy: Path, out: Path, samples_dir: Path | None = None,
+                  use_cli: bool = True) -> dict[str, Any]:
+    """Write ``out``: the last good ``copy`` plus what ``damaged`` still gives, and
+    the sample files re-imported. Returns the report: ``tables`` (per table),
+    ``salvaged``/``lost`` totals, ``samples`` (re-import), ``error``."""
+    t0 = time.monotonic()
+    salv = salvage(damaged, use_cli=use_cli)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    shutil.copyfile(copy, tmp)
+    conn = sqlite3.connect(str(tmp), isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("BEGIN")
+        tables = merge(conn, salv)
+        ob = salv["tables"].get(OUTBOX)
+        lost_msgs = None
+        if ob is not None and ob.cols:
+            present = {r[0] for r in conn.execute(f"SELECT msg_id FROM {OUTBOX}")}
+            if ob.lost_rowids is not None and "msg_id" in ob.key:
+                lost_msgs = {k[0] for k in ob.lost_keys.values()} - present
+            elif not ob.complete():  # lost ones unknown: every unqueued-looking sample
+                lost_msgs = {r[0] for r in conn.execute(
+                    "SELECT msg_id FROM samples WHERE queued IS NOT NULL")} - present \
+                    if "samples" in salv["tables"] else None
+        samples = reimport_samples(conn, samples_dir, lost_msgs)
+        conn.execute("COMMIT")
+        ok = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+    if not ok:
+        tmp.unlink(missing_ok=True)
+        raise sqlite3.DatabaseError("the merged database fails quick_check")
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, out)
+    salvaged = {k: v["inserted"] + v["updated"] for k, v in tables.items()
+                if v.get("inserted") or v.get("updated")}
+    lost = {k: v["lost"] for k, v in tables.items() if v.get("lost") != 0}
+    return {"tables": tables, "salvaged": salvaged, "lost": lost, "samples": samples,
+            "error": salv["error"], "cli_rows": salv["cli_rows"],
+            "cli": cli_recover_available() if use_cli else False,
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+def describe(rep: dict[str, Any]) -> str:
+    """One line for the remedy: salvaged, lost, re-imported."""
+    if rep.get("error") and not rep.get("tables"):
+        return f"nothing salvaged from the damaged file ({rep['error']})"
+    sv = ", ".join(f"{t} {n}" for t, n in sorted(rep["salvaged"].items())) or "none"
+    lost = ", ".join(f"{t} {'?' if n is None else n}"
+                     for t, n in sorted(rep["lost"].items())) or "none"
+    s = rep["samples"]
+    out = f"salvaged rows newer than the copy: {sv}; lost (unreadable): {lost}"
+    if s.get("reimported") or s.get("requeued"):
+        out += (f"; sample files re-imported: {s['reimported']} ({s['from_outbox']} with "
+                f"their metadata from the outbox, {s['bare']} bare)"
+                f"; samples to queue again: {s['requeued']}")
+    return out
