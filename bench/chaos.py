@@ -59,6 +59,7 @@ import random
 import signal
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -192,6 +193,29 @@ def arrived(cloud_db: Path, node_id: str) -> dict:
     return {"samples": fb, "events": ev, "dup_sample_ids": dup_sid, "event_types": types}
 
 
+def labels(node_db: Path, cloud_db: Path, node_id: str) -> dict:
+    """Labels given on site (node.db) against the labels the AppStore holds for those
+    samples: a label committed at the edge must reach the cloud too."""
+    c = _ro(node_db)
+    try:
+        edge = dict(c.execute("SELECT sample_id, label FROM samples WHERE label IS NOT NULL "
+                              "AND coalesce(shared, '') != 'none'").fetchall())
+        results = dict(c.execute("SELECT source, count(*) FROM results GROUP BY source"
+                                 ).fetchall())
+    finally:
+        c.close()
+    c = _ro(cloud_db)
+    try:
+        cloud = dict(c.execute("SELECT sample_id, label FROM feedback WHERE node_id = ? AND "
+                               "label IS NOT NULL", [node_id]).fetchall())
+    finally:
+        c.close()
+    missing = sorted(sid for sid, lab in edge.items() if cloud.get(sid) != lab)
+    return {"labelled_at_edge": len(edge), "same_in_cloud": len(edge) - len(missing),
+            "missing_in_cloud": len(missing), "missing_ids": missing[:20],
+            "results_by_source": results}
+
+
 # -- load --------------------------------------------------------------------------
 class Load:
     """HTTP classification requests of held-out digits (and blends of two) as PNG."""
@@ -238,6 +262,43 @@ class Load:
                 self.failed += 1
                 self.errors[str(status) if status else "no answer"] += 1
             self._stop.wait(max(0.0, 1.0 / self.rate - (time.monotonic() - t)))
+
+
+class Technician:
+    """A technician at the local web UI: every ``every`` s, the most useful
+    unlabelled samples get a label (the model's answer) through the node's API,
+    each a ``sample_labelled`` event to the cloud."""
+
+    def __init__(self, edge: str, every: float = 1.0, batch: int = 2) -> None:
+        self.edge, self.every, self.batch = edge, every, batch
+        self.ok = self.failed = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Technician:
+        self._thread = threading.Thread(target=self._run, name="technician", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(15)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            status, out = http("GET", f"{self.edge}/api/v1/labelling/queue?app=digits"
+                               f"&limit={self.batch}", timeout=5.0)
+            if status != 200:
+                continue
+            for item in out.get("queue") or []:
+                label = (item.get("prediction") or {}).get("label") or "0"
+                status, _ = http("PUT", f"{self.edge}/api/v1/samples/{item['sample_id']}/label",
+                                 {"label": label, "by": "tech-1"}, timeout=5.0)
+                if status == 200:
+                    self.ok += 1
+                else:
+                    self.failed += 1
 
 
 # -- faults ------------------------------------------------------------------------
@@ -328,23 +389,28 @@ class Chaos:
 def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
         rate: float = 5.0, gap: tuple[float, float] = (4.0, 12.0), stream_fps: float = 5.0,
         drain_s: float = 240.0, workdir: Path | None = None, node_over: dict | None = None,
-        broker_down: tuple[float, float] = (1.0, 6.0), probe_every: float = 0.5) -> dict:
+        broker_down: tuple[float, float] = (1.0, 6.0), probe_every: float = 0.5,
+        label_every: float = 1.0) -> dict:
     """One chaos run; the result (see the module doc). Brings the site up and down."""
     kinds = list(kinds or KINDS)
     over = {"feedback": {"max_per_minute": 100000}, **(node_over or {})}
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="aidc-chaos-"))
     s = Stack(workdir, node_over=over, stream={"fps": stream_fps}, probe_every=probe_every)
     t_start = time.monotonic()
-    load = chaos = ledger = None
+    load = chaos = ledger = tech = None
     try:
         s.up()
         ledger = Ledger(s.node_db).start()
         load = Load(s.edge, s.sample_dir, rate, seed).start()
+        tech = Technician(s.edge, label_every).start() if label_every else None
         time.sleep(2.0)  # the stream and the load under way before the first fault
         logger.info("chaos: %g s of %s, seed %d", duration, ",".join(kinds), seed)
         chaos = Chaos(s, kinds, duration, gap, seed, broker_down).start()
         chaos.join()
         t_chaos = time.monotonic() - chaos.t0
         load.stop()
+        if tech is not None:
+            tech.stop()
         # the camera is unplugged: the stream goes offline at the end of its loop
         cam = s.dir / "camera.avi"
         cam.rename(cam.with_suffix(".unplugged"))
@@ -370,7 +436,8 @@ def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
             got = arrived(s.cloud_db, NODE_ID)
             missing = (prod["samples"] - set(got["samples"])) | \
                 (prod["events"] - set(got["events"]))
-            if not missing or time.monotonic() >= end:
+            lab = labels(s.node_db, s.cloud_db, NODE_ID)
+            if (not missing and not lab["missing_in_cloud"]) or time.monotonic() >= end:
                 break
             time.sleep(1.0)
         ledger.stop()
@@ -387,6 +454,11 @@ def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
                      "requests_answered": load.ok, "requests_failed": load.failed,
                      "request_errors": dict(load.errors),
                      "samples_by_source": dict(ledger.sources()),
+                     "results_recorded_by_source": lab["results_by_source"],
+                     # answered 200, its result still in the agent's memory when a kill -9
+                     # came (results are written in batches every 0.2 s): never produced
+                     "answered_not_recorded": max(0, load.ok - lab["results_by_source"].get(
+                         "v2-classify", 0)),
                      "ledger_polls": ledger.polls},
             "faults": chaos.counts(),
             "faults_skipped": sum(1 for e in chaos.log if not e["done"]),
@@ -395,6 +467,9 @@ def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
             "samples": _tally(prod["samples"], got["samples"], prod, got["dup_sample_ids"],
                               _dups(ingest, "feedback")),
             "events": _tally(prod["events"], got["events"], prod, 0, _dups(ingest, "event")),
+            "labels": {**{k: v for k, v in lab.items() if k != "results_by_source"},
+                       "label_requests_ok": tech.ok if tech else 0,
+                       "label_requests_failed": tech.failed if tech else 0},
             "samples_kept_home": len(prod["samples_home"]),
             "event_types_cloud": dict(got["event_types"]),
             "event_types_node_db": dict(node_types),
@@ -402,7 +477,7 @@ def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
         }
         return result
     finally:
-        for part in (load, ledger):
+        for part in (load, tech, ledger):
             if part is not None:
                 part.stop()
         if chaos is not None:
@@ -448,11 +523,16 @@ def summary(r: dict) -> str:
         t = r[k]
         out.append(f"| {k} | {t['produced']} | {t['arrived']} | {t['lost']} | "
                    f"{t['duplicated']} | {t['extra']} | {t['resends_deduplicated']} |")
+    lb = r["labels"]
+    out.append(f"\nlabels given on site: {lb['labelled_at_edge']}, the same in the cloud: "
+               f"{lb['same_in_cloud']}, missing: {lb['missing_in_cloud']}; results answered "
+               f"but not recorded (in memory at a kill -9): {r['load']['answered_not_recorded']}")
     return "\n".join(out)
 
 
 def ok(r: dict) -> bool:
-    return all(r[k]["lost"] == 0 and r[k]["duplicated"] == 0 for k in ("samples", "events"))
+    return all(r[k]["lost"] == 0 and r[k]["duplicated"] == 0 for k in ("samples", "events")) \
+        and r["labels"]["missing_in_cloud"] == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-fps", type=float, default=5.0)
     ap.add_argument("--gap", default="4,12", help="seconds between faults: min,max")
     ap.add_argument("--drain-s", type=float, default=240.0)
+    ap.add_argument("--label-every", type=float, default=1.0,
+                    help="seconds between a technician's labels (0: none)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/chaos.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -474,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown fault kind(s) {unknown}; known: {', '.join(KINDS)}")
     gap = tuple(float(x) for x in args.gap.split(","))
-    r = run(args.duration, args.seed, kinds, args.rate, gap, args.stream_fps, args.drain_s)
+    r = run(args.duration, args.seed, kinds, args.rate, gap, args.stream_fps, args.drain_s,
+            label_every=args.label_every)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=1))
     print(summary(r))

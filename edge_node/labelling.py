@@ -5,6 +5,11 @@ that contradicts an earlier one unless told to overwrite (409, naming who gave
 the first and when), records who labelled what, and sends the label to the
 cloud as a durable ``sample_labelled`` event (unless the app's upload level is
 ``none``). The labelling queue is the unlabelled samples, most useful first.
+
+The label and its event are two commits (the store's and the outbox's): the label
+is stored as not yet sent (``label_sent`` NULL) and marked once its event is in
+the outbox, so a label whose agent died in between is sent at the next start or
+when the technician gives the same label again -- never lost.
 """
 
 from __future__ import annotations
@@ -41,11 +46,38 @@ def public(row: dict) -> dict:
 
 
 class Labeller:
+    """On construction (the agent's start), labels committed but never handed to the
+    outbox -- the agent died between the two -- are sent (:meth:`send_unsent`)."""
+
     def __init__(self, store, registry, capture, emit_event) -> None:
         self.store = store
         self.registry = registry
         self.capture = capture
         self.emit_event = emit_event
+        self.send_unsent()
+
+    def send_unsent(self) -> int:
+        """Send every label the node has and never queued; how many."""
+        n = 0
+        for row in self.store.unsent_labels():
+            try:
+                self._send(row, previous=None)
+                n += 1
+            except Exception:  # noqa: BLE001 - never stop the node starting; tried next start
+                logger.exception("label of sample %s not sent", row["sample_id"])
+        if n:
+            logger.info("sent %d labels given before the last stop and never queued", n)
+        return n
+
+    def _send(self, row: dict, previous: str | None) -> None:
+        """The label's ``sample_labelled`` event into the outbox, then marked sent
+        (a crash in between sends it again: the cloud keeps the newest label)."""
+        if self.capture.upload_level(row["app"]) != "none":
+            self.emit_event("sample_labelled", app=row["app"], data={
+                "sample_id": row["sample_id"], "label": row["label"],
+                "by": row["labelled_by"], "labelled_at": row["labelled_at"],
+                "source": row["label_source"], "previous": previous})
+        self.store.mark_label_sent(row["sample_id"])
 
     def classes(self, app: str, n_scores: int) -> list[str]:
         """The app's labels: from the served app, else an installed version, else
@@ -93,16 +125,18 @@ class Labeller:
                 "labelled_at": row.get("labelled_at"),
                 "hint": "send overwrite: true to replace it"})
         if row["label"] == label and row.get("labelled_by") == by:
-            return row  # the same answer again: nothing changes, nothing is sent
+            # the same answer again: nothing changes; sent only if it never was (the
+            # agent died between the label's commit and its event's)
+            if row.get("label_sent") is None:
+                self._send(row, previous=None)
+                row = self.store.get_sample(sample_id)
+            return row
         previous = row["label"]
         self.store.set_label(sample_id, label, by, source)
         row = self.store.get_sample(sample_id)
         self.capture.stats["samples_labelled"] += 1
-        if self.capture.upload_level(row["app"]) != "none":
-            self.emit_event("sample_labelled", app=row["app"], data={
-                "sample_id": sample_id, "label": label, "by": by,
-                "labelled_at": row["labelled_at"], "source": source, "previous": previous})
-        return row
+        self._send(row, previous)
+        return self.store.get_sample(sample_id)
 
     def input(self, sample_id: str, as_png: bool = False) -> tuple[bytes, str]:
         """The sample's stored input and its content type; a tensor that looks like

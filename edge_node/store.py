@@ -106,6 +106,17 @@ def m006_faults(db: sqlite_utils.Database) -> None:
     db["faults"].create_index(["ts"])
 
 
+@migrations()
+def m007_label_sent(db: sqlite_utils.Database) -> None:
+    """When a label given on site was handed to the outbox (its ``sample_labelled``
+    event): NULL for a label not yet queued, so a kill -9 between the label's commit
+    and the event's loses nothing (:meth:`edge_node.labelling.Labeller.send_unsent`).
+    Labels set before were sent then."""
+    db["samples"].add_column("label_sent", float)
+    db.execute("UPDATE samples SET label_sent = coalesce(labelled_at, 0) "
+               "WHERE label IS NOT NULL")
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -176,14 +187,19 @@ class NodeStore:
         """Insert a sample; False if its id exists already (idempotent)."""
         row = {"usefulness": 0.0, "nbytes": 0, "heldout": 0, "labelled_at": None,
                "labelled_by": None, "label_source": None, "shared": None, **row}
+        # a label given with the sample travels in the sample's own message
+        row["label_sent"] = row.get("label_sent") or (
+            time.time() if row.get("label") is not None else None)
         with self._lock, self._db.conn:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO samples (sample_id, created_at, app, version, reason, "
                 "input_type, input_path, prediction, scores, label, source, msg_id, "
-                "usefulness, nbytes, heldout, labelled_at, labelled_by, label_source, shared) "
+                "usefulness, nbytes, heldout, labelled_at, labelled_by, label_source, shared, "
+                "label_sent) "
                 "VALUES (:sample_id, :created_at, :app, :version, :reason, :input_type, "
                 ":input_path, :prediction, :scores, :label, :source, :msg_id, :usefulness, "
-                ":nbytes, :heldout, :labelled_at, :labelled_by, :label_source, :shared)",
+                ":nbytes, :heldout, :labelled_at, :labelled_by, :label_source, :shared, "
+                ":label_sent)",
                 row,
             )
             return cur.rowcount == 1
@@ -194,10 +210,23 @@ class NodeStore:
         return rows[0] if rows else None
 
     def set_label(self, sample_id: str, label: str, by: str | None, source: str) -> None:
+        """Set the label, not yet sent (``label_sent`` NULL, in the same commit)."""
         with self._lock, self._db.conn:
             self._db.execute("UPDATE samples SET label = ?, labelled_at = ?, labelled_by = ?, "
-                             "label_source = ? WHERE sample_id = ?",
+                             "label_source = ?, label_sent = NULL WHERE sample_id = ?",
                              [label, time.time(), by, source, sample_id])
+
+    def mark_label_sent(self, sample_id: str) -> None:
+        with self._lock, self._db.conn:
+            self._db.execute("UPDATE samples SET label_sent = ? WHERE sample_id = ?",
+                             [time.time(), sample_id])
+
+    def unsent_labels(self, limit: int = 10000) -> list[dict]:
+        """Labelled samples whose label was never handed to the outbox."""
+        with self._lock:
+            return list(self._db["samples"].rows_where(
+                "label IS NOT NULL AND label_sent IS NULL", order_by="labelled_at",
+                limit=limit))
 
     def set_shared(self, sample_id: str, shared: str) -> None:
         with self._lock, self._db.conn:
