@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import NODE_ID, Stack, http, wait  # noqa: E402
+from stack import NODE_ID, Stack, wait  # noqa: E402
 
 logger = logging.getLogger("bench.faults")
 TARGET_S = 30.0

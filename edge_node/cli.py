@@ -88,8 +88,6 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .agent import NodeAgent
-    from .config import load_config
-
     from .health.config_guard import keep_last_good, load_guarded
 
     overrides = _overrides(args)

@@ -29,3 +29,11 @@ def broker(tmp_path):
 def prefix() -> str:
     """A unique topic prefix so tests sharing a broker never see each other."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def app_dir(tmp_path_factory):
+    """An unpacked digits app (model, manifest, labels) built from real data."""
+    from tests.models import build_digits_app_dir
+
+    return build_digits_app_dir(tmp_path_factory.mktemp("digits"))

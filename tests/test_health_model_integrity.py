@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +29,7 @@ from edge_node.worker.supervisor import WorkerSupervisor
 from tests.appstore_support import digits_dir, digits_package  # noqa: F401
 from tests.test_e2e import assign, loop, node_app, publish, v2_infer  # noqa: F401
 from tests.test_health_worker_stuck import agent_fault_events
-from tests.models import _sample_dir, pid_alive, worker_pids
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.models import wait_for, _sample_dir, pid_alive, worker_pids
 
 
 class CloudBlobs:

@@ -15,12 +15,7 @@ from edge_node.health.worker_memory import WorkerMemoryCheck
 from edge_node.resources.slices import WorkerSettings
 from edge_node.worker.proc import private_rss_mb
 from edge_node.worker.supervisor import WorkerSupervisor
-from tests.models import build_digits_app_dir, load_test_split, pid_alive, worker_pids
-
-
-@pytest.fixture(scope="module")
-def app_dir(tmp_path_factory) -> Path:
-    return build_digits_app_dir(tmp_path_factory.mktemp("digits"))
+from tests.models import load_test_split, pid_alive, worker_pids
 
 
 @pytest.fixture

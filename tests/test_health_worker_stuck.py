@@ -23,23 +23,8 @@ from edge_node.health.worker_stuck import WorkerStuckCheck, process_state
 from edge_node.worker import WorkerUnavailable
 from edge_node.worker.supervisor import WorkerSupervisor
 from tests.appstore_support import digits_dir, wait_until  # noqa: F401
-from tests.models import build_digits_app_dir, load_test_split, pid_alive, worker_pids
+from tests.models import wait_for, load_test_split, pid_alive, worker_pids
 from tests.test_e2e import assign, loop, node_app, publish, v2_infer  # noqa: F401
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def app_dir(tmp_path_factory) -> Path:
-    return build_digits_app_dir(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture

@@ -28,25 +28,10 @@ from edge_node.resources import (
 )
 from edge_node.worker import WorkerStartError
 from edge_node.worker.supervisor import WorkerSupervisor
-from tests.models import build_digits_app_dir, load_test_split, worker_pids
+from tests.models import wait_for, load_test_split, worker_pids
 
 CORES = sorted(os.sched_getaffinity(0))
 GPU_SLICE_CARD = Card(id="gpu0", kind="gpu", name="no such gpu", memory_mb=8192, index=0)
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def app_dir(tmp_path_factory) -> Path:
-    return build_digits_app_dir(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture

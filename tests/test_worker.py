@@ -25,6 +25,7 @@ from edge_node.worker.postprocess import classify
 from edge_node.worker.preprocess import image_to_tensor, tensor_to_png
 from edge_node.worker.supervisor import WorkerSupervisor
 from tests.models import (
+    wait_for,
     build_digits_app_dir,
     digit_png,
     digits_manifest,
@@ -32,21 +33,6 @@ from tests.models import (
     pid_alive,
     worker_pids,
 )
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def app_dir(tmp_path_factory) -> Path:
-    return build_digits_app_dir(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")
