@@ -15,11 +15,18 @@ local store, so after a restart the node serves again from its local packages
 without waiting for the cloud. :meth:`Reconciler.reinstall` installs a running
 version again (the ``model_integrity`` health check's remedy for a damaged
 model file): package verified again, fetched again if it is gone from the
-cache, unpacked afresh, a new worker started.
+cache, unpacked afresh, a new worker started. :meth:`Reconciler.relocate`
+places apps afresh and restarts their workers with the new slice's settings
+(the ``accelerator`` health check's remedy: apps off a lost card onto the CPU
+if they fit, and back when the card returns); an app whose slice is on a card
+marked lost is placed afresh by itself. One that fits nowhere is not left half
+deployed: its worker is stopped, its slice released, the app reported failed
+with why, and placed again (retried with backoff) once it fits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -109,6 +116,7 @@ class Reconciler:
         self._served_variant: dict[str, str] = {}  # name -> the variant version served
         self._permanent: dict[str, str] = {}  # sha256 -> reason (not retried)
         self._reinstall: dict[str, threading.Event] = {}  # name -> set when its pass is over
+        self._relocate: dict[str, threading.Event] = {}  # name -> set when its pass is over
         #: a version becomes an app's *last known good* once it served this long
         #: with no worker restart; a crash loop of a later version rolls back to it
         self.stable_s = stable_s
@@ -227,6 +235,26 @@ class Reconciler:
         self._wake.put("reinstall")
         return ev
 
+    def relocate(self, names: list[str]) -> threading.Event:
+        """Place ``names`` afresh (preference order, lost cards left out) and restart
+        each one's worker with its new slice's settings, on the reconciler's thread
+        (same worker key and client). The event is set when that pass is over; an
+        app not in the desired state, or whose slice did not change, is left alone."""
+        done = threading.Event()
+        if not names:
+            done.set()
+            return done
+        with self._lock:
+            evs = [self._relocate.setdefault(n, threading.Event()) for n in names]
+        threading.Thread(target=lambda: ([e.wait() for e in evs], done.set()),
+                         name="relocate-wait", daemon=True).start()
+        self._wake.put("relocate")
+        return done
+
+    def _on_lost_card(self, name: str) -> bool:
+        sl = self.placement.get(name)
+        return sl is not None and sl.card in self.placement.lost()
+
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         saved = self.store.get_json(DESIRED_KEY)
@@ -313,12 +341,18 @@ class Reconciler:
             finally:
                 with self._lock:
                     done = self._reinstall.pop(ref.name, None)
-                if done is not None:
-                    done.set()
+                    moved = self._relocate.pop(ref.name, None)
+                for ev in (done, moved):
+                    if ev is not None:
+                        ev.set()
         with self._lock:
             gone = [n for n in self._reports if n not in wanted]
             for name in gone:
                 del self._reports[name]
+            stale = [n for n in self._relocate if n not in wanted]
+            unasked = [self._relocate.pop(n) for n in stale]
+        for ev in unasked:
+            ev.set()
         if gone:
             self.on_change()
         self.registry.loaded = True
@@ -338,6 +372,13 @@ class Reconciler:
         want_key = f"{ref.name}@{(variant['sha256'] if variant else ref.sha256)[:12]}"
         with self._lock:
             again = ref.name in self._reinstall  # reinstall(): do it all again
+            refit = ref.name in self._relocate  # relocate(): placed afresh
+        if running and self._on_lost_card(ref.name):
+            refit = True  # its card is gone: placed afresh (not a crash loop to roll back)
+        if running and running[0] == ref.sha256 and running[1] == want_key and refit:
+            if self._move(ref, running[1], variant):
+                return
+            again = True  # its app dir is gone: the whole way, placed afresh
         if running and running[0] == ref.sha256 and running[1] == want_key and not again:
             if self.supervisor.client(running[1]) is not None:
                 rep = self._reports.get(ref.name)
@@ -367,9 +408,10 @@ class Reconciler:
         app_dir = self._verify_and_unpack(ref, path)
         self._set(ref, "loading")
         if variant is not None:
-            self._load(ref, Path(variant["app_dir"]), key=want_key, version=variant["version"])
+            self._load(ref, Path(variant["app_dir"]), key=want_key, version=variant["version"],
+                       refit=refit)
         else:
-            self._load(ref, app_dir)
+            self._load(ref, app_dir, refit=refit)
         with self._lock:
             if variant is not None:
                 self._served_variant[ref.name] = variant["version"]
@@ -381,6 +423,59 @@ class Reconciler:
         self.on_event("app_ready", "info", ref.name, {
             "version": ref.version, "sha256": ref.sha256,
             "variant": variant["version"] if variant else None})
+
+    def _move(self, ref: schemas.AppRef, key: str, variant: dict | None) -> bool:
+        """Place a running app afresh; a new slice: its worker restarted with the new
+        slice's settings (same key, same client). True when done here (moved, or
+        its slice unchanged and its worker serving); an app that fits nowhere while
+        its card is lost is stopped, released and raises :class:`InstallError`."""
+        old = self.placement.get(ref.name)
+        app_dir = Path(variant["app_dir"]) if variant else \
+            self.apps_dir / ref.name / ref.sha256[:16]
+        if not (app_dir / ".complete").exists():
+            return False  # the full path below unpacks it again and loads it
+        try:
+            manifest = load_manifest(json.loads((app_dir / "manifest.json").read_text()))
+            req = SliceRequest.from_manifest(ref.name, manifest.resources, self._override(ref))
+            sl = self.placement.place(req, refit=True)
+        except PlacementError as err:
+            if old is not None and old.card not in self.placement.lost():
+                logger.info("%s stays on %s: %s", ref.name, old.card, err)
+                return True  # no room elsewhere: it goes on serving where it is
+            if old is None:
+                raise InstallError("placement_refused", str(err), transient=True) from err
+            # its card is gone and it fits nowhere else: not left half deployed
+            self._running.pop(ref.name, None)
+            app = self.registry.get(ref.name)
+            if app is not None:
+                app.ready = False  # /v2 answers 503 until it is placed again
+            self.supervisor.stop(key)
+            self.placement.release(ref.name)
+            why = (f"card {old.card} is lost and {ref.name} fits on no other card: {err}")
+            self.on_event("app_unplaced", "error", ref.name,
+                          {"version": ref.version, "card": old.card, "reason": why[:500]})
+            raise InstallError("placement_refused", why, transient=True) from err
+        except (OSError, ValueError, PackageError):
+            return False
+        if old is not None and sl == old and self.supervisor.client(key) is not None:
+            return True  # nothing to move
+        self._set(ref, "loading")
+        try:
+            self.supervisor.start(key, app_dir, settings=worker_settings(sl))
+        except Exception as err:  # noqa: BLE001 - reported like a failed start
+            raise InstallError("worker_start_failed", str(err)[-500:], transient=True) from err
+        served = self.registry.get(ref.name)
+        if served is not None:  # same client; the batching policy of the new card's kind
+            self.registry.add(dataclasses.replace(
+                served, ready=True,
+                batch=policy_for(manifest.batching, sl.kind, self.batching.get(ref.name))))
+        self._set(ref, "ready")
+        logger.warning("app %s moved from %s to %s (%s)", ref.name,
+                       old.card if old else "nowhere", sl.card, sl.describe())
+        self.on_event("app_moved", "warning", ref.name,
+                      {"version": ref.version, "from_card": old.card if old else None,
+                       "to_card": sl.card, "slice": sl.to_dict()})
+        return True
 
     # -- crash loops: back to the last known good version ---------------------
     def _note_stable(self, ref: schemas.AppRef, key: str) -> None:
@@ -511,7 +606,7 @@ class Reconciler:
         return merged or None
 
     def _load(self, ref: schemas.AppRef, app_dir: Path, key: str | None = None,
-              version: str | None = None) -> None:
+              version: str | None = None, refit: bool = False) -> None:
         """Start a worker for ``app_dir`` and swap it in; ``key``/``version``
         name a site variant (a fine-tuned model beside the package's)."""
         key = key or f"{ref.name}@{ref.sha256[:12]}"
@@ -524,7 +619,8 @@ class Reconciler:
         fresh = ref.name not in self._running
         try:
             sl = self.placement.place(
-                SliceRequest.from_manifest(ref.name, manifest.resources, self._override(ref)))
+                SliceRequest.from_manifest(ref.name, manifest.resources, self._override(ref)),
+                refit=refit)
         except PlacementError as err:  # may fit once another app goes: retried
             raise InstallError("placement_refused", str(err), transient=True) from err
         try:

@@ -110,8 +110,11 @@ def gpu_cards(nvml: Any) -> list[Card]:
     return cards
 
 
-def discover_cards(nvml: Any = _DEFAULT) -> list[Card]:
-    """The CPU card first, then every GPU NVML sees (``nvml`` is the seam for tests)."""
+def discover_cards(nvml: Any = _DEFAULT, *, quiet: bool = False) -> list[Card]:
+    """The CPU card first, then every GPU NVML sees (``nvml`` is the seam for tests).
+
+    ``quiet``: no INFO line per card (the ``accelerator`` health check discovers the
+    cards again every few seconds to notice one that is gone)."""
     cards = [cpu_card()]
     lib = load_nvml(nvml)
     if lib is not None:
@@ -119,7 +122,7 @@ def discover_cards(nvml: Any = _DEFAULT) -> list[Card]:
             cards += gpu_cards(lib)
         except Exception as err:  # a driver that answers init but not queries
             logger.warning("NVML could not list GPUs (%s); using the CPU card only", err)
-    for c in cards:
+    for c in cards if not quiet else ():
         logger.info("card %s: %s, %d MB%s", c.id, c.name, c.memory_mb,
                     f", cores {list(c.cores)}" if c.cores else "")
     return cards

@@ -22,6 +22,15 @@ that already has a slice returns it unchanged for the same request, and
 resizes it (the old allocation counted as free; kept when the new one does not
 fit) for a different one -- so an upgrade's new version reuses the old one's
 slice while both run for a moment.
+
+A card can be marked *lost* (:meth:`Placement.set_lost`: the ``accelerator``
+health check found it gone from discovery). A lost card gets no new slice and
+an app's slice on it is not handed back by :meth:`Placement.place`: the app is
+placed again on the cards that remain -- its card preference (``card: "gpu"``)
+gives way to the CPU card while the card it names is lost. ``place(req,
+refit=True)`` places an app afresh in preference order (its own allocation
+counted as free), which is how apps move off a lost card and back onto it
+when it returns.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +108,7 @@ class Placement:
         self.prefer = prefer or (("gpu", "cpu") if cuda_runtime_installed() else ("cpu",))
         self._slices: dict[str, Slice] = {}
         self._requests: dict[str, SliceRequest] = {}
+        self._lost: dict[str, float] = {}  # card id -> when it was marked lost (time.time())
         self._lock = threading.Lock()
 
     # -- what is free ---------------------------------------------------------
@@ -180,8 +191,17 @@ class Placement:
                 have = ", ".join(c.id for c in self.cards)
                 raise PlacementError(req.app, f"{req.app} asks for card {req.card!r}; "
                                               f"this node has: {have}")
+            alive = [c for c in found if c.id not in self._lost]
+            if alive:
+                return alive
+            # every card it asks for is lost: the CPU card stands in meanwhile
+            found = [c for c in self.cards if c.kind == "cpu" and c.id not in self._lost]
+            if not found:
+                raise PlacementError(req.app, f"{req.app} asks for card {req.card!r}, "
+                                              f"which is lost ({', '.join(sorted(self._lost))})")
             return found
-        found = [c for kind in self.prefer for c in self.cards if c.kind == kind]
+        found = [c for kind in self.prefer for c in self.cards
+                 if c.kind == kind and c.id not in self._lost]
         if not found:
             raise PlacementError(req.app, f"{req.app}: no card of kind {' or '.join(self.prefer)}"
                                           f" on this node ({', '.join(c.id for c in self.cards)})")
@@ -189,11 +209,16 @@ class Placement:
 
     # -- the API ----------------------------------------------------------------
 
-    def place(self, req: SliceRequest) -> Slice:
-        """The app's slice, placed now (or as before); :class:`PlacementError` if none fits."""
+    def place(self, req: SliceRequest, *, refit: bool = False) -> Slice:
+        """The app's slice, placed now (or as before); :class:`PlacementError` if none fits.
+
+        ``refit``: placed afresh in preference order even when its request is the
+        same (its own allocation counted as free; kept when nothing fits). An app
+        whose slice is on a lost card is always placed afresh."""
         with self._lock:
             old = self._slices.get(req.app)
-            if old is not None and self._requests[req.app] == req:
+            if old is not None and self._requests[req.app] == req and not refit \
+                    and old.card not in self._lost:
                 return old
             tried = []
             for card in self._candidates(req):
@@ -228,6 +253,29 @@ class Placement:
         with self._lock:
             return self._slices.get(app)
 
+    # -- lost cards (the accelerator health check) -------------------------------
+
+    def set_lost(self, card_id: str, lost: bool = True) -> None:
+        """Mark a card lost (gone from discovery) or back; unknown ids: KeyError."""
+        if card_id not in {c.id for c in self.cards}:
+            raise KeyError(f"no card {card_id!r} on this node")
+        with self._lock:
+            if lost:
+                self._lost.setdefault(card_id, time.time())
+            else:
+                self._lost.pop(card_id, None)
+        logger.warning("card %s marked %s", card_id, "lost" if lost else "back")
+
+    def lost(self) -> dict[str, float]:
+        """The cards marked lost now, with when (``time.time()``)."""
+        with self._lock:
+            return dict(self._lost)
+
+    def apps_on(self, card_id: str) -> list[str]:
+        """The apps with a slice on ``card_id``, in name order."""
+        with self._lock:
+            return sorted(a for a, s in self._slices.items() if s.card == card_id)
+
     def snapshot(self) -> dict[str, dict]:
         """Per card: capacity, the slices on it, and what is free (JSON-able)."""
         with self._lock:
@@ -242,5 +290,7 @@ class Placement:
                     **({"cores": list(card.cores)} if card.kind == "cpu" else {}),
                     "slices": [s.to_dict() for s in self._slices.values() if s.card == card.id],
                     "free": free,
+                    **({"lost": True, "lost_since": self._lost[card.id]}
+                       if card.id in self._lost else {}),
                 }
             return out
