@@ -260,10 +260,12 @@ class NodeAgent:
             self._on_stream_status(sid, st)
 
     def emit_event(self, type: str, severity: str = "info", app: str | None = None,
-                   data: dict | None = None) -> None:
-        """A durable event: into the outbox (SQLite) first, then to the cloud."""
-        msg = schemas.EventMessage(msg_id=schemas.new_msg_id(), type=type, severity=severity,
-                                   app=app, data=data or {})
+                   data: dict | None = None, msg_id: str | None = None) -> None:
+        """A durable event: into the outbox (SQLite) first, then to the cloud.
+        ``msg_id``: the caller's, for an event that may be emitted again for the
+        same fact (after a crash): the outbox and the cloud keep it once."""
+        msg = schemas.EventMessage(msg_id=msg_id or schemas.new_msg_id(), type=type,
+                                   severity=severity, app=app, data=data or {})
         try:
             self.outbox.put(self.topics.events(self.cfg.node_id), msg.to_bytes(), msg.msg_id,
                             kind="event")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,16 @@ class Labeller:
         return n
 
     def _send(self, row: dict, previous: str | None) -> None:
-        """The label's ``sample_labelled`` event into the outbox, then marked sent
-        (a crash in between sends it again: the cloud keeps the newest label)."""
+        """The label's ``sample_labelled`` event into the outbox, then marked sent. Its
+        msg_id comes from the sample and the label's time: sent again after a crash
+        in between, it is kept once by the outbox and by the cloud."""
         if self.capture.upload_level(row["app"]) != "none":
+            mid = uuid.uuid5(uuid.NAMESPACE_URL, f"aidc:sample_labelled:{row['sample_id']}:"
+                             f"{row['labelled_at']!r}").hex
             self.emit_event("sample_labelled", app=row["app"], data={
                 "sample_id": row["sample_id"], "label": row["label"],
                 "by": row["labelled_by"], "labelled_at": row["labelled_at"],
-                "source": row["label_source"], "previous": previous})
+                "source": row["label_source"], "previous": previous}, msg_id=mid)
         self.store.mark_label_sent(row["sample_id"])
 
     def classes(self, app: str, n_scores: int) -> list[str]:

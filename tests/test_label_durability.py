@@ -53,18 +53,20 @@ def _sample(store: NodeStore, tmp: Path, sid: str = "s1") -> None:
     store.mark_queued(sid)
 
 
-def _node(tmp: Path, die: bool = False):
+def _node(tmp: Path, die: str | None = None):
     """A node's store and outbox on ``tmp/node.db``, and its Labeller; with
-    ``die``, the agent is killed as it is about to queue the event."""
+    ``die``, the agent is killed ``"before"`` or ``"after"`` it queues the event."""
     store = NodeStore(tmp / "node.db")
     outbox = Outbox(tmp / "node.db", conn=None, ack_topic="ack")
 
-    def emit_event(type, severity="info", app=None, data=None):
-        if die:
+    def emit_event(type, severity="info", app=None, data=None, msg_id=None):
+        if die == "before":
             raise Killed()
-        msg = schemas.EventMessage(msg_id=schemas.new_msg_id(), type=type, severity=severity,
-                                   app=app, data=data or {})
+        msg = schemas.EventMessage(msg_id=msg_id or schemas.new_msg_id(), type=type,
+                                   severity=severity, app=app, data=data or {})
         outbox.put("events", msg.to_bytes(), msg.msg_id, kind="event")
+        if die == "after":
+            raise Killed()
 
     return store, outbox, Labeller(store, _Registry(), _Capture(), emit_event)
 
@@ -76,7 +78,7 @@ def _label_events(outbox: Outbox) -> list[dict]:
 
 
 def test_a_label_committed_just_before_a_kill_is_sent_at_the_next_start(tmp_path):
-    store, outbox, lab = _node(tmp_path, die=True)
+    store, outbox, lab = _node(tmp_path, die="before")
     _sample(store, tmp_path)
     with pytest.raises(Killed):
         lab.label("s1", "7", by="tech-1")
@@ -102,7 +104,7 @@ def test_a_label_committed_just_before_a_kill_is_sent_at_the_next_start(tmp_path
 def test_the_technicians_retry_sends_a_label_the_node_never_sent(tmp_path):
     """Queuing the event failed (the agent lived on): the technician's retry of the
     same label, which used to change nothing and send nothing, sends it."""
-    store, outbox, lab = _node(tmp_path, die=True)
+    store, outbox, lab = _node(tmp_path, die="before")
     _sample(store, tmp_path)
     with pytest.raises(Killed):
         lab.label("s1", "7", by="tech-1")
@@ -131,3 +133,19 @@ def test_a_sample_stored_with_its_label_sends_no_label_event(tmp_path):
     outbox.close()
     _, outbox, _ = _node(tmp_path)
     assert _label_events(outbox) == []
+
+
+def test_a_kill_after_the_event_was_queued_sends_it_once(tmp_path):
+    """Killed after the event entered the outbox but before the label was marked
+    sent: the next start sends it again under the same msg_id, kept once."""
+    store, outbox, lab = _node(tmp_path, die="after")
+    _sample(store, tmp_path)
+    with pytest.raises(Killed):
+        lab.label("s1", "7", by="tech-1")
+    assert len(_label_events(outbox)) == 1
+    assert store.unsent_labels() != []
+    store.close()
+    outbox.close()
+    store, outbox, lab = _node(tmp_path)
+    assert len(_label_events(outbox)) == 1  # the same msg_id: stored once
+    assert store.unsent_labels() == []
