@@ -7,7 +7,8 @@ For ~30 s faults come every 3-6 s, each kind once before any again (fixed
 seed): Mosquitto stopped and started, kill -9 of the app's worker, the broker
 link held half-open, kill -9 of the agent. Then the node drains, and every
 sample and event it committed to its own database must be in the AppStore,
-once. No timing is asserted: the waits are generous for a loaded 2-core box.
+once, and every label a technician gave meanwhile (through the node's
+labelling API) must be the sample's label there. No timing is asserted: the waits are generous for a loaded 2-core box.
 """
 
 from __future__ import annotations
@@ -46,4 +47,7 @@ def test_a_chaos_run_loses_and_duplicates_no_sample_and_no_event(tmp_path):
         assert t["duplicated"] == 0, (kind, t)
         assert t["extra"] == 0, (kind, t)
         assert t["arrived"] == t["produced"], (kind, t)
+    # every label a technician gave during the chaos is the sample's label in the cloud
+    assert r["labels"]["labelled_at_edge"] > 0
+    assert r["labels"]["missing_in_cloud"] == 0, r["labels"]
     assert chaos.ok(r)
