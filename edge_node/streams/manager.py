@@ -136,6 +136,24 @@ class StreamManager:
         with self._lock:
             return {sid: s.proc.pid for sid, s in self._streams.items()}
 
+    def liveness(self) -> dict[str, dict]:
+        """Per running stream, :meth:`~.stream.Stream.liveness` (the camera health check)."""
+        with self._lock:
+            streams = list(self._streams.values())
+        return {s.cfg.id: s.liveness() for s in streams}
+
+    def restart(self, stream_id: str, reason: str) -> bool:
+        """Restart one stream's capture process and reader now (:meth:`~.stream.Stream.restart`);
+        :class:`StreamError` for an unknown stream, False for one that is stopping."""
+        with self._lock:
+            stream = self._streams.get(stream_id)
+        if stream is None:
+            raise StreamError(stream_id, "no such stream")
+        done = stream.restart(reason)
+        if done:
+            self._notify(stream)
+        return done
+
     # -- supervision ------------------------------------------------------------------
     def _monitor_loop(self) -> None:
         while not self._closing.wait(self.tick):

@@ -318,6 +318,38 @@ class Stream:
         logger.warning("stream %s: %s; restarting in %.1fs", self.cfg.id, why, delay)
         return self.status.set("offline", why, retry_in=round(delay, 3))
 
+    # -- the camera health check (edge_node/health/camera.py) --------------------------
+    def liveness(self) -> dict:
+        """What says whether this stream's reader is stuck: its capture process alive
+        and its heartbeat's age, the agent-side reader thread alive, and the
+        heartbeat age past which the stream's own watchdog kills the process."""
+        reader = self._reader
+        return {"proc_alive": self.proc.alive(), "heartbeat_age": self.proc.heartbeat_age(),
+                "reader_alive": reader is not None and reader.is_alive(),
+                "restart_pending": self._restart_at is not None, "stopped": self._stopped,
+                "watchdog_limit": self._watchdog_limit}
+
+    def restart(self, reason: str) -> bool:
+        """Kill the capture process and the reader and start them again now (counted in
+        ``restarts``; the books settled as for a crash). A restart asked for is not a
+        crash: the crash budget starts over, so a ``failed`` stream runs again.
+        False when the stream is stopped."""
+        with self._sup:
+            if self._stopped:
+                return False
+            logger.warning("stream %s: restarting its capture process %s: %s", self.cfg.id,
+                           self.proc.pid, reason)
+            self.proc.kill()  # SIGKILL: a stopped or hung process answers nothing else
+            self._end_incarnation()
+            self._restart_at = None
+            self._crashes.clear()
+            self._restart_backoff = Backoff(1.0, 30.0)
+            with self._lock:
+                self.n["restarts"] += 1
+            self._start()
+            self.status.set("connecting", None)
+            return True
+
     # -- books ------------------------------------------------------------------------
     def _in_transit(self) -> int:
         with self._lock:
