@@ -75,7 +75,7 @@ def test_a_damaged_node_db_is_restored_live_in_a_running_agent(tmp_path, shared_
         agent.store.add_sample(sample(i))
     agent.store.put_json("probe", {"v": 1})
     check_of(agent, "db_integrity").backup_now()
-    agent.store.put_json("probe", {"v": 2})  # after the copy: lost with the damage
+    agent.store.put_json("probe", {"v": 2})  # after the copy: salvaged if its page reads
     for i in range(300, 340):
         agent.store.add_sample(sample(i))
     t0 = time.time()
@@ -94,10 +94,12 @@ def test_a_damaged_node_db_is_restored_live_in_a_running_agent(tmp_path, shared_
     row = next(r for r in body["recent"] if r["kind"] == "db_corrupt" and r["phase"] == "healed")
     assert "restored the last good copy" in row["remedy"]
     assert healed_in < 60
-    # the node goes on, on the last good data, with the same open connections
+    # the node goes on, on the last good copy plus what the damaged file still held
+    # (edge_node/health/db_salvage.py), with the same open connections
     assert dbi.quick_check(db)[0]
-    assert agent.store.get_json("probe") == {"v": 1}
-    assert agent.store.count("samples") == 300
+    salv = row["data"]["salvage"]["tables"]
+    assert agent.store.get_json("probe") == ({"v": 2} if salv["kv"]["updated"] else {"v": 1})
+    assert agent.store.count("samples") == 300 + salv["samples"]["inserted"]
     agent.store.add_sample(sample(999))
     assert http("GET", f"{agent.http_url}/api/v1/status")[0] == 200
     # reported to the cloud through the outbox (the healed event carries the detection)

@@ -357,3 +357,26 @@ def test_the_cli_recover_adds_what_it_finds(node):  # pragma: no cover - where a
     f = c.probe()
     c.heal(f)
     assert c.probe().ok and f.data["salvage"]["cli"] is True
+
+
+def test_a_destroyed_schema_is_read_with_the_copys(node):
+    """Page 1 (the header and the schema) gone: the copy's schema pages are spliced
+    into a scratch copy of the damaged file, whose other pages are then read."""
+    h = history(node)
+    truth = snapshot(node.db)
+    node.close()
+    smash(node.db, [1])
+    note = dbi.guard_at_start(node.db)
+    assert note["salvage"]["schema_from_copy"] is True
+    assert "read with the copy's" in note["detail"]
+    s = NodeStore(node.db)
+    try:
+        assert s.count("samples") == len(truth["samples"])
+        assert s.get_json("desired") == {"revision": 2}
+        assert s.get_sample(h["old"][0])["label"] == "3"  # labelled since the copy
+    finally:
+        s.close()
+    healed = snapshot(node.db)
+    assert healed == truth
+    node.store = NodeStore(node.db)
+    node.box = Outbox(node.db, MqttConnection("x"), "ack")

@@ -319,10 +319,59 @@ def _cli_recover(damaged: Path, tables: dict[str, TableSalvage]) -> int:
     return added
 
 
-def salvage(damaged: Path, use_cli: bool = True) -> dict[str, Any]:
+def _splice_schema(damaged: Path, copy: Path, scratch: Path) -> None:
+    """``scratch``: the damaged file with the copy's schema pages (page 1 and the
+    rest of ``sqlite_schema``) put back. The backup API copies page for page, so
+    tables keep their root pages; valid while the schema has not changed since
+    the copy (a table made since is not found). The header's page count is the
+    damaged file's, so its newer pages stay in range."""
+    c = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        size = c.execute("PRAGMA page_size").fetchone()[0]
+        pages = [r[0] for r in c.execute(
+            "SELECT pageno FROM dbstat WHERE name IN ('sqlite_schema', 'sqlite_master')")]
+    finally:
+        c.close()
+    shutil.copyfile(damaged, scratch)
+    wal = damaged.with_name(damaged.name + "-wal")
+    if wal.exists():
+        shutil.copyfile(wal, scratch.with_name(scratch.name + "-wal"))
+    with open(copy, "rb") as src, open(scratch, "r+b") as dst:
+        for p in pages or [1]:
+            src.seek((p - 1) * size)
+            dst.seek((p - 1) * size)
+            dst.write(src.read(size))
+        n = os.fstat(dst.fileno()).st_size // size
+        dst.seek(28)
+        dst.write(n.to_bytes(4, "big"))
+
+
+def salvage(damaged: Path, use_cli: bool = True, copy: Path | None = None) -> dict[str, Any]:
     """Everything the damaged file can still give: ``{"tables": {name:
-    TableSalvage}, "schema": [...], "error": str | None, "cli_rows": int}``."""
-    out: dict[str, Any] = {"tables": {}, "schema": [], "error": None, "cli_rows": 0}
+    TableSalvage}, "schema": [...], "error": str | None, "cli_rows": int,
+    "schema_from_copy": bool}``. When its schema cannot be read and ``copy`` (the
+    last good copy) is given, the copy's schema pages are spliced into a scratch
+    copy of it and that is read."""
+    out = _salvage(damaged, use_cli)
+    if out["error"] and copy is not None and Path(copy).exists():
+        with tempfile.TemporaryDirectory(dir=Path(damaged).parent) as d:
+            scratch = Path(d) / "spliced.db"
+            try:
+                _splice_schema(Path(damaged), Path(copy), scratch)
+            except (OSError, sqlite3.Error) as err:
+                logger.warning("could not splice the copy's schema into %s: %s",
+                               Path(damaged).name, err)
+                return out
+            first = out["error"]
+            out = _salvage(scratch, use_cli)
+            out["schema_from_copy"] = True
+            out["schema_error"] = first
+    return out
+
+
+def _salvage(damaged: Path, use_cli: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"tables": {}, "schema": [], "error": None, "cli_rows": 0,
+                           "schema_from_copy": False}
     try:
         conn = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True, timeout=10)
     except sqlite3.Error as err:
@@ -548,7 +597,7 @@ def build_restore(damaged: Path, copy: Path, out: Path, samples_dir: Path | None
     the sample files re-imported. Returns the report: ``tables`` (per table),
     ``salvaged``/``lost`` totals, ``samples`` (re-import), ``error``."""
     t0 = time.monotonic()
-    salv = salvage(damaged, use_cli=use_cli)
+    salv = salvage(damaged, use_cli=use_cli, copy=copy)
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     shutil.copyfile(copy, tmp)
@@ -586,6 +635,7 @@ def build_restore(damaged: Path, copy: Path, out: Path, samples_dir: Path | None
     lost = {k: v["lost"] for k, v in tables.items() if v.get("lost") != 0}
     return {"tables": tables, "salvaged": salvaged, "lost": lost, "samples": samples,
             "error": salv["error"], "cli_rows": salv["cli_rows"],
+            "schema_from_copy": salv.get("schema_from_copy", False),
             "cli": cli_recover_available() if use_cli else False,
             "seconds": round(time.monotonic() - t0, 3)}
 
@@ -599,6 +649,8 @@ def describe(rep: dict[str, Any]) -> str:
                      for t, n in sorted(rep["lost"].items())) or "none"
     s = rep["samples"]
     out = f"salvaged rows newer than the copy: {sv}; lost (unreadable): {lost}"
+    if rep.get("schema_from_copy"):
+        out += " (its schema was unreadable: read with the copy's)"
     if s.get("reimported") or s.get("requeued"):
         out += (f"; sample files re-imported: {s['reimported']} ({s['from_outbox']} with "
                 f"their metadata from the outbox, {s['bare']} bare)"
