@@ -290,8 +290,9 @@ class NodeAgent:
         )
 
     def cards_state(self) -> list[dict]:
-        alloc = self.placement.snapshot()
-        return [{**c.to_dict(), "allocation": alloc.get(c.id)} for c in self.cards]
+        alloc, lost = self.placement.snapshot(), self.placement.lost()
+        return [{**c.to_dict(), "state": "lost" if c.id in lost else "ok",
+                 "allocation": alloc.get(c.id)} for c in self.cards]
 
     def metrics_snapshot(self) -> dict:
         return {
@@ -354,6 +355,8 @@ class NodeAgent:
     def _health_checks(self) -> list:
         """Every health check of this node, in report order."""
         from . import selfcheck
+        from .health.accelerator import AcceleratorCheck
+        from .health.camera import CameraCheck
         from .health.config_guard import ConfigCheck
         from .health.db_integrity import DbIntegrityCheck
         from .health.disk_space import DiskSpaceCheck
@@ -380,6 +383,9 @@ class NodeAgent:
             MemoryPressureCheck(scheduler=self.scheduler),
             ClockCheck(rearm={"scheduler": self.scheduler.wake,
                               "outbox": self.outbox.retry_now}),
+            AcceleratorCheck(self.placement, self.reconciler, on_change=self.reporter.changed,
+                             emit_event=self.emit_event),
+            CameraCheck(self.streams),
         ]
 
     def _health_monitor(self):

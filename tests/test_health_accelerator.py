@@ -243,3 +243,49 @@ def test_a_node_without_an_accelerator_passes_without_asking_nvml():
 
     f = AcceleratorCheck(placement, reconciler=None, discover=discover).probe()
     assert f.ok and f.detail == "no accelerator card"
+
+
+def test_a_running_agent_reports_a_lost_gpu_in_its_cards_and_raises_the_alarm(
+        tmp_path, shared_broker, prefix, monkeypatch):
+    """A real agent (broker, node.db, outbox): its cards discovered through the fake
+    NVML (the seam, at start and in the check); the card goes: the fault's events go
+    through the outbox, the reported state's card says ``lost``; it comes back: an
+    ``accelerator_returned`` event, the card ``ok`` again."""
+    from edge_node import agent as agent_mod
+    from tests.test_health_agent import check_of, events, make_agent
+
+    nvml = FakeNvml([A2])
+    monkeypatch.setattr(agent_mod, "discover_cards", lambda: discover_cards(nvml=nvml))
+    agent = make_agent(tmp_path, shared_broker, prefix)
+    check = check_of(agent, "accelerator")
+    check.discover = lambda: discover_cards(nvml=nvml, quiet=True)
+    check.interval_s, check.return_after_s = 0.3, 0.5
+    agent.start()
+    try:
+        db = agent.cfg.data_dir / "node.db"
+
+        def card(cid: str) -> dict:
+            return next(c for c in agent.reported_state().cards if c["id"] == cid)
+
+        assert card("gpu0")["state"] == "ok" and card("gpu0")["name"] == "NVIDIA A2"
+        nvml.gpus = []
+        wait_for(lambda: card("gpu0")["state"] == "lost", 20, "gpu0 lost in the reported state")
+        faults = lambda: [e for e in events(db) if e["type"].startswith("fault_")  # noqa: E731
+                          and e["data"].get("fault") == "accelerator_lost"]
+        wait_for(lambda: len(faults()) >= 2, 20, "the fault's events")
+        det, healed = faults()[:2]
+        assert (det["type"], det["severity"]) == ("fault_detected", "warning")
+        assert "gpu0 is gone from discovery" in det["data"]["detail"]
+        assert healed["type"] == "fault_healed"
+        assert "gpu0 marked lost; no app was placed on it" in healed["data"]["remedy"]
+        assert card("gpu0")["allocation"]["lost"] is True
+        assert card("cpu")["state"] == "ok"
+
+        nvml.gpus = [A2]
+        wait_for(lambda: card("gpu0")["state"] == "ok", 20, "gpu0 back")
+        wait_for(lambda: [e for e in events(db) if e["type"] == "accelerator_returned"], 10,
+                 "accelerator_returned")
+        assert len(faults()) == 2  # one episode
+        assert "lost" not in card("gpu0")["allocation"]
+    finally:
+        agent.stop()

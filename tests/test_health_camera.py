@@ -119,3 +119,37 @@ def test_stopped_and_ended_streams_are_not_judged(tmp_path):
     finally:
         mgr.stop()
     assert CameraCheck(mgr, lost_after_s=0.01).probe().ok  # stopped: not judged
+
+
+def test_a_running_agent_journals_a_lost_camera_and_its_return(tmp_path, shared_broker, prefix):
+    """A real agent with a camera stream (a looping video file, no app: frames are still
+    received and counted): the file goes, the episode's events go through the outbox;
+    it comes back, the episode closes."""
+    from tests.test_health_agent import check_of, events, make_agent
+
+    video = write_video(tmp_path / "cam.avi", [index_frame(i) for i in range(20)], 20)
+    agent = make_agent(tmp_path, shared_broker, prefix, streams=[
+        {"id": "door", "url": str(video), "app": "a", "fps": 10, "loop": True, **FAST}])
+    check = check_of(agent, "camera")
+    check.interval_s, check.lost_after_s = 0.3, 1.5
+    agent.start()
+    try:
+        db = agent.cfg.data_dir / "node.db"
+        wait_for(lambda: agent.streams.stats()["door"]["received"] >= 5, 20, "frames")
+
+        def faults() -> list[dict]:
+            return [e for e in events(db) if e["type"].startswith("fault_")
+                    and e["data"].get("fault") == "camera_lost"]
+
+        away = video.rename(tmp_path / "away.avi")
+        wait_for(lambda: len(faults()) >= 2, 20, "camera_lost")
+        assert [e["type"] for e in faults()] == ["fault_detected", "fault_unhealed"]
+        assert "door: no frame for" in faults()[0]["data"]["detail"]
+        assert agent.health.open_faults()["camera"]["fault"] == "camera_lost"
+        away.rename(video)
+        wait_for(lambda: len(faults()) >= 3, 20, "healed")
+        assert faults()[2]["type"] == "fault_healed"
+        assert faults()[2]["data"]["remedy"] == "recovered by itself"
+        assert "camera" not in agent.health.open_faults()
+    finally:
+        agent.stop()
