@@ -19,9 +19,8 @@ from cloud_sync import schemas
 from cloud_sync.connection import MqttConnection
 from cloud_sync.outbox import TABLE, Outbox
 from cloud_sync.topics import Topics
-from edge_node.health import FaultJournal
+from edge_node.health import FaultJournal, db_salvage
 from edge_node.health import db_integrity as dbi
-from edge_node.health import db_salvage
 from edge_node.health.db_integrity import DbIntegrityCheck
 from edge_node.store import NodeStore
 from tests.test_outbox import FakeCloud, event, make_conn, wait_for
@@ -380,3 +379,25 @@ def test_a_destroyed_schema_is_read_with_the_copys(node):
     assert healed == truth
     node.store = NodeStore(node.db)
     node.box = Outbox(node.db, MqttConnection("x"), "ack")
+
+
+def test_leaves_cut_off_by_a_damaged_interior_page_are_read_off_the_pages(node):
+    """The samples table's root (an interior page) gone: no query reaches a single
+    row, but every leaf page is whole; they are read straight off the file."""
+    history(node)
+    truth = snapshot(node.db)
+    c = sqlite3.connect(str(node.db))
+    root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'samples'").fetchone()[0]
+    kind = c.execute("SELECT pagetype FROM dbstat WHERE pageno = ?", [root]).fetchone()[0]
+    c.close()
+    assert kind == "internal"
+    smash(node.db, [root])
+    c = DbIntegrityCheck(node.db)
+    f = c.probe()
+    c.heal(f)
+    assert c.probe().ok
+    rep = f.data["salvage"]
+    s = rep["tables"]["samples"]
+    assert rep["leaf_rows"]["samples"] == len(truth["samples"])
+    assert s["lost"] == 0 and s["inserted"] == 120 and s["deleted"] == 1  # one evicted
+    assert snapshot(node.db)["samples"] == truth["samples"]

@@ -220,7 +220,8 @@ def _brief(rep: dict[str, Any]) -> dict[str, Any]:
     return {"tables": rep.get("tables", {}), "salvaged": rep.get("salvaged", {}),
             "lost": rep.get("lost", {}), "samples": rep.get("samples", {}),
             "error": rep.get("error"), "cli": rep.get("cli"), "seconds": rep.get("seconds"),
-            "schema_from_copy": rep.get("schema_from_copy", False)}
+            "schema_from_copy": rep.get("schema_from_copy", False),
+            "leaf_rows": rep.get("leaf_rows", {})}
 
 
 def _backup_into(source: Path, db_path: Path) -> None:

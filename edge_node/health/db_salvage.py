@@ -46,6 +46,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import struct
 import subprocess
 import tempfile
 import time
@@ -256,6 +257,238 @@ def read_table(conn: sqlite3.Connection, table: str) -> TableSalvage:
     return ts
 
 
+# -- leaf pages cut off from their table (a damaged interior page) -----------------
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    v = 0
+    for k in range(8):
+        c = b[i + k]
+        v = (v << 7) | (c & 0x7F)
+        if not c & 0x80:
+            return v, i + k + 1
+    return (v << 8) | b[i + 8], i + 9
+
+
+def _signed(v: int, bits: int) -> int:
+    return v - (1 << bits) if v >= 1 << (bits - 1) else v
+
+
+def _record(payload: bytes) -> list:
+    hsize, i = _varint(payload, 0)
+    types = []
+    while i < hsize:
+        t, i = _varint(payload, i)
+        types.append(t)
+    out, j = [], hsize
+    for t in types:
+        if t == 0:
+            out.append(None)
+        elif 1 <= t <= 6:
+            n = (1, 2, 3, 4, 6, 8)[t - 1]
+            out.append(_signed(int.from_bytes(payload[j:j + n], "big"), 8 * n))
+            j += n
+        elif t == 7:
+            out.append(struct.unpack(">d", payload[j:j + 8])[0])
+            j += 8
+        elif t in (8, 9):
+            out.append(t - 8)
+        elif t >= 12:
+            n = (t - 12) // 2
+            raw = payload[j:j + n]
+            if len(raw) != n:
+                raise ValueError("short record")
+            out.append(bytes(raw) if t % 2 == 0 else raw.decode("utf-8"))
+            j += n
+        else:
+            raise ValueError(f"serial type {t}")
+    if j > len(payload):
+        raise ValueError("short record")
+    return out
+
+
+class _Pages:
+    """The damaged file's pages as SQLite would see them: the WAL's last committed
+    frame of a page over the main file's."""
+
+    def __init__(self, path: Path, page_size: int) -> None:
+        self.size = page_size
+        self.f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.n = os.fstat(self.f.fileno()).st_size // page_size
+        self.wal: dict[int, bytes] = {}
+        wal = path.with_name(path.name + "-wal")
+        try:
+            data = wal.read_bytes() if wal.exists() else b""
+        except OSError:
+            data = b""
+        if len(data) >= 32 and int.from_bytes(data[8:12], "big") == page_size:
+            salts, frames, pending, off = data[16:24], {}, {}, 32
+            while off + 24 + page_size <= len(data):
+                pg, commit = (int.from_bytes(data[off:off + 4], "big"),
+                              int.from_bytes(data[off + 4:off + 8], "big"))
+                if data[off + 8:off + 16] != salts:
+                    break
+                pending[pg] = data[off + 24:off + 24 + page_size]
+                if commit:
+                    frames.update(pending)
+                    pending = {}
+                off += 24 + page_size
+            self.wal = frames
+            self.n = max([self.n, *frames]) if frames else self.n
+
+    def get(self, pg: int) -> bytes:
+        if pg in self.wal:
+            return self.wal[pg]
+        self.f.seek((pg - 1) * self.size)
+        return self.f.read(self.size)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _freelist(pages: _Pages, header: bytes) -> set[int] | None:
+    """The free pages (stale rows live there); None when the list cannot be walked."""
+    free: set[int] = set()
+    trunk, left = int.from_bytes(header[32:36], "big"), int.from_bytes(header[36:40], "big")
+    while trunk:
+        if trunk > pages.n or trunk in free:
+            return None
+        free.add(trunk)
+        b = pages.get(trunk)
+        nxt, k = int.from_bytes(b[0:4], "big"), int.from_bytes(b[4:8], "big")
+        if k > pages.size // 4 - 2:
+            return None
+        free.update(int.from_bytes(b[8 + 4 * x:12 + 4 * x], "big") for x in range(k))
+        trunk = nxt
+    return free if len(free) >= left else None
+
+
+def _fits(ts: TableSalvage, types: list[str], values: list) -> bool:
+    if len(values) > len(ts.cols):
+        return False
+    for t, v in zip(types, values):
+        t = t.upper()
+        if v is None:
+            continue
+        if "INT" in t and not isinstance(v, int):
+            return False
+        if any(x in t for x in ("CHAR", "CLOB", "TEXT")) and not isinstance(v, str):
+            return False
+        if any(x in t for x in ("REAL", "FLOA", "DOUB")) and not isinstance(v, (int, float)):
+            return False
+        if t == "BLOB" and not isinstance(v, bytes):
+            return False
+    return True
+
+
+def _leaf_cells(pages: _Pages, pg: int, usable: int) -> list[tuple[int, list]] | None:
+    """(rowid, values) of a table leaf page; None when it is not one."""
+    b = pages.get(pg)
+    if len(b) < 8 or b[0] != 0x0D:
+        return None
+    n = int.from_bytes(b[3:5], "big")
+    if 8 + 2 * n > len(b):
+        return None
+    out = []
+    x = usable - 35
+    m = ((usable - 12) * 32 // 255) - 23
+    for c in range(n):
+        off = int.from_bytes(b[8 + 2 * c:10 + 2 * c], "big")
+        size, i = _varint(b, off)
+        rowid, i = _varint(b, i)
+        rowid = _signed(rowid, 64)
+        if size <= x:
+            payload = b[i:i + size]
+        else:
+            k = m + ((size - m) % (usable - 4))
+            local = k if k <= x else m
+            payload = bytearray(b[i:i + local])
+            nxt = int.from_bytes(b[i + local:i + local + 4], "big")
+            seen = set()
+            while nxt and len(payload) < size:
+                if nxt > pages.n or nxt in seen:
+                    raise ValueError("bad overflow chain")
+                seen.add(nxt)
+                ob = pages.get(nxt)
+                payload += ob[4:usable]
+                nxt = int.from_bytes(ob[0:4], "big")
+            payload = bytes(payload[:size])
+        if len(payload) != size:
+            raise ValueError("short payload")
+        out.append((rowid, _record(payload)))
+    return out
+
+
+def scan_leaves(damaged: Path, tables: dict[str, TableSalvage], owners: dict[int, str],
+                types: dict[str, list[str]], aliases: dict[str, int | None]) -> dict[str, int]:
+    """Rows the reader could not reach (their leaf page is whole but a page above it
+    is not) read straight off the leaf pages: a page is given to the table that
+    owned it in the last good copy (``owners``), else to the one table whose
+    columns fit every cell; free pages are skipped, and only rowids the reader
+    could not read are filled. Rows added per table."""
+    added: dict[str, int] = {}
+    want = {n: ts for n, ts in tables.items() if ts.cols and not ts.complete()}
+    if not want:
+        return added
+    with open(damaged, "rb") as f:
+        header = f.read(100)
+    if header[:16] != b"SQLite format 3\x00":
+        return added
+    size = int.from_bytes(header[16:18], "big")
+    size = 65536 if size == 1 else size
+    usable = size - header[20]
+    pages = _Pages(damaged, size)
+    try:
+        free = _freelist(pages, pages.get(1)[:100]) or set()
+        for pg in range(2, pages.n + 1):
+            if pg in free:
+                continue
+            try:
+                cells = _leaf_cells(pages, pg, usable)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+            if not cells:
+                continue
+            cands = [owners[pg]] if owners.get(pg) in want else list(want)
+            fit = [t for t in cands if all(
+                _fits(want[t], types[t], v) and (owners.get(pg) == t or len(v) == len(
+                    want[t].cols)) for _r, v in cells)]
+            fit = [t for t in fit if any(
+                r not in want[t].rows and not want[t].readable(r) for r, _v in cells)]
+            if len(fit) != 1:
+                continue
+            ts = want[fit[0]]
+            alias = aliases.get(ts.name)
+            for rowid, vals in cells:
+                if rowid in ts.rows or ts.readable(rowid):
+                    continue
+                vals = vals + [None] * (len(ts.cols) - len(vals))
+                if alias is not None and vals[alias] is None:
+                    vals[alias] = rowid
+                ts.rows[rowid] = tuple(vals)
+                if ts.lost_rowids is not None:
+                    ts.lost_rowids.discard(rowid)
+                    ts.lost_keys.pop(rowid, None)
+                else:
+                    ts.covered.append((rowid, rowid))
+                added[ts.name] = added.get(ts.name, 0) + 1
+    finally:
+        pages.close()
+    return added
+
+
+def _page_owners(copy: Path | None) -> dict[int, str]:
+    if copy is None or not Path(copy).exists():
+        return {}
+    try:
+        c = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+        try:
+            return {r[0]: r[1] for r in c.execute(
+                "SELECT pageno, name FROM dbstat WHERE pagetype IN ('leaf', 'internal')")}
+        finally:
+            c.close()
+    except sqlite3.Error:
+        return {}
+
+
 # -- the sqlite3 command line's .recover (optional) ------------------------------
 _CLI_OK: bool | None = None
 
@@ -276,7 +509,7 @@ def cli_recover_available() -> bool:
                 c.close()
                 try:
                     r = subprocess.run([exe, str(p), ".recover"], capture_output=True,
-                                       text=True, timeout=30)
+                                       text=True, timeout=30, check=False)
                     _CLI_OK = r.returncode == 0 and "42" in r.stdout and "error" not in r.stderr
                 except (OSError, subprocess.SubprocessError):
                     _CLI_OK = False
@@ -292,7 +525,7 @@ def _cli_recover(damaged: Path, tables: dict[str, TableSalvage]) -> int:
         out = Path(d) / "recovered.db"
         try:
             sql = subprocess.run([shutil.which("sqlite3") or "sqlite3", str(damaged), ".recover"],
-                                 capture_output=True, text=True, timeout=300).stdout
+                                 capture_output=True, text=True, timeout=300, check=False).stdout
             rc = sqlite3.connect(out)
             rc.executescript(sql)
         except (OSError, subprocess.SubprocessError, sqlite3.Error) as err:
@@ -352,7 +585,7 @@ def salvage(damaged: Path, use_cli: bool = True, copy: Path | None = None) -> di
     "schema_from_copy": bool}``. When its schema cannot be read and ``copy`` (the
     last good copy) is given, the copy's schema pages are spliced into a scratch
     copy of it and that is read."""
-    out = _salvage(damaged, use_cli)
+    out = _salvage(damaged, use_cli, copy)
     if out["error"] and copy is not None and Path(copy).exists():
         with tempfile.TemporaryDirectory(dir=Path(damaged).parent) as d:
             scratch = Path(d) / "spliced.db"
@@ -363,15 +596,17 @@ def salvage(damaged: Path, use_cli: bool = True, copy: Path | None = None) -> di
                                Path(damaged).name, err)
                 return out
             first = out["error"]
-            out = _salvage(scratch, use_cli)
+            out = _salvage(scratch, use_cli, copy)
             out["schema_from_copy"] = True
             out["schema_error"] = first
     return out
 
 
-def _salvage(damaged: Path, use_cli: bool = True) -> dict[str, Any]:
+def _salvage(damaged: Path, use_cli: bool = True, copy: Path | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"tables": {}, "schema": [], "error": None, "cli_rows": 0,
-                           "schema_from_copy": False}
+                           "schema_from_copy": False, "leaf_rows": {}}
+    types: dict[str, list[str]] = {}
+    aliases: dict[str, int | None] = {}
     try:
         conn = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True, timeout=10)
     except sqlite3.Error as err:
@@ -387,8 +622,20 @@ def _salvage(damaged: Path, use_cli: bool = True) -> dict[str, Any]:
             if typ == "table" and not name.startswith("sqlite_") and sql \
                     and "VIRTUAL" not in sql.upper():
                 out["tables"][name] = read_table(conn, name)
+                try:
+                    cols = _columns(conn, name)
+                    types[name] = [c[1] for c in cols]
+                    pk = [k for k, c in enumerate(cols) if c[2]]
+                    aliases[name] = pk[0] if len(pk) == 1 and \
+                        cols[pk[0]][1].upper() == "INTEGER" else None
+                except sqlite3.Error:
+                    types[name], aliases[name] = [], None
     finally:
         conn.close()
+    try:
+        out["leaf_rows"] = scan_leaves(damaged, out["tables"], _page_owners(copy), types, aliases)
+    except (OSError, ValueError) as err:
+        logger.warning("leaf page scan of %s failed: %s", Path(damaged).name, err)
     if use_cli:
         out["cli_rows"] = _cli_recover(damaged, out["tables"])
     return out
@@ -635,6 +882,7 @@ def build_restore(damaged: Path, copy: Path, out: Path, samples_dir: Path | None
     lost = {k: v["lost"] for k, v in tables.items() if v.get("lost") != 0}
     return {"tables": tables, "salvaged": salvaged, "lost": lost, "samples": samples,
             "error": salv["error"], "cli_rows": salv["cli_rows"],
+            "leaf_rows": salv.get("leaf_rows", {}),
             "schema_from_copy": salv.get("schema_from_copy", False),
             "cli": cli_recover_available() if use_cli else False,
             "seconds": round(time.monotonic() - t0, 3)}
