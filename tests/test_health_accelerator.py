@@ -32,7 +32,12 @@ from edge_node import reconciler as reconciler_mod
 from edge_node.health import FaultJournal, Monitor
 from edge_node.health.accelerator import AcceleratorCheck
 from edge_node.reconciler import Reconciler
-from edge_node.resources import Placement, WorkerSettings, discover_cards, worker_settings
+from edge_node.resources import (
+    Placement,
+    WorkerSettings,
+    discover_cards,
+    worker_settings,
+)
 from edge_node.serving.registry import AppRegistry
 from edge_node.store import NodeStore
 from edge_node.worker.supervisor import WorkerSupervisor
@@ -270,8 +275,11 @@ def test_a_running_agent_reports_a_lost_gpu_in_its_cards_and_raises_the_alarm(
         assert card("gpu0")["state"] == "ok" and card("gpu0")["name"] == "NVIDIA A2"
         nvml.gpus = []
         wait_for(lambda: card("gpu0")["state"] == "lost", 20, "gpu0 lost in the reported state")
-        faults = lambda: [e for e in events(db) if e["type"].startswith("fault_")  # noqa: E731
-                          and e["data"].get("fault") == "accelerator_lost"]
+
+        def faults() -> list[dict]:
+            return [e for e in events(db) if e["type"].startswith("fault_")
+                    and e["data"].get("fault") == "accelerator_lost"]
+
         wait_for(lambda: len(faults()) >= 2, 20, "the fault's events")
         det, healed = faults()[:2]
         assert (det["type"], det["severity"]) == ("fault_detected", "warning")

@@ -148,12 +148,12 @@ class AcceleratorCheck(Check):
             for app in self.placement.apps_on(card):
                 moving[app] = card
         for app, card in self._stranded.items():
-            if card not in gone:  # its card is back: no need to wait to place it again
-                if card in self.placement.lost():
-                    self.placement.set_lost(card, False)
-                    self._back_since.pop(card, None)
-                    self.stats["returned"] += 1
-                    done.append(f"{card} back")
+            # its card is back: no need to wait before placing it again
+            if card not in gone and card in self.placement.lost():
+                self.placement.set_lost(card, False)
+                self._back_since.pop(card, None)
+                self.stats["returned"] += 1
+                done.append(f"{card} back")
             moving.setdefault(app, card)
         self.on_change()
         if moving:

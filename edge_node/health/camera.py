@@ -17,7 +17,7 @@ Why no frame comes decides the remedy (:meth:`~edge_node.streams.manager.StreamM
 * **the reader is stuck**: the capture process alive but without a heartbeat
   for longer than the source's own timeouts allow (``max(open_timeout + 2,
   stall_timeout)`` plus ``stuck_grace_s``: a stopped, deadlocked or hung
-  process -- sooner than the stream's own watchdog, which waits 10 s more), the
+  process -- sooner than the stream's own watchdog, which waits 8 s longer), the
   process gone with no restart scheduled, the agent's reader thread gone, frames
   captured that the reader does not take, or the stream ``failed``: the stream's
   capture process and reader are killed and started again
