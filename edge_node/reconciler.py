@@ -117,6 +117,9 @@ class Reconciler:
         self._permanent: dict[str, str] = {}  # sha256 -> reason (not retried)
         self._reinstall: dict[str, threading.Event] = {}  # name -> set when its pass is over
         self._relocate: dict[str, threading.Event] = {}  # name -> set when its pass is over
+        #: card id -> True when discovery no longer lists it (set by the accelerator
+        #: health check): a worker that died on such a card is not a crash loop
+        self.card_gone: Callable[[str], bool] = lambda _card: False
         #: a version becomes an app's *last known good* once it served this long
         #: with no worker restart; a crash loop of a later version rolls back to it
         self.stable_s = stable_s
@@ -250,6 +253,13 @@ class Reconciler:
                          name="relocate-wait", daemon=True).start()
         self._wake.put("relocate")
         return done
+
+    def _card_gone(self, card: str) -> bool:
+        try:
+            return bool(self.card_gone(card))
+        except Exception:  # noqa: BLE001 - discovery failing is not a verdict
+            logger.exception("cannot tell whether card %s is gone", card)
+            return False
 
     def _on_lost_card(self, name: str) -> bool:
         sl = self.placement.get(name)
@@ -391,6 +401,13 @@ class Reconciler:
                 app.ready = False  # /v2 answers 503, not a hang, until it is back
             last = self.supervisor.status().get(running[1], {}).get("last_error")
             self.on_event("worker_failed", "error", ref.name, {"error": str(last)[:500]})
+            sl = self.placement.get(ref.name)
+            if sl is not None and sl.kind != "cpu" and self._card_gone(sl.card):
+                # its card is gone, not its version: no rollback, no restart there; the
+                # accelerator check marks the card lost and the app is placed afresh
+                self._set(ref, "failed", error=f"card {sl.card} is gone; {ref.name} waits "
+                                               "to be placed on another card")
+                return
             if self._roll_back_crash_loop(ref, str(last)):
                 return
             logger.error("worker of %s gave up (%s); starting it afresh", ref.name, last)

@@ -99,7 +99,7 @@ def make_node(tmp_path, monkeypatch):
                          on_change=lambda: changes.append(1), placement=placement,
                          on_event=lambda t, sev, app, data: events.append((t, app, data)),
                          overrides={"digits": {"memory_mb": memory_mb}} if memory_mb else None,
-                         retry_max=2.0)
+                         retry_max=2.0, check_interval=0.5)
         rec.start()
         rec.on_desired_message("t", schemas.DesiredState(node_id="n1", revision=1, apps=[
             schemas.AppRef(name="digits", version="1.0.0", sha256=sha, size=size)]).to_bytes(),
@@ -238,6 +238,29 @@ def test_an_app_that_does_not_fit_on_the_cpu_is_stopped_and_reported_not_half_de
     wait_for(lambda: [r for r in node["rec"].reports() if r.status == "ready"], 30, "ready")
     assert serves(node)
     assert journal.summary()["accelerator_lost"]["healed"] == 1
+
+
+def test_a_worker_that_died_with_its_card_is_neither_restarted_there_nor_rolled_back(
+        make_node):
+    """The card goes and takes its worker with it before the check's next probe: the
+    reconciler, asking the check, reports the app waiting instead of restarting it on
+    the gone card or rolling its version back as a crash loop; the remedy moves it."""
+    node = make_node()
+    placement, sup, key, rec = node["placement"], node["sup"], node["key"], node["rec"]
+    check = AcceleratorCheck(placement, rec,
+                             discover=lambda: discover_cards(nvml=node["nvml"], quiet=True))
+    assert rec.card_gone == check.card_gone and not check.card_gone("gpu0")
+    node["nvml"].gpus = []
+    sup.stop(key)  # the worker died with the card (restarts there would fail)
+    wait_for(lambda: "card gpu0 is gone" in (rec.reports()[0].error or ""), 10, "waiting")
+    time.sleep(1.0)  # two more passes of the reconciler: still not restarted on gpu0
+    assert sup.status()[key]["state"] == "stopped" and placement.get("digits").card == "gpu0"
+    assert not rec._crash_looped
+    mon, events, _ = monitor_of(check)
+    [after] = mon.run_all(heal=True)
+    assert after.ok and [t for t, _ in events] == ["fault_detected", "fault_healed"], events
+    assert placement.get("digits").card == "cpu" and sup.status()[key]["state"] == "ready"
+    assert serves(node)
 
 
 def test_a_node_without_an_accelerator_passes_without_asking_nvml():

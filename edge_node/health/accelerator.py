@@ -30,6 +30,15 @@ preference order (back onto the card when they still fit; an app that does not
 goes on serving where it is) and an ``accelerator_returned`` event says which
 moved. Apps that fitted nowhere are placed as soon as the card is back (they are
 not serving: nothing to wait for).
+
+A worker on the card usually dies with it, and its restarts fail; when the
+supervisor gives up before the next probe, the reconciler asks
+:meth:`AcceleratorCheck.card_gone` (``Reconciler.card_gone``) and, the card gone,
+neither rolls the app back as a crash loop nor restarts it there: the app is
+reported failed until the remedy places it afresh.
+
+A card missing at start is not the node's (the agent discovers its cards once);
+one that appears later is used from the next start.
 """
 
 from __future__ import annotations
@@ -69,6 +78,15 @@ class AcceleratorCheck(Check):
         self._stranded: dict[str, str] = {}  # app -> the lost card it was on; fits nowhere
         self._back_since: dict[str, float] = {}  # lost card -> monotonic, listed again since
         self.stats = {"lost": 0, "returned": 0, "moved": 0, "moved_back": 0, "unplaced": 0}
+        if reconciler is not None and hasattr(reconciler, "card_gone"):
+            # a worker that died on a card discovery no longer lists is not rolled back as
+            # a crash loop: the reconciler asks here, the next probe moves the app
+            reconciler.card_gone = self.card_gone
+
+    def card_gone(self, card_id: str) -> bool:
+        """True when ``card_id`` is one of the node's GPU cards and discovery lacks it."""
+        gpus = [c for c in self._gpus() if c.id == card_id]
+        return bool(gpus) and bool(self._gone(gpus))
 
     # -- what is there -----------------------------------------------------------
     def _gpus(self) -> list[Card]:
