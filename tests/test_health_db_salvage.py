@@ -401,3 +401,23 @@ def test_leaves_cut_off_by_a_damaged_interior_page_are_read_off_the_pages(node):
     assert rep["leaf_rows"]["samples"] == len(truth["samples"])
     assert s["lost"] == 0 and s["inserted"] == 120 and s["deleted"] == 1  # one evicted
     assert snapshot(node.db)["samples"] == truth["samples"]
+
+
+def test_append_only_tables_are_read_above_the_copy_only(node):
+    """``results`` (a row per inference, never updated): only the rows newer than
+    the copy are read and merged; a damaged page of older rows costs nothing."""
+    row = {"ts": 1.0, "app": "digits", "version": "1", "label": "7", "score": 0.5,
+           "source": "cam1"}
+    node.store.add_results([row] * 3000)
+    assert dbi.make_last_good(node.db)
+    node.store.add_results([{**row, "ts": 2.0}] * 1000)
+    leaves = leaf_pages(node.db, "results")
+    smash(node.db, [leaves[3], leaves[-4]])  # one page of old rows, one of new ones
+    c = DbIntegrityCheck(node.db)
+    f = c.probe()
+    c.heal(f)
+    assert c.probe().ok
+    r = f.data["salvage"]["tables"]["results"]
+    assert r["read"] < 1000 and r["inserted"] == r["read"]
+    assert r["lost"] == r["unreadable"] == 1000 - r["read"] > 0
+    assert node.store.count("results") == 3000 + r["inserted"]

@@ -61,6 +61,10 @@ FINAL_STATES = ("acked", "rejected")
 MIN_ROWID, MAX_ROWID = -(2 ** 63), 2 ** 63 - 1
 #: queries one table's bisection may spend before the rest is counted unreadable
 MAX_QUERIES = 200_000
+#: tables only ever appended to (and pruned oldest first), never updated: only their
+#: rows newer than the copy (rowid above its largest) are read -- ``results`` grows
+#: by every inference and would cost the salvage seconds and hundreds of MB
+APPEND_ONLY = ("results", "faults")
 
 
 def _q(name: str) -> str:
@@ -84,6 +88,8 @@ class TableSalvage:
     method: str = "index"
     error: str | None = None
     queries: int = 0
+    #: only rowids above this one were read (an append-only table: the rest is the copy's)
+    min_rowid: int | None = None
 
     @property
     def unreadable(self) -> int | None:
@@ -98,11 +104,18 @@ class TableSalvage:
 
     def readable(self, rowid: int) -> bool:
         """True when the damaged file is known to hold (or not hold) ``rowid``."""
+        if self.min_rowid is not None and rowid <= self.min_rowid:
+            return False  # not read: the copy's row stands
         if rowid in self.rows:
             return True
         if self.lost_rowids is not None:
             return rowid not in self.lost_rowids
         return any(a <= rowid <= b for a, b in self.covered)
+
+    def missing(self, rowid: int) -> bool:
+        """A rowid the reader could not read (and should have)."""
+        return (rowid not in self.rows and not self.readable(rowid)
+                and (self.min_rowid is None or rowid > self.min_rowid))
 
     def complete(self) -> bool:
         return self.error is None and self.unreadable == 0
@@ -192,7 +205,10 @@ def _read_by_bisection(conn, ts: TableSalvage) -> None:
     ts.method = "bisect"
     sel = f"SELECT rowid, {', '.join(_q(c) for c in ts.cols)} FROM {_q(ts.name)} " \
           "WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
-    stack = [(MIN_ROWID, MAX_ROWID)]
+    lo = MIN_ROWID if ts.min_rowid is None else ts.min_rowid + 1
+    if lo > MIN_ROWID:
+        ts.covered.append((MIN_ROWID, lo - 1))  # not read on purpose: the copy's rows
+    stack = [(lo, MAX_ROWID)]
     while stack:
         a, b = stack.pop()
         ts.queries += 1
@@ -235,8 +251,11 @@ def _index_rowids(conn, table: str, key: list[str]) -> tuple[list[int], dict[int
     return None
 
 
-def read_table(conn: sqlite3.Connection, table: str) -> TableSalvage:
-    ts = TableSalvage(table, [])
+def read_table(conn: sqlite3.Connection, table: str,
+               min_rowid: int | None = None) -> TableSalvage:
+    """What ``table`` of the damaged file still gives (only rowids above
+    ``min_rowid`` when given)."""
+    ts = TableSalvage(table, [], min_rowid=min_rowid)
     try:
         ts.cols = [c[0] for c in _columns(conn, table)]
         ts.key = table_key(conn, table)
@@ -250,10 +269,14 @@ def read_table(conn: sqlite3.Connection, table: str) -> TableSalvage:
     listed = _index_rowids(conn, table, ts.key)
     if listed is not None and (ts.count is None or len(listed[0]) == ts.count):
         rowids, keys = listed
+        if min_rowid is not None:
+            rowids = [r for r in rowids if r > min_rowid]
         _read_by_rowids(conn, ts, rowids)
         ts.lost_keys = {r: keys[r] for r in ts.lost_rowids if r in keys}
     else:
         _read_by_bisection(conn, ts)
+    if min_rowid is not None:
+        ts.count = None  # of the whole table: says nothing of the rows read
     return ts
 
 
@@ -379,6 +402,22 @@ def _fits(ts: TableSalvage, types: list[str], values: list) -> bool:
     return True
 
 
+def _leaf_rowids(b: bytes) -> list[int] | None:
+    """The rowids of a table leaf page (cheap: no record decoded); None if not one."""
+    if len(b) < 8 or b[0] != 0x0D:
+        return None
+    n = int.from_bytes(b[3:5], "big")
+    if 8 + 2 * n > len(b):
+        return None
+    out = []
+    for c in range(n):
+        off = int.from_bytes(b[8 + 2 * c:10 + 2 * c], "big")
+        _size, i = _varint(b, off)
+        rowid, _i = _varint(b, i)
+        out.append(_signed(rowid, 64))
+    return out
+
+
 def _leaf_cells(pages: _Pages, pg: int, usable: int) -> list[tuple[int, list]] | None:
     """(rowid, values) of a table leaf page; None when it is not one."""
     b = pages.get(pg)
@@ -442,23 +481,27 @@ def scan_leaves(damaged: Path, tables: dict[str, TableSalvage], owners: dict[int
             if pg in free:
                 continue
             try:
+                rowids = _leaf_rowids(pages.get(pg))
+                if not rowids:
+                    continue
+                cands = [owners[pg]] if owners.get(pg) in want else list(want)
+                if not any(want[t].missing(r) for t in cands for r in rowids):
+                    continue  # nothing on it the reader has not read
                 cells = _leaf_cells(pages, pg, usable)
             except (ValueError, IndexError, UnicodeDecodeError):
                 continue
             if not cells:
                 continue
-            cands = [owners[pg]] if owners.get(pg) in want else list(want)
             fit = [t for t in cands if all(
                 _fits(want[t], types[t], v) and (owners.get(pg) == t or len(v) == len(
                     want[t].cols)) for _r, v in cells)]
-            fit = [t for t in fit if any(
-                r not in want[t].rows and not want[t].readable(r) for r, _v in cells)]
+            fit = [t for t in fit if any(want[t].missing(r) for r, _v in cells)]
             if len(fit) != 1:
                 continue
             ts = want[fit[0]]
             alias = aliases.get(ts.name)
             for rowid, vals in cells:
-                if rowid in ts.rows or ts.readable(rowid):
+                if not ts.missing(rowid):
                     continue
                 vals = vals + [None] * (len(ts.cols) - len(vals))
                 if alias is not None and vals[alias] is None:
@@ -541,7 +584,7 @@ def _cli_recover(damaged: Path, tables: dict[str, TableSalvage]) -> int:
                 except sqlite3.Error:
                     continue
                 for r in rows:
-                    if r[0] not in ts.rows and not ts.readable(r[0]):
+                    if ts.missing(r[0]):
                         ts.rows[r[0]] = tuple(r[1:])
                         if ts.lost_rowids is not None:
                             ts.lost_rowids.discard(r[0])
@@ -602,11 +645,33 @@ def salvage(damaged: Path, use_cli: bool = True, copy: Path | None = None) -> di
     return out
 
 
+def _append_only_floors(copy: Path | None) -> dict[str, int]:
+    """The copy's largest rowid of each :data:`APPEND_ONLY` table it has."""
+    out: dict[str, int] = {}
+    if copy is None or not Path(copy).exists():
+        return out
+    try:
+        c = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+        try:
+            for t in APPEND_ONLY:
+                try:
+                    out[t] = c.execute(f"SELECT coalesce(max(rowid), 0) FROM {_q(t)}"
+                                       ).fetchone()[0]
+                except sqlite3.Error:
+                    continue
+        finally:
+            c.close()
+    except sqlite3.Error:
+        pass
+    return out
+
+
 def _salvage(damaged: Path, use_cli: bool = True, copy: Path | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"tables": {}, "schema": [], "error": None, "cli_rows": 0,
                            "schema_from_copy": False, "leaf_rows": {}}
     types: dict[str, list[str]] = {}
     aliases: dict[str, int | None] = {}
+    floors = _append_only_floors(copy)
     try:
         conn = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True, timeout=10)
     except sqlite3.Error as err:
@@ -621,7 +686,7 @@ def _salvage(damaged: Path, use_cli: bool = True, copy: Path | None = None) -> d
         for typ, name, _tbl, sql in out["schema"]:
             if typ == "table" and not name.startswith("sqlite_") and sql \
                     and "VIRTUAL" not in sql.upper():
-                out["tables"][name] = read_table(conn, name)
+                out["tables"][name] = read_table(conn, name, floors.get(name))
                 try:
                     cols = _columns(conn, name)
                     types[name] = [c[1] for c in cols]
@@ -683,7 +748,8 @@ def _merge_table(target: sqlite3.Connection, ts: TableSalvage) -> dict[str, Any]
             target.execute(f"ALTER TABLE {t} ADD COLUMN {_q(c)}")
     key_sql = ", ".join("rowid" if k == "rowid" else _q(k) for k in ts.key)
     cur: dict[tuple, int] = {}  # key -> rowid in the target
-    for r in target.execute(f"SELECT rowid, {key_sql} FROM {t}"):
+    floor = "" if ts.min_rowid is None else f" WHERE rowid > {int(ts.min_rowid)}"
+    for r in target.execute(f"SELECT rowid, {key_sql} FROM {t}{floor}"):
         cur[tuple(r[1:])] = r[0]
     salvaged = {_key_of(ts, rid, vals): (rid, vals) for rid, vals in ts.rows.items()}
     lost_keys = set(ts.lost_keys.values())
@@ -695,7 +761,7 @@ def _merge_table(target: sqlite3.Connection, ts: TableSalvage) -> dict[str, Any]
     for k, rid in list(cur.items()):
         if k in salvaged:
             continue
-        gone = (ts.complete()
+        gone = (ts.min_rowid is None and ts.complete()
                 or (keys_known and k not in lost_keys and ts.readable(rid))
                 or (ts.key == ["rowid"] and ts.readable(rid)))
         if gone:
