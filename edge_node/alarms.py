@@ -52,6 +52,9 @@ ACTIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "resolve": (ACTIVE, "resolved", "alarm_resolved"),
     "false_alarm": (ACTIVE + ("cleared",), "false_alarm", "alarm_false"),
 }
+#: history entry's state -> the event it sends
+EVENTS = {"open": "alarm_raised", "cleared": "alarm_cleared",
+          **{to: ev for _, to, ev in ACTIONS.values()}}
 #: how often the writer clears quiet alarms and stores frame counts (seconds)
 TICK = 0.5
 QUEUE_MAX = 1000
@@ -188,6 +191,7 @@ class Alarms:
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.send_unsent()
         for r in self.store.query_alarms(ACTIVE, limit=100_000):
             self.engine.restore(Active(r["alarm_id"], r["rule"], r["stream"], r["app"],
                                        r["label"], r["score"], r["raised_at"], r["last_seen"],
@@ -317,12 +321,49 @@ class Alarms:
             self.store.touch_alarm(alarm_id, last_seen, frames)
 
     def _event(self, type: str, severity: str, row: dict | None, **extra: Any) -> None:
+        """The event of the alarm's newest history entry (``row`` as that transition
+        left it), then the entry marked sent. Its msg_id comes from the alarm and
+        the entry: sent again after a kill -9 in between, it is kept once."""
         if row is None:
             return
+        n = len(json.loads(row.get("history") or "[]"))
+        self._emit(type, severity, row, n - 1, row["state"], extra)
+        self.store.mark_alarm_events(row["alarm_id"], n)
+
+    def _emit(self, type: str, severity: str, row: dict, index: int, state: str,
+              extra: dict) -> None:
+        mid = uuid.uuid5(uuid.NAMESPACE_URL, f"aidc:alarm:{row['alarm_id']}:{index}").hex
         self.emit_event(type, severity=severity, app=row["app"], data={
             "alarm_id": row["alarm_id"], "rule": row["rule"], "stream": row["stream"],
             "app": row["app"], "label": row["label"], "score": row["score"],
-            "state": row["state"], "frames": row["frames"], **extra})
+            "state": state, "frames": row["frames"], **extra}, msg_id=mid)
+
+    def send_unsent(self) -> int:
+        """Events of alarm transitions committed but never handed to the outbox (the
+        agent died in between), rebuilt from the alarm's history; how many."""
+        n = 0
+        for row in self.store.alarms_unsent():
+            history = json.loads(row.get("history") or "[]")
+            try:
+                for i in range(row.get("events_sent") or 0, len(history)):
+                    entry = history[i]
+                    state = entry.get("state")
+                    extra: dict[str, Any] = {"by": entry.get("by")}
+                    if state == "resolved":
+                        extra["note"] = entry.get("note")
+                    if state == "false_alarm":
+                        extra.update(sample_id=row.get("sample_id"),
+                                     correct_label=row.get("correct_label"))
+                    severity = row["severity"] if state == "open" else "info"
+                    self._emit(EVENTS.get(state, "alarm_" + str(state)), severity or "info",
+                               row, i, state, extra)
+                    n += 1
+                self.store.mark_alarm_events(row["alarm_id"], len(history))
+            except Exception:  # noqa: BLE001 - never stop the node starting; next start
+                logger.exception("alarm %s: events not sent", row["alarm_id"])
+        if n:
+            logger.info("alarms: sent %d events of transitions never queued", n)
+        return n
 
     # -- people (the REST API) ---------------------------------------------------------
     def get(self, alarm_id: str) -> dict:

@@ -117,6 +117,16 @@ def m007_label_sent(db: sqlite_utils.Database) -> None:
                "WHERE label IS NOT NULL")
 
 
+@migrations()
+def m008_alarm_events_sent(db: sqlite_utils.Database) -> None:
+    """How many of an alarm's ``history`` entries have had their event handed to the
+    outbox: fewer than the entries after a kill -9 between a transition's commit and
+    its event's, sent at the next start (:meth:`edge_node.alarms.Alarms.start`).
+    Alarms of before were sent then."""
+    db["alarms"].add_column("events_sent", int)
+    db.execute("UPDATE alarms SET events_sent = json_array_length(coalesce(history, '[]'))")
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -360,7 +370,20 @@ class NodeStore:
     # -- alarms (edge_node/alarms.py) -------------------------------------------
     def add_alarm(self, row: dict) -> None:
         with self._lock, self._db.conn:
-            self._db["alarms"].insert({"updated_at": time.time(), **row})
+            self._db["alarms"].insert({"updated_at": time.time(), "events_sent": 0, **row})
+
+    def mark_alarm_events(self, alarm_id: str, n: int) -> None:
+        """The events of the first ``n`` history entries are in the outbox."""
+        with self._lock, self._db.conn:
+            self._db.execute("UPDATE alarms SET events_sent = max(coalesce(events_sent, 0), ?) "
+                             "WHERE alarm_id = ?", [n, alarm_id])
+
+    def alarms_unsent(self, limit: int = 10000) -> list[dict]:
+        """Alarms with history entries whose event never reached the outbox."""
+        with self._lock:
+            return list(self._db["alarms"].rows_where(
+                "coalesce(events_sent, 0) < json_array_length(coalesce(history, '[]'))",
+                order_by="raised_at", limit=limit))
 
     def get_alarm(self, alarm_id: str) -> dict | None:
         with self._lock:
