@@ -421,3 +421,45 @@ def test_append_only_tables_are_read_above_the_copy_only(node):
     assert r["read"] < 1000 and r["inserted"] == r["read"]
     assert r["lost"] == r["unreadable"] == 1000 - r["read"] > 0
     assert node.store.count("results") == 3000 + r["inserted"]
+
+
+def test_rows_written_while_the_heal_runs_are_not_lost(node):
+    """The agent goes on writing while the damaged file is salvaged: the live
+    database's write lock is held from the copy aside to the restore, so every row
+    a writer committed is either salvaged or written into the restored database."""
+    import threading
+
+    history(node)
+    smash(node.db, leaf_pages(node.db, "samples")[3:4])  # old rows: in the copy
+    written: list[str] = []
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 5000
+        while not stop.is_set():
+            try:
+                written.append(node.sample(i))
+            except sqlite3.DatabaseError:
+                failed.append(str(i))
+            i += 1
+            time.sleep(0.001)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert wait_for(lambda: len(written) >= 20, 10)
+        c = DbIntegrityCheck(node.db)
+        f = c.probe()
+        assert not f.ok
+        c.heal(f)
+        n = len(written)
+        assert wait_for(lambda: len(written) >= n + 20, 10)
+    finally:
+        stop.set()
+        t.join()
+    assert c.probe().ok
+    healed = snapshot(node.db)
+    missing = [s for s in written if s not in healed["samples"]]
+    assert not missing, (len(missing), len(written), len(failed))
+    assert not [s for s in written if s not in healed[TABLE]]

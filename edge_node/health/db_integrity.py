@@ -197,11 +197,16 @@ def restore_online(db_path: Path, samples_dir: Path | None = None) -> dict[str, 
     meta = last_good_meta(db_path)
     if meta is None:
         raise HealError(f"no last good copy of {db_path.name} to restore")
-    before = table_counts(db_path)
-    kept = _keep_damaged(db_path)
     merged = db_path.with_name(db_path.name + ".restore.tmp")
-    salvage = _with_salvage(kept, copy_path(db_path), merged,
-                            samples_dir if samples_dir is not None else samples_dir_of(db_path))
+    lock = _hold_writers(db_path)  # nothing written meanwhile is left out of the salvage
+    try:
+        before = table_counts(db_path)
+        kept = _keep_damaged(db_path)
+        salvage = _with_salvage(kept, copy_path(db_path), merged,
+                                samples_dir if samples_dir is not None
+                                else samples_dir_of(db_path))
+    finally:
+        _release(lock)
     source = copy_path(db_path) if salvage.get("failed") else merged
     try:
         _backup_into(source, db_path)
@@ -212,6 +217,30 @@ def restore_online(db_path: Path, samples_dir: Path | None = None) -> dict[str, 
     return {"copy_ts": meta.get("ts"), "kept": str(kept), "lost": lost,
             "salvage": _brief(salvage),
             "detail": _describe(meta, lost) + "; " + db_salvage.describe(salvage)}
+
+
+def _hold_writers(db_path: Path) -> sqlite3.Connection | None:
+    """The live database's write lock, held while the damaged file is copied aside
+    and salvaged, so no writer adds a row the salvage would miss (they wait on
+    their busy timeout and write into the restored database); None when it
+    cannot be had."""
+    try:
+        c = sqlite3.connect(str(db_path), timeout=5, isolation_level=None)
+        c.execute("BEGIN IMMEDIATE")
+        return c
+    except sqlite3.Error as err:
+        logger.warning("salvage of %s without holding writers off: %s", db_path.name, err)
+        return None
+
+
+def _release(lock: sqlite3.Connection | None) -> None:
+    if lock is None:
+        return
+    try:
+        lock.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+    lock.close()
 
 
 def _brief(rep: dict[str, Any]) -> dict[str, Any]:
