@@ -463,3 +463,26 @@ def test_rows_written_while_the_heal_runs_are_not_lost(node):
     missing = [s for s in written if s not in healed["samples"]]
     assert not missing, (len(missing), len(written), len(failed))
     assert not [s for s in written if s not in healed[TABLE]]
+
+
+def test_no_copy_at_start_what_can_be_read_is_kept(node):
+    """Damaged at start with no last good copy: the node starts with what the
+    damaged file still holds rather than with an empty database."""
+    for i in range(60):
+        node.sample(i)
+    node.store.put_json("desired", {"revision": 3})
+    truth = snapshot(node.db)
+    node.close()
+    smash(node.db, leaf_pages(node.db, "samples")[2:3])
+    note = dbi.guard_at_start(node.db)
+    assert note["remedy"] == "salvaged the damaged database at start"
+    s = NodeStore(node.db)
+    try:
+        assert s.get_json("desired") == {"revision": 3}
+        assert s.count("samples") == len(truth["samples"])  # the lost ones re-imported
+        assert note["salvage"]["samples"]["reimported"] == \
+            note["salvage"]["tables"]["samples"]["lost"] > 0
+    finally:
+        s.close()
+    node.store = NodeStore(node.db)
+    node.box = Outbox(node.db, MqttConnection("x"), "ack")

@@ -12,7 +12,11 @@ built as *the copy plus every row the damaged file can still give*:
    a damaged page is cut in two until the bad rows are isolated, so one bad page
    costs only its own rows, which are then known by rowid and key. Without a
    readable index the reader bisects the rowid space itself (the rows lost are
-   then counted from ``count(*)`` where it answers, else unknown). The ``sqlite3``
+   then counted from ``count(*)`` where it answers, else unknown). Leaf pages cut
+   off from their table by a damaged interior page are read straight off the
+   file (:func:`scan_leaves`). Append-only tables (:data:`APPEND_ONLY`) are read
+   above the copy's largest rowid only. A schema that cannot be read is read
+   with the copy's schema pages spliced in (:func:`salvage`). The ``sqlite3``
    command line's ``.recover``, where it works (Debian's 3.40 build does not),
    adds rows the reader could not reach. Everything tolerates
    :class:`sqlite3.DatabaseError`.
