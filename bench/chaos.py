@@ -13,8 +13,12 @@ link) with a camera stream reading a looping video file of held-out digits
   images of held-out digits and blends of two) at ``--rate`` a second; the
   doubtful ones become hard examples, i.e. feedback samples through the outbox;
   the camera stream gives results, hard examples (its frames as PNG samples) and
-  ``stream_label`` events (the node's own events, each time the label changes);
-  the node's health monitor adds its ``fault_detected`` / ``fault_healed`` events;
+  ``stream_label`` events (the node's own events, each time the label changes)
+  and alarms (a rule on a clear 7: ``alarm_raised``, ``alarm_cleared``);
+  a technician labels samples and acknowledges alarms through the node's API
+  (``sample_labelled``, ``alarm_acknowledged``); the stack's probe asks for one
+  inference every 0.5 s (its digit is a hard example too); the node's health
+  monitor adds its ``fault_*`` events;
 - **faults**, one every ``--gap`` seconds (uniform), of a kind drawn at random
   (``--seed``): ``broker_stop`` (Mosquitto stopped for 1-6 s, no persistence),
   ``worker_kill`` (kill -9 of the app's worker), ``link_half_open`` (the broker
@@ -267,11 +271,12 @@ class Load:
 class Technician:
     """A technician at the local web UI: every ``every`` s, the most useful
     unlabelled samples get a label (the model's answer) through the node's API,
-    each a ``sample_labelled`` event to the cloud."""
+    each a ``sample_labelled`` event to the cloud, and the newest open alarm is
+    acknowledged (``alarm_acknowledged``)."""
 
     def __init__(self, edge: str, every: float = 1.0, batch: int = 2) -> None:
         self.edge, self.every, self.batch = edge, every, batch
-        self.ok = self.failed = 0
+        self.ok = self.failed = self.acks_ok = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -299,6 +304,13 @@ class Technician:
                     self.ok += 1
                 else:
                     self.failed += 1
+            # and acknowledges the newest open alarm, if any
+            status, out = http("GET", f"{self.edge}/api/v1/alarms?state=open&limit=1",
+                               timeout=5.0)
+            for a in (out.get("alarms") or []) if status == 200 else []:
+                status, _ = http("POST", f"{self.edge}/api/v1/alarms/{a['alarm_id']}/ack",
+                                 {"by": "tech-1"}, timeout=5.0)
+                self.acks_ok += status == 200
 
 
 # -- faults ------------------------------------------------------------------------
@@ -393,7 +405,12 @@ def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
         label_every: float = 1.0) -> dict:
     """One chaos run; the result (see the module doc). Brings the site up and down."""
     kinds = list(kinds or KINDS)
-    over = {"feedback": {"max_per_minute": 100000}, **(node_over or {})}
+    over = {"feedback": {"max_per_minute": 100000},
+            # a clear 7 on the camera raises an alarm, cleared 1.5 s after the last one
+            "alarms": {"rules": [{"name": "seven", "app": "digits", "labels": ["7"],
+                                  "min_score": 0.8, "n": 1, "m": 1, "clear_after_s": 1.5,
+                                  "severity": "warning"}]},
+            **(node_over or {})}
     workdir = Path(workdir or tempfile.mkdtemp(prefix="aidc-chaos-"))
     s = Stack(workdir, node_over=over, stream={"fps": stream_fps}, probe_every=probe_every)
     t_start = time.monotonic()
@@ -469,7 +486,8 @@ def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
             "events": _tally(prod["events"], got["events"], prod, 0, _dups(ingest, "event")),
             "labels": {**{k: v for k, v in lab.items() if k != "results_by_source"},
                        "label_requests_ok": tech.ok if tech else 0,
-                       "label_requests_failed": tech.failed if tech else 0},
+                       "label_requests_failed": tech.failed if tech else 0,
+                       "alarm_acks_ok": tech.acks_ok if tech else 0},
             "samples_kept_home": len(prod["samples_home"]),
             "event_types_cloud": dict(got["event_types"]),
             "event_types_node_db": dict(node_types),
