@@ -169,7 +169,8 @@ def _describe(meta: dict, lost: dict) -> str:
         what = ", ".join(
             f"{t} {v['damaged'] if v['damaged'] is not None else '?'} -> {v['restored']}"
             for t, v in list(lost.items())[:8])
-    return f"restored the last good copy of {when} ({age:.0f} s old); rows: {what}"
+    return (f"restored the last good copy of {when} ({age:.0f} s old); "
+            f"row counts (damaged file -> restored): {what}")
 
 
 def samples_dir_of(db_path: Path) -> Path:
@@ -183,7 +184,7 @@ def _with_salvage(kept: Path, base: Path, out: Path,
     says why (and ``out`` is not written)."""
     try:
         return db_salvage.build_restore(kept, base, out, samples_dir)
-    except (sqlite3.Error, OSError, ValueError) as err:
+    except Exception as err:  # a salvage that fails never stops the restore
         logger.exception("salvage of %s failed; restoring the copy alone", kept.name)
         return {"error": f"salvage failed: {err}", "tables": {}, "salvaged": {}, "lost": {},
                 "samples": {}, "failed": True}
