@@ -38,6 +38,9 @@ def fits(cards: list[dict[str, Any]], app: str, req: dict[str, Any]) -> tuple[bo
     for card in cards:
         if req["card"] is not None and req["card"] not in (card.get("id"), card.get("kind")):
             continue
+        if card.get("state") == "lost":  # the node lost it (accelerator_lost): no room there
+            tried.append(f"{card.get('id')}: lost")
+            continue
         alloc = card.get("allocation") or {}
         free = dict(alloc.get("free") or {})
         if not free:

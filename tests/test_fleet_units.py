@@ -184,3 +184,11 @@ def test_nodes_that_join_a_rollouts_target_midway_get_the_new_version(tmp_path):
     eng.rollback(rid)
     assert {n: version(n) for n in "abcde"} == dict.fromkeys("abcde", "1.0")
     store.close()
+
+
+def test_a_lost_card_has_no_room_in_the_clouds_placement_check():
+    """A card the node reports lost (accelerator_lost) is not counted as room."""
+    gpu = {"id": "gpu0", "kind": "gpu", "state": "lost", "memory_mb": 8192,
+           "allocation": {"free": {"memory_mb": 8192, "compute_pct": 100}, "slices": []}}
+    ok, why = fits([gpu], "cam", request({"resources": {"card": "gpu"}}, None))
+    assert not ok and "gpu0: lost" in why
