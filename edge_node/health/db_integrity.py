@@ -334,7 +334,7 @@ class DbIntegrityCheck(Check):
     check costs at most :attr:`max_duty` of a core (the management plane's budget)."""
 
     name = "db_integrity"
-    interval_s = 30.0
+    interval_s = 10.0
     max_duty = 0.005
 
     def __init__(self, db_path: Path, backup_interval_s: float = BACKUP_INTERVAL_S,
