@@ -257,8 +257,8 @@ class Load:
         k = 0
         while not self._stop.is_set():
             t = time.monotonic()
-            status, out = http("POST", self.url, self.images[k % len(self.images)],
-                               timeout=5.0, ctype="image/png")
+            status, _ = http("POST", self.url, self.images[k % len(self.images)],
+                             timeout=5.0, ctype="image/png")
             k += 1
             if status == 200:
                 self.ok += 1
@@ -527,15 +527,15 @@ def _tally(produced: set[str], got: list[str], prod: dict, dup_ids: int,
 
 def summary(r: dict) -> str:
     f = ", ".join(f"{k} {v}" for k, v in r["faults"].items())
-    out = [f"chaos run: {r['chaos_s']:.0f} s of faults (seed {r['seed']}): {f}"
-           f" ({sum(r['faults'].values())} in all, {r['faults_skipped']} skipped); "
-           f"agent started {r['agent_starts']} times",
-           f"load: {r['load']['requests_answered']} HTTP requests answered, "
-           f"{r['load']['requests_failed']} failed; samples by source "
-           f"{r['load']['samples_by_source']}; drained {r['drained_after_s']} s after",
+    out = [(f"chaos run: {r['chaos_s']:.0f} s of faults (seed {r['seed']}): {f}"
+            f" ({sum(r['faults'].values())} in all, {r['faults_skipped']} skipped); "
+            f"agent started {r['agent_starts']} times"),
+           (f"load: {r['load']['requests_answered']} HTTP requests answered, "
+            f"{r['load']['requests_failed']} failed; samples by source "
+            f"{r['load']['samples_by_source']}; drained {r['drained_after_s']} s after"),
            "",
-           "| | produced at the edge | arrived in the cloud | lost | duplicated | extra | "
-           "resends deduplicated |",
+           ("| | produced at the edge | arrived in the cloud | lost | duplicated | extra | "
+            "resends deduplicated |"),
            "|---|---|---|---|---|---|---|"]
     for k in ("samples", "events"):
         t = r[k]

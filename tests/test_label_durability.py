@@ -120,7 +120,7 @@ def test_the_technicians_retry_sends_a_label_the_node_never_sent(tmp_path):
 def test_a_sample_stored_with_its_label_sends_no_label_event(tmp_path):
     """A label given with the sample (a false alarm's correction) travels inside the
     sample's own message: nothing to send at the next start."""
-    store, outbox, lab = _node(tmp_path)
+    store, outbox, _ = _node(tmp_path)
     store.add_sample({
         "sample_id": "s2", "created_at": 1.0, "app": "digits", "version": "1.0.0",
         "reason": "false_alarm", "input_type": "image/png",
