@@ -451,6 +451,10 @@ def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
             ledger.poll()
             prod = ledger.produced()
             got = arrived(s.cloud_db, NODE_ID)
+            # what the node committed by now: an id it produced after the poll above
+            # may have arrived before the cloud was read (not extra, not yet counted)
+            ledger.poll()
+            seen = ledger.produced()
             missing = (prod["samples"] - set(got["samples"])) | \
                 (prod["events"] - set(got["events"]))
             lab = labels(s.node_db, s.cloud_db, NODE_ID)
@@ -482,8 +486,10 @@ def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
             "agent_starts": s.service.starts,
             "injections": chaos.log,
             "samples": _tally(prod["samples"], got["samples"], prod, got["dup_sample_ids"],
+                              seen["samples"] | seen["samples_home"],
                               _dups(ingest, "feedback")),
-            "events": _tally(prod["events"], got["events"], prod, 0, _dups(ingest, "event")),
+            "events": _tally(prod["events"], got["events"], prod, 0, seen["events"],
+                             _dups(ingest, "event")),
             "labels": {**{k: v for k, v in lab.items() if k != "results_by_source"},
                        "label_requests_ok": tech.ok if tech else 0,
                        "label_requests_failed": tech.failed if tech else 0,
@@ -508,18 +514,22 @@ def _dups(ingest: dict, kind: str) -> int:
     return sum(v for k, v in ingest.items() if k.startswith(kind) and k.endswith("_duplicate"))
 
 
-def _tally(produced: set[str], got: list[str], prod: dict, dup_ids: int,
+def _tally(produced: set[str], got: list[str], prod: dict, dup_ids: int, seen: set[str],
            resends: int) -> dict:
+    """``produced``: the ids that must have arrived (committed before the cloud was
+    read); ``seen``: every id committed by the end (extra: arrived, not among them)."""
     got_set = set(got)
     lost = produced - got_set
     return {
-        "produced": len(produced), "arrived": len(got_set),
+        "produced": len(produced), "arrived": len(got_set & produced),
+        # committed just after the count's snapshot of node.db and already in the cloud
+        "arrived_after_the_count": len(got_set & (seen - produced)),
         "lost": len(lost),
         "lost_still_pending": len(lost & prod["pending"]),
         "lost_rejected": len(lost & prod["rejected"]),
         "lost_never_queued": len(lost & prod["unqueued"]),
         "duplicated": (len(got) - len(got_set)) + dup_ids,
-        "extra": len(got_set - produced),
+        "extra": len(got_set - produced - seen),
         "resends_deduplicated": resends,
         "lost_ids": sorted(lost)[:20],
     }
