@@ -202,6 +202,12 @@ class Shadow:
                 "p50_ms": lat[len(lat) // 2] if lat else None, "timed_out": self.timed_out}
 
 
+#: a run's state -> the event that says so
+STATE_EVENTS = {"training": "finetune_started", "shadow": "finetune_shadow",
+                "promoted": "model_promoted", "rolled_back": "model_rolled_back",
+                "rejected": "finetune_rejected", "failed": "finetune_failed"}
+
+
 def _served(result: dict) -> dict:
     """What the shadow needs of a served result (not its scores)."""
     return {"index": result.get("index", -1), "score": result.get("score", 0.0)}
@@ -285,7 +291,7 @@ class SiteLearning:
             job = self.jobs.submit(JobSpec(name=f"finetune-{app}"[:64], module=MODULE,
                                            args=args, card=self.card, priority=1))
             self.store.update_run(run_id, job_id=job.job_id)
-        self.emit_event("finetune_started", app=app, data={
+        self._emit(run_id, "training", app, {
             "run_id": run_id, "job_id": job.job_id, "base_version": served.version,
             "train": len(train), "heldout": len(held), "by": by})
         return self.store.get_run(run_id)
@@ -387,7 +393,7 @@ class SiteLearning:
         with self._lock:
             self._shadows[run["app"]] = sh
         self.store.update_run(run["run_id"], state="shadow")
-        self.emit_event("finetune_shadow", app=run["app"], data={
+        self._emit(run["run_id"], "shadow", run["app"], {
             "run_id": run["run_id"], "requests": gate.shadow_requests})
 
     def observe(self, app: str, result: dict, tensor: np.ndarray | None) -> None:
@@ -455,7 +461,7 @@ class SiteLearning:
             "base_sha256": run["base_sha256"], "app_dir": self.store.get_run(run_id)["app_dir"],
             "version": version, "sha256": run["model_sha256"], "run_id": run_id})
         logger.info("fine-tune %s of %s promoted as %s (%s)", run_id, run["app"], version, reason)
-        self.emit_event("model_promoted", app=run["app"], data={
+        self._emit(run_id, "promoted", run["app"], {
             "run_id": run_id, "version": version, "base_version": run["base_version"],
             "reason": reason, "metrics": self.store.get_run(run_id)["metrics"]})
 
@@ -467,26 +473,64 @@ class SiteLearning:
                              f"{app} serves its package's model already")
         self.reconciler.set_variant(app, None)
         run_id = variant.get("run_id")
+        data = {"run_id": run_id, "from_version": variant.get("version"), "by": by}
         if run_id and self.store.get_run(run_id):
             self.store.update_run(run_id, state="rolled_back",
                                   reason=f"rolled back by {by or 'an operator'}")
-        self.emit_event("model_rolled_back", app=app, severity="warning", data={
-            "run_id": run_id, "from_version": variant.get("version"), "by": by})
+            self._emit(run_id, "rolled_back", app, data)
+        else:
+            self.emit_event("model_rolled_back", app=app, severity="warning", data=data)
         return {"app": app, "rolled_back": variant.get("version"), "run_id": run_id}
 
     def _finish(self, run: dict, state: str, reason: str, metrics: dict | None = None) -> None:
         self.store.update_run(run["run_id"], state=state, reason=reason)
         logger.info("fine-tune %s of %s: %s (%s)", run["run_id"], run["app"], state, reason)
-        self.emit_event("finetune_" + state, app=run["app"],
-                        severity="info" if state != "failed" else "warning",
-                        data={"run_id": run["run_id"], "reason": reason,
-                              "metrics": metrics or (self.store.get_run(run["run_id"])
-                                                     or {}).get("metrics")})
+        self._emit(run["run_id"], state, run["app"], {
+            "run_id": run["run_id"], "reason": reason,
+            "metrics": metrics or (self.store.get_run(run["run_id"]) or {}).get("metrics")})
+
+    def _emit(self, run_id: str, state: str, app: str, data: dict) -> None:
+        """The event of a run's new ``state`` (committed just before), then the state
+        marked sent (``event_sent``). Its msg_id comes from the run and the state:
+        sent again at the next start after a kill -9 in between, it is kept once."""
+        type = STATE_EVENTS.get(state, "finetune_" + state)
+        severity = "warning" if state in ("failed", "rolled_back") else "info"
+        mid = uuid.uuid5(uuid.NAMESPACE_URL, f"aidc:finetune:{run_id}:{state}").hex
+        self.emit_event(type, app=app, severity=severity, data=data, msg_id=mid)
+        self.store.update_run(run_id, event_sent=state)
+
+    def _resend(self, run: dict) -> None:
+        """A run's state whose event never reached the outbox, rebuilt from its row."""
+        rid, state = run["run_id"], run["state"]
+        if state == "training":
+            samples = (run.get("lineage") or {}).get("samples") or {}
+            data = {"run_id": rid, "job_id": run.get("job_id"),
+                    "base_version": run.get("base_version"), "train": samples.get("train"),
+                    "heldout": samples.get("heldout"), "by": run.get("requested_by")}
+        elif state == "promoted":
+            data = {"run_id": rid, "version": run.get("version"),
+                    "base_version": run.get("base_version"), "reason": run.get("reason"),
+                    "metrics": run.get("metrics")}
+        elif state == "rolled_back":
+            data = {"run_id": rid, "from_version": run.get("version"), "by": None}
+        else:
+            data = {"run_id": rid, "reason": run.get("reason"), "metrics": run.get("metrics")}
+        self._emit(rid, state, run["app"], data)
 
     def recover(self) -> None:
         """At start: a run whose job ended while the agent was down gets its verdict
         now; a run left in shadow (its worker died with the agent) is rejected with
-        that reason. A job still queued or preempted is resumed by the scheduler."""
+        that reason. A job still queued or preempted is resumed by the scheduler.
+        First, a run whose state's event never reached the outbox (the agent died
+        between the two commits) gets it sent (a run left in shadow gets its
+        verdict's instead)."""
+        for run in self.store.runs(limit=100_000):
+            if run["state"] in STATE_EVENTS and run["state"] != "shadow" \
+                    and run.get("event_sent") != run["state"]:
+                try:
+                    self._resend(run)
+                except Exception:  # noqa: BLE001 - never stops the node starting
+                    logger.exception("fine-tune run %s: event not sent", run["run_id"])
         for run in self.store.runs(states=("shadow",), limit=1000):
             self._finish(run, "rejected", "the node restarted during the shadow; request "
                          "the fine-tune again")

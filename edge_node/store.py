@@ -127,6 +127,16 @@ def m008_alarm_events_sent(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE alarms SET events_sent = json_array_length(coalesce(history, '[]'))")
 
 
+@migrations()
+def m009_finetune_event_sent(db: sqlite_utils.Database) -> None:
+    """The state of a fine-tune run whose event was handed to the outbox: another
+    than ``state`` after a kill -9 between the run's commit and its event's, sent
+    at the next start (:meth:`edge_node.adapt.SiteLearning.recover`). Runs of before
+    were sent then."""
+    db["finetune_runs"].add_column("event_sent", str)
+    db.execute("UPDATE finetune_runs SET event_sent = state")
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
