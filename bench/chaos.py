@@ -469,6 +469,7 @@ def run(duration: float = 120.0, seed: int = 1, kinds: list[str] | None = None,
                         "python": platform.python_version(),
                         "load_avg_end": [round(x, 2) for x in os.getloadavg()]},
             "node_id": NODE_ID, "seed": seed, "duration_s": duration,
+            "site_dir": str(workdir),  # kept: agent.log, broker.log, node.db, cloud/
             "chaos_s": round(t_chaos, 1), "drained_after_s": drained_s,
             "wall_s": round(time.monotonic() - t_start, 1),
             "load": {"http_rate_per_s": rate, "stream_fps": stream_fps,
