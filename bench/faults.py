@@ -176,11 +176,9 @@ def agent_hung() -> Fault:
 
 
 def crash_loop() -> Fault:
-    def setup(s):
-        s.assign("1.1.0")
-        wait(lambda: s.probe.ok_now("1.1.0"), 90, "1.1.0 to serve")
-
     def inject(s):
+        s.assign("1.1.0")  # each injection: a new version that then crash-loops
+        wait(lambda: s.probe.ok_now("1.1.0"), 90, "1.1.0 to serve")
         ctx = {**_ctx(), "kills": 0}
         t0 = time.monotonic()
         key = f"digits@{s.sha['1.1.0'][:12]}"
@@ -206,7 +204,7 @@ def crash_loop() -> Fault:
 
     return Fault("crash_loop", "a new version whose worker is killed each time it comes "
                  "back (kill -9 until the restart budget is used up)", inject, healed,
-                 setup=setup, cleanup=cleanup)
+                 cleanup=cleanup)
 
 
 def broker_stopped() -> Fault:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -57,15 +56,16 @@ def keep_last_good(path: Path | None) -> bool:
 
 
 def _set_aside(path: Path) -> Path | None:
-    """Move the broken file aside (None if there is none) and put the last good one
-    in its place (atomically, the broken file's mode or 0600)."""
+    """Keep a copy of the broken file aside (None if there is none) and put the last
+    good one in its place (atomically, the broken file's mode or 0600): the config
+    path never stands empty, not even for a moment (a start then would find none)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     broken = path.with_name(f"{path.name}.broken-{stamp}")
     mode = 0o600
-    if path.exists():
+    try:
         mode = path.stat().st_mode & 0o777
-        os.replace(path, broken)
-    else:
+        write_atomic(broken, path.read_bytes(), mode=mode)
+    except FileNotFoundError:
         broken = None
     write_atomic(path, last_good_path(path).read_bytes(), mode=mode)
     return broken
