@@ -372,7 +372,8 @@ class NodeAgent:
                                   self.cfg.mqtt.port),
             selfcheck.WorkersCheck(self.supervisor.status),
             DiskSpaceCheck(d, running=lambda: {a.sha256 for a in self.reconciler.reports()}),
-            DbIntegrityCheck(d / "node.db"),
+            DbIntegrityCheck(d / "node.db",
+                             restart=self._restart_to_repair if self.sd.enabled else None),
             selfcheck.OutboxCheck(self.outbox.stats, self.outbox.pending,
                                   self.cfg.outbox.max_rows, retry_now=self.outbox.retry_now,
                                   connected=self.conn.connected.is_set),
@@ -487,6 +488,16 @@ class NodeAgent:
         except (OSError, urllib.error.URLError) as err:
             problems.append(f"HTTP /v2/health/live: {err}")
         return problems
+
+    def _restart_to_repair(self, why: str) -> None:
+        """A fault only a fresh start repairs (node.db that cannot be restored live):
+        under systemd, stop cleanly (SIGTERM to ourselves, as ``systemctl restart``
+        would) and let ``Restart=always`` start the agent again."""
+        import signal
+
+        self.sd.notify(f"STATUS=restarting to repair: {why}"[:400])
+        logger.critical("restarting to repair: %s", why)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _systemd_ready(self) -> None:
         """Under systemd (``Type=notify``): READY=1, and the watchdog when it has one."""

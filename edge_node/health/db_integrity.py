@@ -31,6 +31,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from . import db_salvage
@@ -339,7 +340,15 @@ class DbIntegrityCheck(Check):
 
     def __init__(self, db_path: Path, backup_interval_s: float = BACKUP_INTERVAL_S,
                  interval_s: float | None = None, backups: bool = True,
-                 samples_dir: Path | None = None) -> None:
+                 samples_dir: Path | None = None,
+                 restart: Callable[[str], None] | None = None,
+                 restart_after: int = 2) -> None:
+        """``restart(why)``: how to have the agent started again (under systemd: a
+        clean stop, ``Restart=always`` starts it) when the live restore failed
+        ``restart_after`` times running; the damaged file is then restored before
+        anything opens it (:func:`guard_at_start`). None: keep trying live."""
+        self.restart, self.restart_after = restart, restart_after
+        self._failed_restores = 0
         self.db_path = Path(db_path)
         self.samples_dir = samples_dir
         #: the last restore's report, carried by the next ok probe (so the monitor
@@ -374,7 +383,19 @@ class DbIntegrityCheck(Check):
                        fault="db_corrupt", data={**data, "messages": msgs[:20]})
 
     def heal(self, finding: Finding) -> str:
-        r = restore_online(self.db_path, self.samples_dir)
+        try:
+            r = restore_online(self.db_path, self.samples_dir)
+        except HealError as err:
+            self._failed_restores += 1
+            if self.restart is None or self._failed_restores < self.restart_after:
+                raise
+            why = (f"node.db could not be restored while the agent runs "
+                   f"({self._failed_restores} tries: {err}); restarting the agent, which "
+                   "restores it before anything opens it")
+            logger.critical("%s", why)
+            self.restart(why)
+            raise HealError(why) from None
+        self._failed_restores = 0
         finding.data.update({"lost": r["lost"], "kept": r["kept"], "copy_ts": r["copy_ts"],
                              "salvage": r["salvage"]})
         self._restored = {k: finding.data[k] for k in ("lost", "kept", "copy_ts", "salvage")}
