@@ -396,21 +396,40 @@ class NodeAgent:
         return Monitor(self._health_checks(), self.fault_journal, self.emit_event)
 
     def _health_start(self) -> None:
+        """Faults met before the monitor ran are journalled with their events; then
+        every journal row whose events never reached the outbox (this start's, and a
+        previous run's killed between a row's commit and its event's) is sent, under
+        the msg_ids it had (kept once)."""
+        import time
+
+        from .health.journal import emit_events
+
         for f in self._startup_faults:  # met before the monitor ran: journalled, reported
             kind, check = f.get("fault", "startup_fault"), f.get("check", "config")
             data = {k: v for k, v in f.items() if k not in ("fault", "check", "detail")}
-            try:
-                self.fault_journal.noted(kind, check, f.get("detail", ""),
-                                         remedy=f.get("remedy"), data=data)
-            except Exception:  # noqa: BLE001 - never stops the node starting
-                logger.exception("fault journal: %s not noted", kind)
             ev = {"fault": kind, "check": check, "detail": f.get("detail", ""),
                   "at_start": True, "data": data}
-            self.emit_event("fault_detected", severity="warning", data=ev)
+            events = [{"type": "fault_detected", "severity": "warning", "data": ev}]
             if f.get("remedy"):
-                self.emit_event("fault_healed", data={**ev, "remedy": f["remedy"],
-                                                      "seconds": None, "count": 1})
+                events.append({"type": "fault_healed", "severity": "info",
+                               "data": {**ev, "remedy": f["remedy"], "seconds": None,
+                                        "count": 1}})
+            ts = time.time()
+            try:
+                self.fault_journal.noted(kind, check, f.get("detail", ""),
+                                         remedy=f.get("remedy"), data=data, ts=ts,
+                                         event=events)
+            except Exception:  # noqa: BLE001 - never stops the node starting
+                logger.exception("fault journal: %s not noted", kind)
+                try:  # not journalled: reported all the same
+                    emit_events(self.emit_event, "noted", kind, check, ts, events)
+                except Exception:  # noqa: BLE001
+                    logger.exception("fault %s: events not emitted", kind)
         self._startup_faults = []
+        try:
+            self.fault_journal.send_unsent(self.emit_event)
+        except Exception:  # noqa: BLE001 - a damaged journal must not stop the start
+            logger.exception("fault journal: unsent events not sent")
         self.health.start()
 
     def _health_stop(self) -> None:

@@ -137,6 +137,18 @@ def m009_finetune_event_sent(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE finetune_runs SET event_sent = state")
 
 
+@migrations()
+def m010_fault_events(db: sqlite_utils.Database) -> None:
+    """The events a fault journal row stands for (``event``: JSON, a list of
+    ``{type, severity, data}``) and when they were handed to the outbox
+    (``event_sent``): NULL after a kill -9 between the row's commit and its events',
+    sent at the next start (:meth:`edge_node.health.journal.FaultJournal.send_unsent`).
+    Rows of before were sent then."""
+    db["faults"].add_column("event", str)
+    db["faults"].add_column("event_sent", float)
+    db.execute("UPDATE faults SET event_sent = ts")
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")

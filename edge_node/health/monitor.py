@@ -10,8 +10,14 @@ fault is re-reported at most every :attr:`Monitor.repeat_s` with its count. The
 episode closes with ``fault_healed`` when a probe finds the check ok again
 (by a retried remedy or by itself).
 
+Each journal row carries its event, committed with it, and is marked sent once the
+event is queued; the event's msg_id comes from the row (phase, kind, check, time).
+A kill -9 between the two leaves the row unsent: the agent sends it at its next
+start (:meth:`FaultJournal.send_unsent`) under the same msg_id, kept once.
+
 A check that raises is itself a finding (fault ``check_error``), never the end of
-the thread; an ``emit_event`` or journal that fails is logged and skipped.
+the thread; an ``emit_event`` or journal that fails is logged and skipped (a row
+whose event was not emitted stays unsent, for the next start).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .base import Check, Finding, HealError
+from .journal import accepts_msg_id, emit_events
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,7 @@ class Monitor:
                  clock: Callable[[], float] = time.time) -> None:
         self.journal = journal
         self.emit_event = emit_event
+        self._msg_id = accepts_msg_id(emit_event)
         self.clock = clock
         self._slots: dict[str, _Slot] = {}
         self._guard = threading.Lock()
@@ -212,11 +220,10 @@ class Monitor:
                 ep = s.episode = _Episode(kind=f.kind, detected_at=self.clock(),
                                           detail=f.detail, last_report=now_m,
                                           heal_delay=s.check.interval_s)
-                self._journal("detected", f.kind, s.check.name, f.detail,
-                              ts=ep.detected_at, data=f.data)
-                self._emit("fault_detected", "warning",
-                           {"fault": f.kind, "check": s.check.name, "detail": f.detail,
-                            "detected_at": ep.detected_at, "data": f.data})
+                self._report("detected", f.kind, s.check.name, f.detail,
+                             ("fault_detected", "warning", self._detected_event(
+                                 f.kind, s.check.name, f.detail, ep.detected_at, f.data)),
+                             ts=ep.detected_at, data=f.data)
                 return self._attempt(s, ep, f, first=True)
             ep.count += 1
             ep.detail = f.detail
@@ -227,12 +234,14 @@ class Monitor:
                     return f
             if now_m - ep.last_report >= self.repeat_s:
                 ep.last_report = now_m
-                self._journal("repeated", ep.kind, s.check.name, ep.detail, count=ep.count)
-                self._emit("fault_unhealed", "error",
-                           {"fault": ep.kind, "check": s.check.name, "detail": ep.detail,
-                            "why": ep.last_why, "count": ep.count, "repeated": True,
-                            "detected_at": ep.detected_at,
-                            "seconds": round(self.clock() - ep.detected_at, 3)})
+                ts = self.clock()
+                self._report("repeated", ep.kind, s.check.name, ep.detail,
+                             ("fault_unhealed", "error",
+                              {"fault": ep.kind, "check": s.check.name, "detail": ep.detail,
+                               "why": ep.last_why, "count": ep.count, "repeated": True,
+                               "detected_at": ep.detected_at,
+                               "seconds": round(ts - ep.detected_at, 3)}),
+                             ts=ts, count=ep.count)
             return f
 
     def _attempt(self, s: _Slot, ep: _Episode, f: Finding, first: bool) -> Finding:
@@ -252,20 +261,23 @@ class Monitor:
         why = why or f"still failing after the remedy ({remedy}): {after.detail}"
         ep.last_why = why
         if first:  # the first failed remedy is reported; retries are not, until repeat_s
-            self._journal("unhealed", ep.kind, s.check.name, why, count=ep.count)
-            self._emit("fault_unhealed", "error",
-                       {"fault": ep.kind, "check": s.check.name, "detail": after.detail,
-                        "why": why, "count": ep.count, "detected_at": ep.detected_at})
+            self._report("unhealed", ep.kind, s.check.name, why,
+                         ("fault_unhealed", "error",
+                          {"fault": ep.kind, "check": s.check.name, "detail": after.detail,
+                           "why": why, "count": ep.count, "detected_at": ep.detected_at}),
+                         count=ep.count)
         return after
 
     def _close(self, check: Check, ep: _Episode, remedy: str, f: Finding) -> None:
-        secs = max(0.0, self.clock() - ep.detected_at)
-        self._journal("healed", ep.kind, check.name, remedy, seconds=secs, count=ep.count,
-                      data=f.data, detected_at=ep.detected_at, detected_detail=ep.detail)
-        self._emit("fault_healed", "info",
-                   {"fault": ep.kind, "check": check.name, "remedy": remedy,
-                    "seconds": round(secs, 3), "count": ep.count, "detail": f.detail,
-                    "detected_at": ep.detected_at})
+        ts = self.clock()
+        secs = max(0.0, ts - ep.detected_at)
+        self._report("healed", ep.kind, check.name, remedy,
+                     ("fault_healed", "info",
+                      {"fault": ep.kind, "check": check.name, "remedy": remedy,
+                       "seconds": round(secs, 3), "count": ep.count, "detail": f.detail,
+                       "detected_at": ep.detected_at}),
+                     ts=ts, seconds=secs, count=ep.count, data=f.data,
+                     detected_at=ep.detected_at, detected_detail=ep.detail)
 
     def _after_ok(self, check: Check, f: Finding) -> None:
         try:
@@ -274,31 +286,59 @@ class Monitor:
             logger.exception("health check %s: upkeep after an ok probe failed", check.name)
 
     # -- outputs that must not fail the monitor -------------------------------------
-    def _journal(self, phase: str, kind: str, check: str, detail: str, *,
-                 ts: float | None = None, seconds: float | None = None, count: int = 1,
-                 data: dict | None = None, detected_at: float | None = None,
-                 detected_detail: str = "") -> None:
-        if self.journal is None:
-            return
-        ts = self.clock() if ts is None else ts
-        try:
-            if phase == "detected":
-                self.journal.detected(kind, check, detail, ts=ts, data=data)
-            elif phase == "healed":
-                self.journal.healed(kind, check, detail, seconds or 0.0, ts=ts, count=count,
-                                    data=data, detected_at=detected_at,
-                                    detected_detail=detected_detail)
-            elif phase == "unhealed":
-                self.journal.unhealed(kind, check, detail, ts=ts, count=count)
-            else:
-                self.journal.repeated(kind, check, detail, count=count, ts=ts)
-        except Exception:
-            logger.exception("fault journal: could not write %s %s", phase, kind)
+    @staticmethod
+    def _detected_event(kind: str, check: str, detail: str, detected_at: float,
+                        data: dict | None) -> dict:
+        return {"fault": kind, "check": check, "detail": detail, "detected_at": detected_at,
+                "data": data}
 
-    def _emit(self, type: str, severity: str, data: dict) -> None:
+    def _report(self, phase: str, kind: str, check: str, detail: str,
+                event: tuple[str, str, dict], *, ts: float | None = None,
+                seconds: float | None = None, count: int = 1, data: dict | None = None,
+                detected_at: float | None = None, detected_detail: str = "") -> None:
+        """The journal row with its event (one commit), the event emitted under the
+        row's msg_id, the row marked sent. A journal that fails does not stop the
+        event; an emit that fails leaves the row unsent (sent at the next start)."""
+        ts = self.clock() if ts is None else ts
+        type, severity, edata = event
+        ev = {"type": type, "severity": severity, "data": edata}
+        row = None
+        if self.journal is not None:
+            try:
+                if phase == "detected":
+                    row = self.journal.detected(kind, check, detail, ts=ts, data=data, event=ev)
+                elif phase == "healed":
+                    det = None
+                    if detected_at is not None:
+                        det = {"type": "fault_detected", "severity": "warning",
+                               "data": self._detected_event(kind, check, detected_detail,
+                                                            detected_at, None)}
+                    row = self.journal.healed(kind, check, detail, seconds or 0.0, ts=ts,
+                                              count=count, data=data, detected_at=detected_at,
+                                              detected_detail=detected_detail, event=ev,
+                                              detected_event=det)
+                elif phase == "unhealed":
+                    row = self.journal.unhealed(kind, check, detail, ts=ts, count=count,
+                                                event=ev)
+                else:
+                    row = self.journal.repeated(kind, check, detail, count=count, ts=ts,
+                                                event=ev)
+            except Exception:
+                logger.exception("fault journal: could not write %s %s", phase, kind)
+                row = None
         if self.emit_event is None:
             return
         try:
-            self.emit_event(type, severity=severity, data=data)
+            emit_events(self.emit_event, phase, kind, check, ts, ev, self._msg_id)
         except Exception:
             logger.exception("health event %s not emitted", type)
+            return
+        if row is None:
+            return
+        try:
+            self.journal.mark_sent(row)
+            again = getattr(row, "rewritten", None)
+            if again is not None:  # the detected row written again (node.db restored)
+                self.journal.send(again, self.emit_event, self._msg_id)
+        except Exception:
+            logger.exception("fault journal: %s %s not marked sent", phase, kind)
