@@ -255,6 +255,11 @@ def _brief(rep: dict[str, Any]) -> dict[str, Any]:
             "leaf_rows": rep.get("leaf_rows", {})}
 
 
+class LiveRestoreRefused(HealError):
+    """SQLite refused the restore into the open database (seen: ``disk I/O error``
+    after a file damaged under open connections): only a fresh start repairs it."""
+
+
 def _backup_into(source: Path, db_path: Path) -> None:
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
     try:
@@ -266,8 +271,8 @@ def _backup_into(source: Path, db_path: Path) -> None:
         finally:
             dst.close()
     except sqlite3.Error as err:
-        raise HealError(f"cannot restore into {db_path.name} while it is open ({err}); "
-                        "it is restored at the agent's next start") from err
+        raise LiveRestoreRefused(f"cannot restore into {db_path.name} while it is open "
+                                 f"({err}); it is restored at the agent's next start") from err
     finally:
         src.close()
 
@@ -345,8 +350,10 @@ class DbIntegrityCheck(Check):
                  restart_after: int = 2) -> None:
         """``restart(why)``: how to have the agent started again (under systemd: a
         clean stop, ``Restart=always`` starts it) when the live restore failed
-        ``restart_after`` times running; the damaged file is then restored before
-        anything opens it (:func:`guard_at_start`). None: keep trying live."""
+        ``restart_after`` times running, or at once when SQLite refused to write into
+        the open file (:class:`LiveRestoreRefused`); the damaged file is then
+        restored before anything opens it (:func:`guard_at_start`). None: keep
+        trying live."""
         self.restart, self.restart_after = restart, restart_after
         self._failed_restores = 0
         self.db_path = Path(db_path)
@@ -387,7 +394,8 @@ class DbIntegrityCheck(Check):
             r = restore_online(self.db_path, self.samples_dir)
         except HealError as err:
             self._failed_restores += 1
-            if self.restart is None or self._failed_restores < self.restart_after:
+            if self.restart is None or (self._failed_restores < self.restart_after
+                                        and not isinstance(err, LiveRestoreRefused)):
                 raise
             why = (f"node.db could not be restored while the agent runs "
                    f"({self._failed_restores} tries: {err}); restarting the agent, which "
