@@ -281,6 +281,30 @@ def model_truncated() -> Fault:
                  inject, healed, detected)
 
 
+def camera_stuck() -> Fault:
+    def stream(s) -> dict:
+        return ((s.node_status().get("streams") or {}).get("cam-1")) or {}
+
+    def inject(s):
+        st = stream(s)
+        ctx = {**_ctx(), "pid": st.get("pid"), "received": st.get("received", 0)}
+        _signal(ctx["pid"], signal.SIGSTOP)  # the capture process hangs in a driver call
+        return time.monotonic(), ctx
+
+    def healed(s, t0, ctx):
+        st = stream(s)
+        moving = st.get("pid") not in (None, ctx["pid"]) and \
+            st.get("received", 0) > ctx["received"] + 2
+        return time.monotonic() if moving else None
+
+    def cleanup(s, ctx):
+        _signal(ctx["pid"], signal.SIGCONT)
+
+    return Fault("camera_lost", "the camera's capture process SIGSTOPped (a reader hung "
+                 "in a driver call; 5 fps stream)", inject, healed,
+                 _journal_detected("camera_lost"), cleanup)
+
+
 def _journal_healed(kind: str):
     def healed(s, t0, ctx):
         return _journal_time(s, kind, "last_healed", t0, ctx)
@@ -356,7 +380,7 @@ def disk_low() -> Fault:
 FAULTS: dict[str, Callable[[], Fault]] = {f.__name__: f for f in (
     worker_killed, worker_hung, agent_killed, agent_hung, crash_loop, broker_stopped,
     link_half_open, config_corrupt, config_corrupt_live, model_truncated, db_corrupt,
-    disk_low)}
+    disk_low, camera_stuck)}
 
 
 # -- faults only a probe seam can inject (in-process, a real agent) -------------
@@ -419,6 +443,45 @@ def inproc_faults(workdir: Path, runs: int) -> list[dict]:
     finally:
         agent.stop()
     return rows
+
+
+def half_open_reference(s: Stack) -> dict:
+    """The same half-open link, side by side, for two bare clients through their own
+    proxies: the node's setting (ping every 10 s, 10 s to answer, keepalive 30 s)
+    and MQTT keepalive alone (30 s, what the node had before the ping)."""
+    from cloud_sync.connection import MqttConnection
+    from tests.faultproxy import FaultProxy
+
+    out = {}
+    clients = {}
+    for name, ping in (("ping", True), ("keepalive_only", False)):
+        proxy = FaultProxy(s.mqtt_port).start()
+        conn = MqttConnection(f"ref-{name}", "127.0.0.1", proxy.port, keepalive=30,
+                              ping_topic=f"aidc/v1/service/ref-{name}/ping" if ping else None)
+        conn.start()
+        clients[name] = (proxy, conn)
+    try:
+        for proxy, conn in clients.values():
+            assert conn.wait_connected(20)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        for proxy, _ in clients.values():
+            proxy.freeze()
+        left = dict(clients)
+        while left and time.monotonic() - t0 < 120:
+            for name, (proxy, conn) in list(left.items()):
+                if conn.stats["connection_lost"] or conn.stats["half_open"]:
+                    out[name] = round(time.monotonic() - t0, 1)
+                    del left[name]
+            time.sleep(0.1)
+        for name in left:
+            out[name] = None  # not within 120 s
+    finally:
+        for proxy, conn in clients.values():
+            conn.stop(timeout=2)
+            proxy.stop()
+    logger.info("half-open link found after: %s", out)
+    return out
 
 
 # -- the runner ----------------------------------------------------------------
@@ -500,14 +563,18 @@ def main(argv: list[str] | None = None) -> int:
         names.remove("disk_low")
         logger.warning("disk_low left out: it mounts a tmpfs, which needs root")
     s = Stack(node_over={"supervision": {"stable_s": args.stable_s}},
-              disk_mb=1024 if disk else None)
+              disk_mb=1024 if disk else None,
+              stream={"fps": 5} if "camera_stuck" in names else None)
     s.node_over_stable_s = args.stable_s
     rows = []
     t_start = time.monotonic()
     try:
         s.up()
         time.sleep(args.stable_s + 1)  # 1.0.0 becomes the last known good
+        reference = None
         for n in names:
+            if n == "link_half_open":
+                reference = half_open_reference(s)
             if n == "inproc":
                 rows += inproc_faults(s.dir, args.runs)
                 continue
@@ -525,10 +592,14 @@ def main(argv: list[str] | None = None) -> int:
                           "load_avg": os.getloadavg()},
               "node_id": NODE_ID, "wall_s": round(time.monotonic() - t_start, 1),
               "watchdog_s": s.service.watchdog_s, "restart_s": s.service.restart_s,
-              "faults": rows}
+              "faults": rows, "half_open_reference_s": reference}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(markdown(rows))
+    if reference:
+        print(f"\nhalf-open link, the same run, two bare clients: found after "
+              f"{reference.get('ping')} s with the ping, {reference.get('keepalive_only')} s "
+              "with MQTT keepalive (30 s) alone")
     print(f"\n{len(rows)} faults, {sum(r['runs'] for r in rows)} injections in "
           f"{result['wall_s']:.0f} s; load {os.getloadavg()[0]:.1f}; results in {args.out}")
     return 0 if all(r["meets_30s"] for r in rows) else 1
