@@ -1,9 +1,11 @@
 """The node's local web UI: static pages over the local REST API (no build step).
 
 ``/ui/labelling`` is the technician's labelling page (docs/learning.md),
-``/ui/alarms`` the alarms page (docs/alarms.md); they only call ``/api/v1`` from
-the browser and fetch nothing from the internet, so they work on a site box
-with no way out.
+``/ui/alarms`` the alarms page (docs/alarms.md), ``/ui/health`` the health page
+(docs/faults.md: the checks now with "Run the checks now" and "Fix what fails",
+the faults open now, the fault journal); they only call the node's own API
+(``/api/v1``, ``/api/faults``, ``/api/doctor``) from the browser and fetch nothing
+from the internet, so they work on a site box with no way out.
 """
 
 from __future__ import annotations
@@ -30,5 +32,9 @@ def make_ui_blueprint() -> Blueprint:
     @bp.get("/alarms")
     def alarms():
         return send_from_directory(STATIC, "alarms.html")
+
+    @bp.get("/health")
+    def health():
+        return send_from_directory(STATIC, "health.html")
 
     return bp

@@ -297,7 +297,7 @@
       if (e.key === "Enter" || e.key === "Escape") t.blur();
       return;
     }
-    if (t.tagName === "BUTTON" && (e.key === "Enter" || e.key === " ")) return;
+    if ((t.tagName === "BUTTON" || t.tagName === "A") && (e.key === "Enter" || e.key === " ")) return;
     if (!$("help").hidden) {
       if (e.key === "Escape" || e.key === "?") toggleHelp(false);
       return;
