@@ -71,7 +71,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import NODE_ID, Stack, http  # noqa: E402
+from stack import NODE_ID, Background, Stack, http  # noqa: E402
 
 logger = logging.getLogger("bench.chaos")
 KINDS = ("broker_stop", "worker_kill", "link_half_open", "agent_kill")
@@ -221,10 +221,13 @@ def labels(node_db: Path, cloud_db: Path, node_id: str) -> dict:
 
 
 # -- load --------------------------------------------------------------------------
-class Load:
+class Load(Background):
     """HTTP classification requests of held-out digits (and blends of two) as PNG."""
 
+    name = "load"
+
     def __init__(self, edge: str, sample_dir: Path, rate: float, seed: int) -> None:
+        super().__init__()
         import numpy as np
 
         from appstore.samples.digits import digit_png
@@ -240,18 +243,6 @@ class Load:
         self.rate = rate
         self.ok = self.failed = 0
         self.errors: Counter = Counter()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> Load:
-        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(15)
 
     def _run(self) -> None:
         k = 0
@@ -268,27 +259,18 @@ class Load:
             self._stop.wait(max(0.0, 1.0 / self.rate - (time.monotonic() - t)))
 
 
-class Technician:
+class Technician(Background):
     """A technician at the local web UI: every ``every`` s, the most useful
     unlabelled samples get a label (the model's answer) through the node's API,
     each a ``sample_labelled`` event to the cloud, and the newest open alarm is
     acknowledged (``alarm_acknowledged``)."""
 
+    name = "technician"
+
     def __init__(self, edge: str, every: float = 1.0, batch: int = 2) -> None:
+        super().__init__()
         self.edge, self.every, self.batch = edge, every, batch
         self.ok = self.failed = self.acks_ok = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> Technician:
-        self._thread = threading.Thread(target=self._run, name="technician", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(15)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):

@@ -95,7 +95,6 @@ import resource
 import selectors
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -117,6 +116,7 @@ from cloud_sync.errors import MessageRejected  # noqa: E402
 from cloud_sync.schemas import (AppReport, AppTelemetry, Availability, DesiredState,  # noqa: E402
                                 ReportedState, Telemetry, parse)
 from cloud_sync.topics import Topics  # noqa: E402
+from installer.ports import free_port, wait_port  # noqa: E402
 
 logger = logging.getLogger("fleet_sim")
 OUT = Path(__file__).resolve().parent / "out"
@@ -162,23 +162,6 @@ def raise_nofile() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f} s")
 
 
 def _child_setup() -> None:

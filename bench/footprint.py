@@ -37,7 +37,8 @@ from appstore.publish import build_package  # noqa: E402
 from appstore.samples.digits import build_digits_sample  # noqa: E402
 from appstore.signing import SigningKey  # noqa: E402
 from edge_node.metrics import proc_usage  # noqa: E402
-from installer.demo import http_json, pick_port, start_broker, wait_port, wait_until  # noqa: E402
+from installer.demo import http_json, start_broker, wait_until  # noqa: E402
+from installer.ports import pick_port, wait_port  # noqa: E402
 
 
 def children(pid: int) -> list[int]:

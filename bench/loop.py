@@ -42,7 +42,8 @@ from appstore.samples.digits import build_digits_sample  # noqa: E402
 from appstore.service import AppStoreService  # noqa: E402
 from edge_node.agent import NodeAgent  # noqa: E402
 from edge_node.config import load_config  # noqa: E402
-from installer.demo import http_json, pick_port, start_broker, wait_until  # noqa: E402
+from installer.demo import http_json, start_broker, wait_until  # noqa: E402
+from installer.ports import pick_port  # noqa: E402
 
 
 def timed(fn, n: int, warmup: int = 100) -> np.ndarray:

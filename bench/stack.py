@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from installer.ports import free_port  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 
 logger = logging.getLogger("bench.stack")
@@ -46,12 +47,6 @@ NODE_ID = "site-1"
 def unit_seconds(key: str, default: float) -> float:
     m = re.search(rf"^{key}=(\d+(?:\.\d+)?)s?\s*$", UNIT.read_text(), re.M)
     return float(m.group(1)) if m else default
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: bytes | dict | None = None, token: str | None = None,
@@ -182,20 +177,42 @@ class ServiceManager:
         self.sock.close()
 
 
-class Probe:
+class Background:
+    """A loop on a thread of its own: ``start()`` runs ``_run`` (which watches
+    ``self._stop``), ``stop()`` ends it and waits for it."""
+
+    name = "background"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Probe(Background):
     """One inference every ``every`` s; the timeline of (t, ok, model_version)."""
 
+    name = "probe"
+
     def __init__(self, url: str, x, every: float = 0.1) -> None:
+        super().__init__()
         self.url = url
         self.body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                  "data": x.reshape(-1).tolist()}]}
         self.every = every
         self.timeline: list[tuple[float, bool, str | None]] = []
-        self._stop = threading.Event()
-
-    def start(self) -> Probe:
-        threading.Thread(target=self._run, name="probe", daemon=True).start()
-        return self
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -204,9 +221,6 @@ class Probe:
                                timeout=2.0)
             self.timeline.append((t, status == 200, out.get("model_version")))
             self._stop.wait(max(0.0, self.every - (time.monotonic() - t)))
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def serving_since(self, t0: float, version: str | None = None) -> float | None:
         """When the node answered again after ``t0`` (with ``version``), having

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from .ports import pick_port, wait_port
 
 logger = logging.getLogger(__name__)
 
@@ -42,29 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run the loop once, verify it end to end, exit")
     p.add_argument("--fresh", action="store_true", help="delete the data dir first")
     p.set_defaults(func=cmd_demo)
-
-
-def pick_port(preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port")
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"broker did not start listening on port {port}")
 
 
 def _die_with_parent() -> None:
@@ -107,7 +85,7 @@ def start_broker(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen,
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, preexec_fn=_die_with_parent)
     (workdir / "broker.pid").write_text(str(proc.pid))
-    wait_port(port)
+    wait_port(port, what=f"the {kind} broker")
     return proc, kind
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,23 +23,7 @@ from pathlib import Path
 
 from appstore.broker_tls import BrokerCerts, ensure_broker_certs
 from cloud_sync.connection import Tls
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"broker did not listen on {port} within {timeout}s")
+from installer.ports import free_port, wait_port  # noqa: F401 - free_port: used by tests
 
 
 class Broker:

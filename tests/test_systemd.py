@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from edge_node.config import load_config
+from installer.ports import free_port
 from edge_node.systemd import Notifier, Watchdog, watchdog_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +53,6 @@ def _wait_for(s: socket.socket, line: str, timeout: float) -> list[str]:
     raise AssertionError(f"no {line} within {timeout} s; got {got}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
 def test_the_agent_tells_systemd_it_is_ready_and_pings_only_while_it_runs(tmp_path):
     """READY=1 once serving (even with no broker: the node runs offline), WATCHDOG=1
@@ -67,7 +62,7 @@ def test_the_agent_tells_systemd_it_is_ready_and_pings_only_while_it_runs(tmp_pa
     cfg = tmp_path / "node.json"
     cfg.write_text(json.dumps({
         "node_id": "sd-1", "data_dir": str(tmp_path / "data"),
-        "mqtt": {"host": "127.0.0.1", "port": _free_port(), "topic_prefix": "t"},
+        "mqtt": {"host": "127.0.0.1", "port": free_port(), "topic_prefix": "t"},
         "http": {"host": "127.0.0.1", "port": 0}}))
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
            "WATCHDOG_USEC": "1000000", "PYTHONPATH": str(ROOT)}
@@ -108,7 +103,7 @@ def test_a_broken_agent_stops_pinging_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "n.sock"))
     monkeypatch.setenv("WATCHDOG_USEC", "600000")
     agent = NodeAgent(load_config(node_id="sd-2", data_dir=tmp_path / "d", http={"port": 0},
-                                  mqtt={"host": "127.0.0.1", "port": _free_port(),
+                                  mqtt={"host": "127.0.0.1", "port": free_port(),
                                         "topic_prefix": "t"}))
     assert "NOTIFY_SOCKET" not in os.environ  # workers do not inherit it
     agent.start()
