@@ -496,7 +496,8 @@ class SiteLearning:
         type = STATE_EVENTS.get(state, "finetune_" + state)
         severity = "warning" if state in ("failed", "rolled_back") else "info"
         mid = uuid.uuid5(uuid.NAMESPACE_URL, f"aidc:finetune:{run_id}:{state}").hex
-        self.emit_event(type, app=app, severity=severity, data=data, msg_id=mid)
+        if self.emit_event(type, app=app, severity=severity, data=data, msg_id=mid) is False:
+            return  # the outbox refused it: sent again at the next start
         self.store.update_run(run_id, event_sent=state)
 
     def _resend(self, run: dict) -> None:

@@ -260,22 +260,27 @@ class NodeAgent:
             self._on_stream_status(sid, st)
 
     def emit_event(self, type: str, severity: str = "info", app: str | None = None,
-                   data: dict | None = None, msg_id: str | None = None) -> None:
-        """A durable event: into the outbox (SQLite) first, then to the cloud.
+                   data: dict | None = None, msg_id: str | None = None) -> bool:
+        """A durable event: into the outbox (SQLite) first, then to the cloud; False
+        when the outbox refused it (full: a long time offline), so callers that mark
+        a fact's event sent leave it unsent and send it again later.
         ``msg_id``: the caller's, for an event that may be emitted again for the
         same fact (after a crash): the outbox and the cloud keep it once."""
         msg = schemas.EventMessage(msg_id=msg_id or schemas.new_msg_id(), type=type,
                                    severity=severity, app=app, data=data or {})
+        queued = True
         try:
             self.outbox.put(self.topics.events(self.cfg.node_id), msg.to_bytes(), msg.msg_id,
                             kind="event")
         except CloudSyncError as err:
             logger.warning("event %s not queued: %s", type, err)
+            queued = False
         if type == "app_ready" and getattr(self, "telemetry", None) is not None:
             # a new version serves: close the telemetry interval now, so the next one
             # (what rollout health gates read) holds this version's requests only
             threading.Thread(target=self.telemetry.send, name="telemetry-switch",
                              daemon=True).start()
+        return queued
 
     def reported_state(self) -> schemas.ReportedState:
         desired = self.reconciler.desired

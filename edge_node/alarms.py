@@ -327,13 +327,14 @@ class Alarms:
         if row is None:
             return
         n = len(json.loads(row.get("history") or "[]"))
-        self._emit(type, severity, row, n - 1, row["state"], extra)
+        if self._emit(type, severity, row, n - 1, row["state"], extra) is False:
+            return  # the outbox refused it: sent at the next start
         self.store.mark_alarm_events(row["alarm_id"], n)
 
     def _emit(self, type: str, severity: str, row: dict, index: int, state: str,
-              extra: dict) -> None:
+              extra: dict) -> bool | None:
         mid = uuid.uuid5(uuid.NAMESPACE_URL, f"aidc:alarm:{row['alarm_id']}:{index}").hex
-        self.emit_event(type, severity=severity, app=row["app"], data={
+        return self.emit_event(type, severity=severity, app=row["app"], data={
             "alarm_id": row["alarm_id"], "rule": row["rule"], "stream": row["stream"],
             "app": row["app"], "label": row["label"], "score": row["score"],
             "state": state, "frames": row["frames"], **extra}, msg_id=mid)
@@ -355,8 +356,9 @@ class Alarms:
                         extra.update(sample_id=row.get("sample_id"),
                                      correct_label=row.get("correct_label"))
                     severity = row["severity"] if state == "open" else "info"
-                    self._emit(EVENTS.get(state, "alarm_" + str(state)), severity or "info",
-                               row, i, state, extra)
+                    if self._emit(EVENTS.get(state, "alarm_" + str(state)),
+                                  severity or "info", row, i, state, extra) is False:
+                        raise RuntimeError("the outbox refused it")  # next start
                     n += 1
                 self.store.mark_alarm_events(row["alarm_id"], len(history))
             except Exception:  # noqa: BLE001 - never stop the node starting; next start

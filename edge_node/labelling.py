@@ -77,10 +77,12 @@ class Labeller:
         if self.capture.upload_level(row["app"]) != "none":
             mid = uuid.uuid5(uuid.NAMESPACE_URL, f"aidc:sample_labelled:{row['sample_id']}:"
                              f"{row['labelled_at']!r}").hex
-            self.emit_event("sample_labelled", app=row["app"], data={
-                "sample_id": row["sample_id"], "label": row["label"],
-                "by": row["labelled_by"], "labelled_at": row["labelled_at"],
-                "source": row["label_source"], "previous": previous}, msg_id=mid)
+            if self.emit_event("sample_labelled", app=row["app"], data={
+                    "sample_id": row["sample_id"], "label": row["label"],
+                    "by": row["labelled_by"], "labelled_at": row["labelled_at"],
+                    "source": row["label_source"], "previous": previous},
+                    msg_id=mid) is False:
+                return  # the outbox refused it: sent at the next start or retry
         self.store.mark_label_sent(row["sample_id"])
 
     def classes(self, app: str, n_scores: int) -> list[str]:

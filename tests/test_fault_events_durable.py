@@ -288,3 +288,35 @@ def test_a_detected_row_lost_to_a_restore_is_written_again_with_its_event_once(t
     assert rows["detected"]["data"] == {"rewritten": True}
     assert node.journal.unsent() == []
     node.close()
+
+
+def test_a_full_outbox_leaves_fault_events_and_labels_unsent_not_lost(tmp_path):
+    """A node offline long enough to fill its outbox: ``emit_event`` says False, so
+    a fault's journal rows stay unsent instead of being marked sent with nothing
+    queued (labels, alarms and fine-tune runs check the same answer); once there
+    is room, the next start sends them. A real agent, its real outbox (max_rows
+    10), no broker."""
+    from edge_node.agent import NodeAgent
+    from edge_node.config import load_config
+    from installer.ports import free_port
+
+    cfg = load_config(node_id="full-1", data_dir=tmp_path / "edge", http={"port": 0},
+                      mqtt={"host": "127.0.0.1", "port": free_port()},
+                      outbox={"max_rows": 10})
+    agent = NodeAgent(cfg)
+    for i in range(10):  # offline: the outbox fills
+        assert agent.emit_event("filler", data={"i": i}) is True
+    assert agent.emit_event("one_more") is False
+    m = Monitor([Flappy()], agent.fault_journal, agent.emit_event, clock=lambda: 1_767_000_400.0)
+    m.run_all(heal=True)
+    unsent = {r.phase for r in agent.fault_journal.unsent()}
+    assert unsent == {"detected", "healed"}, unsent  # not marked sent: nothing was queued
+    # room again (the cloud acknowledged the backlog): the next start sends them, once
+    c = sqlite3.connect(str(cfg.data_dir / "node.db"))
+    c.execute("DELETE FROM cloud_sync_outbox WHERE kind = 'event'")
+    c.commit()
+    c.close()
+    assert agent.fault_journal.send_unsent(agent.emit_event) == 2
+    assert agent.fault_journal.unsent() == []
+    agent.store.close()
+    agent.fault_journal.close()

@@ -66,14 +66,20 @@ def accepts_msg_id(emit_event: Callable[..., Any] | None) -> bool:
 def emit_events(emit_event: Callable[..., Any], phase: str, kind: str, check: str,
                 ts: float, event: Any, with_msg_id: bool | None = None) -> None:
     """Hand a row's events to ``emit_event``, each under its msg_id; raises what it
-    raises (the row then stays unsent)."""
+    raises, and :class:`EventNotQueued` when it answers False (the outbox refused
+    it): the row then stays unsent, sent again at the next start."""
     if with_msg_id is None:
         with_msg_id = accepts_msg_id(emit_event)
     for e in _events(event):
         kw: dict[str, Any] = {"severity": e["severity"], "data": e["data"]}
         if with_msg_id:
             kw["msg_id"] = event_msg_id(phase, kind, check, ts, e["type"])
-        emit_event(e["type"], **kw)
+        if emit_event(e["type"], **kw) is False:
+            raise EventNotQueued(f"{e['type']} of {kind} not queued (the outbox refused it)")
+
+
+class EventNotQueued(RuntimeError):
+    """``emit_event`` said the event did not reach the outbox."""
 
 
 class FaultJournal:
