@@ -93,3 +93,25 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Killed(BaseException):
+    """The process ends here (a kill -9 in a durability test): nothing after it runs."""
+
+
+def killable_emit(outbox, die: str | None = None):
+    """The agent's ``emit_event`` into a real outbox, with the agent killed
+    ``"before"`` or ``"after"`` it queues the event (:class:`Killed`)."""
+    from cloud_sync import schemas
+
+    def emit_event(type, severity="info", app=None, data=None, msg_id=None):
+        if die == "before":
+            raise Killed()
+        msg = schemas.EventMessage(msg_id=msg_id or schemas.new_msg_id(), type=type,
+                                   severity=severity, app=app, data=data or {})
+        outbox.put("events", msg.to_bytes(), msg.msg_id, kind="event")
+        if die == "after":
+            raise Killed()
+        return True
+
+    return emit_event

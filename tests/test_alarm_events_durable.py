@@ -19,20 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from cloud_sync import schemas
 from cloud_sync.outbox import Outbox
 from edge_node.alarms import Alarms
 from edge_node.capture import Capture
 from edge_node.config import AlarmRule, AlarmsConfig, FeedbackConfig
 from edge_node.store import NodeStore
+from tests.models import Killed, killable_emit
 
 SEVEN = {"label": "7", "score": 0.95}
 RULE = AlarmRule(name="seven", app="digits", labels=["7"], min_score=0.8, n=3, m=5,
                  clear_after_s=300)
-
-
-class Killed(BaseException):
-    """The process ends here: nothing after this point runs."""
 
 
 def _node(tmp: Path, die: str | None = None):
@@ -42,14 +38,7 @@ def _node(tmp: Path, die: str | None = None):
     outbox = Outbox(tmp / "node.db", conn=None, ack_topic="ack")
     capture = Capture(store, None, "unused", tmp / "samples", FeedbackConfig(upload="none"))
 
-    def emit_event(type, severity="info", app=None, data=None, msg_id=None):
-        if die == "before":
-            raise Killed()
-        msg = schemas.EventMessage(msg_id=msg_id or schemas.new_msg_id(), type=type,
-                                   severity=severity, app=app, data=data or {})
-        outbox.put("events", msg.to_bytes(), msg.msg_id, kind="event")
-        if die == "after":
-            raise Killed()
+    emit_event = killable_emit(outbox, die)
 
     alarms = Alarms(AlarmsConfig(rules=[RULE]), store, capture,
                     lambda app, n: [str(i) for i in range(10)], emit_event, tmp / "alarms")

@@ -28,10 +28,7 @@ from cloud_sync.outbox import Outbox
 from edge_node import store as node_store
 from edge_node.health import Check, FaultJournal, Finding, Monitor
 from edge_node.health.journal import event_msg_id
-
-
-class Killed(BaseException):
-    """The process ends here: nothing after this point runs."""
+from tests.models import Killed
 
 
 class Flappy(Check):

@@ -18,28 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from cloud_sync import schemas
 from cloud_sync.outbox import Outbox
 from edge_node.adapt import SiteLearning
 from edge_node.store import NodeStore
-
-
-class Killed(BaseException):
-    """The process ends here: nothing after this point runs."""
+from tests.models import Killed, killable_emit
 
 
 def _node(tmp: Path, die: str | None = None):
     store = NodeStore(tmp / "node.db")
     outbox = Outbox(tmp / "node.db", conn=None, ack_topic="ack")
 
-    def emit_event(type, severity="info", app=None, data=None, msg_id=None):
-        if die == "before":
-            raise Killed()
-        msg = schemas.EventMessage(msg_id=msg_id or schemas.new_msg_id(), type=type,
-                                   severity=severity, app=app, data=data or {})
-        outbox.put("events", msg.to_bytes(), msg.msg_id, kind="event")
-        if die == "after":
-            raise Killed()
+    emit_event = killable_emit(outbox, die)
 
     learning = SiteLearning(store=store, jobs=None, scheduler=None, reconciler=None,
                             registry=None, supervisor=None, placement=None, data_dir=tmp,

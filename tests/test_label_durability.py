@@ -19,14 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from cloud_sync import schemas
 from cloud_sync.outbox import Outbox
 from edge_node.labelling import Labeller
 from edge_node.store import NodeStore
-
-
-class Killed(BaseException):
-    """The process ends here: nothing after this point runs."""
+from tests.models import Killed, killable_emit
 
 
 class _Registry:
@@ -59,14 +55,7 @@ def _node(tmp: Path, die: str | None = None):
     store = NodeStore(tmp / "node.db")
     outbox = Outbox(tmp / "node.db", conn=None, ack_topic="ack")
 
-    def emit_event(type, severity="info", app=None, data=None, msg_id=None):
-        if die == "before":
-            raise Killed()
-        msg = schemas.EventMessage(msg_id=msg_id or schemas.new_msg_id(), type=type,
-                                   severity=severity, app=app, data=data or {})
-        outbox.put("events", msg.to_bytes(), msg.msg_id, kind="event")
-        if die == "after":
-            raise Killed()
+    emit_event = killable_emit(outbox, die)
 
     return store, outbox, Labeller(store, _Registry(), _Capture(), emit_event)
 
